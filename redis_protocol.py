@@ -1,0 +1,530 @@
+"""The Redis protocol: every key name, every Lua script, every queue operation.
+
+The web server and the model worker call this module and never spell a Redis key.
+
+Keys, all under the prefix IMAGE_QUEUE (default `image_queue`, written `{q}` below):
+
+    {q}                         LIST    pending jobs (JSON). The web server LPUSHes; workers take
+                                        from the right, so the list is FIFO and its right end is the head.
+    {q}:processing:{worker}     LIST    jobs one worker has claimed and not yet acknowledged.
+    {q}:heartbeat:{worker}      STRING  "alive"; TTL HEARTBEAT_TTL, renewed by the worker.
+    {q}:workers                 SET     ids of workers that may own a processing list.
+    {q}:dead                    LIST    dead letters: {"reason", "worker", "at", "job"}.
+    {q}:result:{origin}:{id}    STRING  result JSON for job `id` sent by web process `origin`;
+                                        TTL RESULT_TTL; the web server takes it with GETDEL.
+
+A job is always in exactly one list: the queue, one worker's processing list or the
+dead-letter list. Every move between lists is one atomic server-side step (BLMOVE or a Lua
+script), so a crash at any point loses nothing: the reaper returns the processing list of a
+worker whose heartbeat expired to the head of the queue.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+import logger
+from helpers import IMAGE_DTYPE, IMAGE_SHAPE, PayloadError, decode_array, encode_array
+
+log = logger.get(__name__)
+
+RedisUnavailable = (redis.ConnectionError, redis.TimeoutError)
+NOTIFY_FLAGS = "K$"  # keyspace events for string commands: enough to see SET on a result key
+
+
+def connect(url: str) -> redis.Redis:
+    """A client that fails fast when Redis is down (1 s connect timeout, one quick retry)."""
+    return redis.Redis.from_url(
+        url,
+        socket_connect_timeout=1.0,
+        socket_timeout=5.0,
+        health_check_interval=15,
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
+        decode_responses=False,
+    )
+
+
+class Keys:
+    """Every key name of the protocol, declared once."""
+
+    def __init__(self, queue: str) -> None:
+        self.queue = queue
+        self.workers = f"{queue}:workers"
+        self.dead = f"{queue}:dead"
+        self.processing_prefix = f"{queue}:processing:"
+        self.heartbeat_prefix = f"{queue}:heartbeat:"
+        self.result_prefix = f"{queue}:result:"
+
+    def processing(self, worker: str) -> str:
+        return self.processing_prefix + worker
+
+    def heartbeat(self, worker: str) -> str:
+        return self.heartbeat_prefix + worker
+
+    def result(self, origin: str, job_id: str) -> str:
+        return f"{self.result_prefix}{origin}:{job_id}"
+
+    def notification_flags(self) -> str:
+        """The server's notify-keyspace-events flags (raises ResponseError where CONFIG is denied)."""
+        value = next(iter(self.redis.config_get("notify-keyspace-events").values()), "")
+        return value.decode() if isinstance(value, bytes) else value
+
+    def result_channel_pattern(self, db: int, origin: str) -> str:
+        return f"__keyspace@{db}__:{self.result_prefix}{origin}:*"
+
+
+class JobError(ValueError):
+    """A queued job that cannot be processed; the message is the dead-letter reason."""
+
+
+@dataclass
+class Job:
+    """One image to classify, as it travels on the queue (JSON, never pickle)."""
+
+    id: str
+    origin: str
+    image: str
+    shape: list[int]
+    dtype: str
+    enqueued_at: float
+    deadline: float
+    attempts: int = 0
+
+    @classmethod
+    def new(cls, pixels: np.ndarray, origin: str, timeout: float) -> Job:
+        now = time.time()
+        return cls(
+            id=uuid.uuid4().hex,
+            origin=origin,
+            image=encode_array(pixels),
+            shape=list(pixels.shape),
+            dtype=str(pixels.dtype),
+            enqueued_at=now,
+            deadline=now + timeout,
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Job:
+        """Parse a queued job; raises JobError naming what is wrong."""
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise JobError(f"job is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise JobError("job is not a JSON object")
+        missing = [name for name in ("id", "origin", "image", "shape", "dtype", "deadline") if name not in data]
+        if missing:
+            raise JobError(f"job lacks field(s): {', '.join(missing)}")
+        try:
+            return cls(
+                id=str(data["id"]),
+                origin=str(data["origin"]),
+                image=data["image"],
+                shape=list(data["shape"]),
+                dtype=str(data["dtype"]),
+                enqueued_at=float(data.get("enqueued_at", 0.0)),
+                deadline=float(data["deadline"]),
+                attempts=int(data.get("attempts", 0)),
+            )
+        except (TypeError, ValueError) as exc:
+            raise JobError(f"job has a field of the wrong type: {exc}") from None
+
+    def pixels(self) -> np.ndarray:
+        """The decoded (224, 224, 3) uint8 image; raises JobError if it is anything else."""
+        if self.dtype != IMAGE_DTYPE or tuple(self.shape) != IMAGE_SHAPE:
+            raise JobError(f"image must be {IMAGE_DTYPE} {IMAGE_SHAPE}, got {self.dtype} {tuple(self.shape)}")
+        try:
+            return decode_array(self.image, self.dtype, self.shape)
+        except PayloadError as exc:
+            raise JobError(str(exc)) from None
+
+
+def error_result(message: str, status: int = 500) -> dict:
+    """The result a client receives when its job failed."""
+    return {"success": False, "error": message, "status": status}
+
+
+@dataclass
+class DeadLetter:
+    """A job the worker gives up on, with the reason; `job` is set when it could be parsed."""
+
+    raw: bytes | str
+    reason: str
+    job: Job | None = None
+
+
+# Moves a processing list back to the head of the queue. A job whose delivery count reaches
+# max_attempts goes to the dead-letter list instead, and its client gets an error result.
+_RELEASE = """
+local function release(plist, queue, dead, result_prefix, max_attempts, ttl, now, worker, count_attempt, why)
+  local jobs = redis.call('LRANGE', plist, 0, -1)
+  local requeued, buried = 0, 0
+  for i = 1, #jobs do
+    local raw = jobs[i]
+    local ok, job = pcall(cjson.decode, raw)
+    if ok and type(job) == 'table' then
+      if count_attempt == 1 then job.attempts = (tonumber(job.attempts) or 0) + 1 end
+      if (tonumber(job.attempts) or 0) >= max_attempts then
+        local reason = why .. '; delivered ' .. job.attempts .. ' times (MAX_ATTEMPTS=' .. max_attempts .. ')'
+        redis.call('LPUSH', dead, cjson.encode({reason = reason, worker = worker, at = now, job = raw}))
+        if type(job.id) == 'string' and type(job.origin) == 'string' then
+          local msg = cjson.encode({success = false, status = 500, error = 'job failed: ' .. reason})
+          redis.call('SET', result_prefix .. job.origin .. ':' .. job.id, msg, 'EX', ttl)
+        end
+        buried = buried + 1
+      else
+        redis.call('RPUSH', queue, cjson.encode(job))
+        requeued = requeued + 1
+      end
+    else
+      local reason = 'undecodable job in a released processing list'
+      redis.call('LPUSH', dead, cjson.encode({reason = reason, worker = worker, at = now, job = raw}))
+      buried = buried + 1
+    end
+  end
+  redis.call('DEL', plist)
+  return {requeued, buried}
+end
+"""
+
+# KEYS: workers, queue, dead. ARGV: heartbeat prefix, processing prefix, result prefix,
+# max_attempts, result ttl, now.
+_REAP = (
+    _RELEASE
+    + """
+local requeued, buried, workers = 0, 0, 0
+for _, worker in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if redis.call('EXISTS', ARGV[1] .. worker) == 0 then
+    local r = release(ARGV[2] .. worker, KEYS[2], KEYS[3], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]),
+                      tonumber(ARGV[6]), worker, 1, 'worker ' .. worker .. ' stopped sending heartbeats')
+    requeued, buried, workers = requeued + r[1], buried + r[2], workers + 1
+    redis.call('SREM', KEYS[1], worker)
+  end
+end
+return {workers, requeued, buried}
+"""
+)
+
+# KEYS: processing list, queue, dead. ARGV: result prefix, max_attempts, ttl, now, worker,
+# count_attempt (0 or 1), reason.
+_RELEASE_ONE = (
+    _RELEASE
+    + """
+return release(KEYS[1], KEYS[2], KEYS[3], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]),
+               ARGV[5], tonumber(ARGV[6]), ARGV[7])
+"""
+)
+
+# KEYS: queue, processing list. ARGV: n. Moves up to n jobs from the head of the queue.
+_CLAIM = """
+local jobs = redis.call('LRANGE', KEYS[1], -tonumber(ARGV[1]), -1)
+if #jobs == 0 then return jobs end
+redis.call('LTRIM', KEYS[1], 0, -#jobs - 1)
+redis.call('RPUSH', KEYS[2], unpack(jobs))
+return jobs
+"""
+
+# KEYS: processing list, dead, result keys... ARGV: ttl, number of dead letters, dead letters...,
+# result values... Publishes a batch's results and acknowledges it in one step.
+_FINISH = """
+local ttl, ndead = ARGV[1], tonumber(ARGV[2])
+for i = 1, ndead do redis.call('LPUSH', KEYS[2], ARGV[2 + i]) end
+for i = 3, #KEYS do redis.call('SET', KEYS[i], ARGV[ndead + i], 'EX', ttl) end
+redis.call('DEL', KEYS[1])
+return #KEYS - 2
+"""
+
+
+class JobQueue:
+    """Queue operations for both sides. Thread-safe (redis-py pools its connections)."""
+
+    def __init__(self, client: redis.Redis, queue: str, result_ttl: int = 3600, max_attempts: int = 3) -> None:
+        self.redis = client
+        self.keys = Keys(queue)
+        self.result_ttl = result_ttl
+        self.max_attempts = max_attempts
+        self._claim = client.register_script(_CLAIM)
+        self._finish = client.register_script(_FINISH)
+        self._reap = client.register_script(_REAP)
+        self._release = client.register_script(_RELEASE_ONE)
+
+    # ---- web side -------------------------------------------------------------------------
+
+    def enqueue(self, job: Job, max_queue: int) -> bool:
+        """Push a job; False (and nothing queued) when the queue already held `max_queue` jobs."""
+        raw = job.to_json()
+        depth = self.redis.lpush(self.keys.queue, raw)
+        if depth <= max_queue:
+            return True
+        # Over the limit: take it back. If a worker claimed it meanwhile, it is accepted after all.
+        return self.redis.lrem(self.keys.queue, 1, raw) == 0
+
+    def take_result(self, origin: str, job_id: str) -> dict | None:
+        """Fetch and delete a job's result in one step; None if it is not there yet."""
+        raw = self.redis.getdel(self.keys.result(origin, job_id))
+        return None if raw is None else json.loads(raw)
+
+    def depth(self) -> int:
+        """Number of jobs waiting in the queue."""
+        return int(self.redis.llen(self.keys.queue))
+
+    def live_workers(self) -> int:
+        """Number of registered workers whose heartbeat has not expired."""
+        workers = [w.decode() for w in self.redis.smembers(self.keys.workers)]
+        if not workers:
+            return 0
+        return int(self.redis.exists(*(self.keys.heartbeat(w) for w in workers)))
+
+    def dead_letters(self, limit: int = 100) -> list[dict]:
+        """The newest dead letters, parsed."""
+        return [json.loads(raw) for raw in self.redis.lrange(self.keys.dead, 0, limit - 1)]
+
+    def enable_notifications(self) -> bool:
+        """Make sure keyspace events for SET are on, adding only the flags we need.
+
+        Returns False when they are off and CONFIG is not allowed (managed Redis): then the
+        caller polls.
+        """
+        try:
+            current = self.notification_flags()
+        except redis.ResponseError:
+            return False
+        flags = set(current)
+        if "K" in flags and ("$" in flags or "A" in flags):
+            return True
+        try:
+            self.redis.config_set("notify-keyspace-events", "".join(sorted(flags | set(NOTIFY_FLAGS))))
+        except redis.ResponseError:
+            return False
+        return True
+
+    def notification_flags(self) -> str:
+        """The server's notify-keyspace-events flags (raises ResponseError where CONFIG is denied)."""
+        value = next(iter(self.redis.config_get("notify-keyspace-events").values()), "")
+        return value.decode() if isinstance(value, bytes) else value
+
+    def result_channel_pattern(self, origin: str) -> str:
+        db = int(self.redis.connection_pool.connection_kwargs.get("db", 0))
+        return self.keys.result_channel_pattern(db, origin)
+
+    # ---- worker side ----------------------------------------------------------------------
+
+    def register(self, worker: str, heartbeat_ttl: float) -> None:
+        """Announce a worker: heartbeat first, so the reaper never sees it registered but dead."""
+        self.heartbeat(worker, heartbeat_ttl)
+        self.redis.sadd(self.keys.workers, worker)
+
+    def heartbeat(self, worker: str, ttl: float) -> None:
+        self.redis.set(self.keys.heartbeat(worker), b"alive", px=int(ttl * 1000))
+
+    def unregister(self, worker: str) -> None:
+        """Clean exit: return anything still claimed to the queue (no attempt counted), then leave."""
+        self.release(worker, "worker shut down", count_attempt=False)
+        self.redis.delete(self.keys.heartbeat(worker))
+        self.redis.srem(self.keys.workers, worker)
+
+    def claim_batch(self, worker: str, size: int, wait: float, block: float) -> list[bytes]:
+        """Move up to `size` jobs from the queue's head to this worker's processing list.
+
+        Blocks up to `block` seconds for the first job, then waits up to `wait` seconds more
+        to fill the batch. Every move is atomic, so concurrent workers never share a job.
+        """
+        plist = self.keys.processing(worker)
+        first = self.redis.blmove(self.keys.queue, plist, block, "RIGHT", "LEFT")
+        if first is None:
+            return []
+        batch = [first]
+        until = time.monotonic() + wait
+        while len(batch) < size:
+            batch += self._claim(keys=[self.keys.queue, plist], args=[size - len(batch)])
+            remaining = until - time.monotonic()
+            if len(batch) >= size or remaining < 0.001:
+                break
+            more = self.redis.blmove(self.keys.queue, plist, remaining, "RIGHT", "LEFT")
+            if more is None:
+                break
+            batch.append(more)
+        return batch
+
+    def finish_batch(self, worker: str, results: list[tuple[Job, dict]], dead: list[DeadLetter]) -> None:
+        """Write results (with TTL) and dead letters, then acknowledge the whole batch: one atomic step."""
+        now = time.time()
+        letters = [json.dumps({"reason": d.reason, "worker": worker, "at": now, "job": _text(d.raw)}) for d in dead]
+        answered = results + [(d.job, error_result(f"bad job: {d.reason}", 400)) for d in dead if d.job]
+        keys = [self.keys.processing(worker), self.keys.dead]
+        keys += [self.keys.result(job.origin, job.id) for job, _ in answered]
+        args = [self.result_ttl, len(letters), *letters, *(json.dumps(payload) for _, payload in answered)]
+        self._finish(keys=keys, args=args)
+
+    def release(self, worker: str, reason: str, count_attempt: bool = True) -> tuple[int, int]:
+        """Return this worker's claimed jobs to the queue's head; (requeued, dead-lettered)."""
+        requeued, buried = self._release(
+            keys=[self.keys.processing(worker), self.keys.queue, self.keys.dead],
+            args=[
+                self.keys.result_prefix,
+                self.max_attempts,
+                self.result_ttl,
+                time.time(),
+                worker,
+                int(count_attempt),
+                reason,
+            ],
+        )
+        return int(requeued), int(buried)
+
+    def reap(self) -> tuple[int, int, int]:
+        """Release the jobs of every worker whose heartbeat expired; (workers, requeued, dead-lettered)."""
+        workers, requeued, buried = self._reap(
+            keys=[self.keys.workers, self.keys.queue, self.keys.dead],
+            args=[
+                self.keys.heartbeat_prefix,
+                self.keys.processing_prefix,
+                self.keys.result_prefix,
+                self.max_attempts,
+                self.result_ttl,
+                time.time(),
+            ],
+        )
+        return int(workers), int(requeued), int(buried)
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+
+
+class ResultTimeout(Exception):
+    """No result arrived before the request's deadline."""
+
+
+class ResultListener:
+    """One keyspace-notification listener per web process, waking the request that waits.
+
+    A thread holds one pubsub connection subscribed to this process's result keys. Waiting
+    requests sleep on an Event; they also poll (with backoff) whenever notifications are
+    unavailable, and now and then even when they are, in case a message was missed.
+    """
+
+    SAFETY_POLL = 1.0  # first re-check in notification mode; doubles up to MAX_SAFETY_POLL
+    MAX_SAFETY_POLL = 8.0
+    POLL_START, POLL_MAX = 0.005, 0.1
+
+    def __init__(self, queue: JobQueue, origin: str, use_notifications: bool = True) -> None:
+        self.queue = queue
+        self.origin = origin
+        self.use_notifications = use_notifications
+        self.mode = "polling"
+        self._events: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if not self.use_notifications:
+            log.info("result wait mode: polling (notifications turned off by NOTIFICATIONS=off)")
+            self._ready.set()
+            return
+        self._thread = threading.Thread(target=self._run, name="result-listener", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=3)
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Block until the first subscribe attempt settled the mode (for tests and start-up logs)."""
+        return self._ready.wait(timeout)
+
+    @contextmanager
+    def expect(self, job_id: str) -> Iterator[None]:
+        """Register interest in a job before enqueueing it, so no notification is missed."""
+        with self._lock:
+            self._events[job_id] = threading.Event()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._events.pop(job_id, None)
+
+    def wait(self, job_id: str, deadline: float) -> dict:
+        """The job's result; ResultTimeout at `deadline` (time.time()); RedisUnavailable passes through."""
+        event = self._events[job_id]
+        safety, backoff = self.SAFETY_POLL, self.POLL_START
+        while True:
+            remaining = max(0.0, deadline - time.time())
+            if self.mode == "notifications":
+                woke = event.wait(min(remaining, safety))
+                safety = self.SAFETY_POLL if woke else min(safety * 2, self.MAX_SAFETY_POLL)
+            else:
+                event.wait(min(remaining, backoff))
+                backoff = min(backoff * 1.5, self.POLL_MAX)
+            event.clear()
+            result = self.queue.take_result(self.origin, job_id)
+            if result is not None:
+                return result
+            if time.time() >= deadline:
+                raise ResultTimeout(job_id)
+
+    def _wake_all(self) -> None:
+        with self._lock:
+            for event in self._events.values():
+                event.set()
+
+    def _run(self) -> None:
+        backoff = 0.1
+        while not self._stop.is_set():
+            try:
+                self._listen()
+                backoff = 0.1
+            except RedisUnavailable as exc:
+                if self.mode == "notifications":
+                    log.warning("notification listener lost Redis (%s); polling until it returns", exc)
+                self.mode = "polling"
+                self._ready.set()
+                self._wake_all()
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def _listen(self) -> None:
+        if not self.queue.enable_notifications():
+            if self.mode != "polling" or not self._ready.is_set():
+                log.warning("keyspace notifications unavailable (CONFIG SET not allowed?); result wait mode: polling")
+            self.mode = "polling"
+            self._ready.set()
+            self._stop.wait(30)  # try again later: an operator may enable them
+            return
+        pubsub = self.queue.redis.pubsub()
+        try:
+            pubsub.psubscribe(self.queue.result_channel_pattern(self.origin))
+            while not self._stop.is_set():
+                message = pubsub.get_message(timeout=1.0)
+                if message is None:
+                    continue
+                if message["type"] == "psubscribe":
+                    if self.mode != "notifications":
+                        log.info("result wait mode: keyspace notifications (polling as fallback)")
+                    self.mode = "notifications"
+                    self._ready.set()
+                    self._wake_all()  # anything that finished while we were not subscribed
+                elif message["type"] == "pmessage" and message["data"] == b"set":
+                    job_id = message["channel"].rsplit(b":", 1)[1].decode()
+                    event = self._events.get(job_id)
+                    if event is not None:
+                        event.set()
+        finally:
+            pubsub.close()

@@ -1,0 +1,130 @@
+"""The web API: accepts an image, queues it for the model workers, answers with the top-5 labels.
+
+    python run_web_server.py                         # development server (threaded)
+    gunicorn 'run_web_server:create_app()' ...       # production, see `make run`
+
+Settings come from the environment / `.env` (see settings.py).
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+
+from flask import Flask, current_app, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+import logger
+import settings as settings_module
+from helpers import ImageError, prepare_image
+from redis_protocol import Job, JobQueue, RedisUnavailable, ResultListener, ResultTimeout, connect
+
+log = logger.get("web")
+
+
+class Service:
+    """What the views need: settings, the queue and this process's result listener."""
+
+    def __init__(self, config: settings_module.Settings) -> None:
+        self.config = config
+        self.origin = uuid.uuid4().hex[:12]
+        self.queue = JobQueue(connect(config.redis_url), config.image_queue, config.result_ttl, config.max_attempts)
+        self.listener = ResultListener(self.queue, self.origin, config.notifications != "off")
+
+
+def create_app(config: settings_module.Settings | None = None) -> Flask:
+    """Application factory: one Service (and one listener thread) per process."""
+    config = config or settings_module.load()
+    logger.setup("web", config.log_level)
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = config.max_upload_bytes
+    service = Service(config)
+    app.extensions["imgserve"] = service
+    service.listener.start()
+    app.register_error_handler(HTTPException, _http_error)
+    app.add_url_rule("/predict", view_func=predict, methods=["POST"])
+    app.add_url_rule("/healthz", view_func=healthz)
+    app.add_url_rule("/readyz", view_func=readyz)
+    log.info("web process %s ready; Redis %s, queue %r", service.origin, config.redis_url_safe, config.image_queue)
+    return app
+
+
+def _service() -> Service:
+    return current_app.extensions["imgserve"]
+
+
+def error(status: int, message: str, retry_after: int | None = None):
+    """A JSON error response."""
+    response = jsonify(success=False, error=message)
+    response.status_code = status
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(retry_after)
+    return response
+
+
+def _http_error(exc: HTTPException):
+    if exc.code == 413:
+        limit = _service().config.max_upload_bytes
+        return error(413, f"the upload is larger than the limit of {limit:,} bytes (MAX_UPLOAD_BYTES)")
+    return error(exc.code or 500, exc.description or exc.name)
+
+
+def predict():
+    """POST /predict with a multipart file field `image`."""
+    service = _service()
+    upload = request.files.get("image")
+    if upload is None:
+        return error(400, "send the image as a multipart form file field named 'image'")
+    try:
+        pixels = prepare_image(upload.read(), service.config.max_image_pixels)
+    except ImageError as exc:
+        return error(400, str(exc))
+    job = Job.new(pixels, service.origin, service.config.request_timeout)
+    with service.listener.expect(job.id):
+        try:
+            if not service.queue.enqueue(job, service.config.max_queue):
+                return error(503, "the server is busy (queue full); try again shortly", retry_after=1)
+            result = service.listener.wait(job.id, job.deadline)
+        except RedisUnavailable as exc:
+            log.warning("Redis unavailable for job %s: %s", job.id, exc)
+            return error(503, "the job queue (Redis) is unavailable; try again shortly", retry_after=1)
+        except ResultTimeout:
+            return error(504, f"no result within {service.config.request_timeout:g} s (REQUEST_TIMEOUT)")
+    if not result.get("success"):
+        return error(int(result.get("status", 500)), result.get("error", "the job failed"))
+    return jsonify(result)
+
+
+def healthz():
+    """GET /healthz: the process is alive."""
+    return jsonify(status="ok")
+
+
+def readyz():
+    """GET /readyz: Redis answers and at least one worker is alive."""
+    service = _service()
+    try:
+        depth = service.queue.depth()
+        workers = service.queue.live_workers()
+    except RedisUnavailable as exc:
+        return jsonify(ready=False, redis=False, error=str(exc)), 503
+    ready = workers > 0
+    body = dict(ready=ready, redis=True, workers=workers, queue_depth=depth, wait_mode=service.listener.mode)
+    return jsonify(body), 200 if ready else 503
+
+
+def main() -> int:
+    try:
+        config = settings_module.load()
+    except settings_module.SettingsError as exc:
+        print(f"run_web_server.py: configuration error: {exc}", file=sys.stderr)
+        return 2
+    app = create_app(config)
+    app.extensions["imgserve"].listener.wait_ready(3)
+    log.info("serving on http://%s:%d (development server; `make run` uses gunicorn)", config.web_host, config.web_port)
+    app.run(host=config.web_host, port=config.web_port, debug=config.flask_debug, threaded=True, use_reloader=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""All settings, read from the environment (and `.env`) and validated once at start-up.
+
+Every entry point calls `load()`; a bad value raises `SettingsError` naming the variable,
+which the entry points print and turn into exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from dotenv import load_dotenv
+
+PROJECT_DIR = Path(__file__).resolve().parent
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+class SettingsError(ValueError):
+    """A setting has a value the program cannot use; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str = DEFAULT_REDIS_URL
+    image_queue: str = "image_queue"
+    batch_size: int = 32
+    batch_wait_ms: float = 2.0
+    result_ttl: int = 3600
+    request_timeout: float = 30.0
+    model_weights: str = "imagenet"
+    web_host: str = "127.0.0.1"
+    web_port: int = 5000
+    web_processes: int = 1
+    web_threads: int = 64
+    max_attempts: int = 3
+    max_queue: int = 1000
+    max_upload_bytes: int = 16 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    heartbeat_ttl: float = 10.0
+    reap_interval: float = 5.0
+    notifications: str = "auto"
+    log_level: str = "INFO"
+    metrics_port: int = 9100
+    flask_debug: bool = False
+
+    @property
+    def redis_url_safe(self) -> str:
+        """REDIS_URL with any password replaced by ***, for logs."""
+        return hide_password(self.redis_url)
+
+
+def hide_password(url: str) -> str:
+    """Return `url` with the password (if any) replaced by ***."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+
+
+def _int(lo: int, hi: int | None = None) -> Callable[[str, str], int]:
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise SettingsError(f"{name} must be a whole number, got {raw!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+            raise SettingsError(f"{name} must be {bound}, got {value}")
+        return value
+
+    return parse
+
+
+def _float(lo: float, strict: bool = False) -> Callable[[str, str], float]:
+    def parse(name: str, raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+        if value != value or value < lo or (strict and value == lo):
+            relation = "greater than" if strict else "at least"
+            raise SettingsError(f"{name} must be {relation} {lo:g}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _choice(*options: str) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in options:
+            raise SettingsError(f"{name} must be one of {', '.join(options)}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise SettingsError(f"{name} must be true or false, got {raw!r}")
+
+
+def _redis_url(name: str, raw: str) -> str:
+    parts = urlsplit(raw.strip())
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise SettingsError(f"{name} must start with redis://, rediss:// or unix://, got {hide_password(raw)!r}")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise SettingsError(f"{name} has no host name: {hide_password(raw)!r}")
+    return raw.strip()
+
+
+def _queue_name(name: str, raw: str) -> str:
+    value = raw.strip()
+    if not value or any(c.isspace() for c in value) or any(c in value for c in "*?[]"):
+        raise SettingsError(f"{name} must be a non-empty name without spaces or glob characters, got {raw!r}")
+    return value
+
+
+def _weights(name: str, raw: str) -> str:
+    value = raw.strip()
+    if value.lower() in ("imagenet", "none"):
+        return value.lower()
+    if not Path(value).expanduser().is_file():
+        raise SettingsError(f"{name} must be 'imagenet', 'none' or the path of a weights file; no file at {value!r}")
+    return str(Path(value).expanduser())
+
+
+def _host(name: str, raw: str) -> str:
+    if not raw.strip():
+        raise SettingsError(f"{name} must not be empty")
+    return raw.strip()
+
+
+def _log_level(name: str, raw: str) -> str:
+    return _choice("debug", "info", "warning", "error")(name, raw).upper()
+
+
+_PARSERS: dict[str, Callable[[str, str], object]] = {
+    "redis_url": _redis_url,
+    "image_queue": _queue_name,
+    "batch_size": _int(1, 1024),
+    "batch_wait_ms": _float(0.0),
+    "result_ttl": _int(1),
+    "request_timeout": _float(0.0, strict=True),
+    "model_weights": _weights,
+    "web_host": _host,
+    "web_port": _int(1, 65535),
+    "web_processes": _int(1, 64),
+    "web_threads": _int(1, 1024),
+    "max_attempts": _int(1),
+    "max_queue": _int(1),
+    "max_upload_bytes": _int(1),
+    "max_image_pixels": _int(1),
+    "heartbeat_ttl": _float(1.0),
+    "reap_interval": _float(0.0, strict=True),
+    "notifications": _choice("auto", "off"),
+    "log_level": _log_level,
+    "metrics_port": _int(0, 65535),
+    "flask_debug": _bool,
+}
+
+
+def load(env: Mapping[str, str] | None = None, dotenv: bool = True, **overrides: object) -> Settings:
+    """Build Settings from `env` (default: os.environ after reading `.env`).
+
+    `overrides` (e.g. from command-line flags) are raw strings keyed by field name and
+    win over the environment; None values are ignored.
+    """
+    if env is None:
+        if dotenv:
+            load_dotenv(PROJECT_DIR / ".env", override=False)
+        env = os.environ
+    values: dict[str, object] = {}
+    for field in fields(Settings):
+        name = field.name.upper()
+        raw = overrides.get(field.name)
+        raw = env.get(name) if raw is None else str(raw)
+        if raw is not None and raw != "":
+            values[field.name] = _PARSERS[field.name](name, raw)
+    return Settings(**values)

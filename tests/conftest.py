@@ -1,0 +1,33 @@
+"""Shared fixtures: a real Redis server per test session, a fresh queue name per test."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from local_redis import LocalRedis
+from redis_protocol import JobQueue, connect
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    with LocalRedis() as server:
+        yield server
+
+
+@pytest.fixture
+def queue_name() -> str:
+    return f"test-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def redis_client(redis_server):
+    client = connect(redis_server.url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def queue(redis_client, queue_name) -> JobQueue:
+    return JobQueue(redis_client, queue_name, result_ttl=60, max_attempts=3)

@@ -1,0 +1,118 @@
+"""Start the real servers as child processes, for tests and benchmarks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+from local_redis import free_port
+
+PROJECT = Path(__file__).resolve().parent.parent
+SHARED_IMAGES = PROJECT.parent / "shared" / "images"
+CASTLE = SHARED_IMAGES / "castle_image.jpg"
+
+
+def server_env(redis_url: str, queue: str, **extra: object) -> dict[str, str]:
+    """Environment for a child server: test defaults, no .env surprises, random weights."""
+    env = {k: v for k, v in os.environ.items() if k not in ("FLASK_DEBUG",)}
+    env.update(
+        REDIS_URL=redis_url,
+        IMAGE_QUEUE=queue,
+        MODEL_WEIGHTS="none",
+        METRICS_PORT="0",
+        LOG_LEVEL="DEBUG",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update({k.upper(): str(v) for k, v in extra.items()})
+    return env
+
+
+class Child:
+    """A child process whose combined output goes to a temporary log file."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.log_file = tempfile.NamedTemporaryFile(prefix="imgserve-", suffix=".log", delete=False)
+        self.process = subprocess.Popen(args, cwd=PROJECT, env=env, stdout=self.log_file, stderr=subprocess.STDOUT)
+
+    @property
+    def log(self) -> str:
+        return Path(self.log_file.name).read_text(errors="replace")
+
+    def wait_for_log(self, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"process exited with {self.process.returncode}:\n{self.log[-3000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no {text!r} after {timeout} s:\n{self.log[-3000:]}")
+            time.sleep(0.1)
+
+    def stop(self, sig: int = 15, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_worker(env: dict[str, str], *args: str, timeout: float = 120) -> Child:
+    """A model worker, returned once it waits for jobs."""
+    child = Child([sys.executable, "run_model_server.py", *args], env)
+    child.wait_for_log("waiting for jobs", timeout)
+    return child
+
+
+class WebServer(Child):
+    def __init__(self, env: dict[str, str], gunicorn: bool = False) -> None:
+        self.port = free_port()
+        env = dict(env, WEB_PORT=str(self.port), WEB_HOST="127.0.0.1")
+        if gunicorn:
+            args = [sys.executable, "-m", "gunicorn", "--worker-class", "gthread", "--threads", "64",
+                    "--bind", f"127.0.0.1:{self.port}", "run_web_server:create_app()"]  # fmt: skip
+        else:
+            args = [sys.executable, "run_web_server.py"]
+        super().__init__(args, env)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 30) -> WebServer:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if requests.get(self.url + "/healthz", timeout=1).ok:
+                    return self
+            except requests.ConnectionError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"web server did not start:\n{self.log[-3000:]}")
+            time.sleep(0.1)
+
+
+def start_web(env: dict[str, str], gunicorn: bool = False) -> WebServer:
+    """A web server on a free port, returned once /healthz answers."""
+    return WebServer(env, gunicorn).wait_ready()
+
+
+def sample_image_bytes() -> bytes:
+    """The castle photo when ../shared/images is there, else a generated JPEG."""
+    if CASTLE.exists():
+        return CASTLE.read_bytes()
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    gradient = np.linspace(0, 255, 480 * 800 * 3).reshape(480, 800, 3)
+    pixels = (gradient + rng.integers(0, 40, gradient.shape)).clip(0, 255).astype("uint8")
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "JPEG")
+    return out.getvalue()

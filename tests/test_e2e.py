@@ -1,0 +1,112 @@
+"""End to end: Redis + real model worker processes (ResNet50, random weights) + the web server."""
+
+from __future__ import annotations
+
+import re
+import sys
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from model import keras_labels
+from tests.processes import Child, sample_image_bytes, server_env, start_web, start_worker
+
+LABELS = set(keras_labels().tolist())
+
+
+@pytest.fixture(scope="module")
+def stack(redis_server):
+    env = server_env(redis_server.url, f"e2e-{uuid.uuid4().hex[:6]}", BATCH_WAIT_MS=5)
+    worker = start_worker(env)
+    web = start_web(env)
+    yield env, web, worker
+    web.stop()
+    worker.stop()
+
+
+def post_image(url: str, data: bytes | None = None, timeout: float = 120) -> requests.Response:
+    files = {"image": ("castle_image.jpg", data or sample_image_bytes(), "image/jpeg")}
+    return requests.post(url + "/predict", files=files, timeout=timeout)
+
+
+def check_predictions(body: dict) -> None:
+    assert body["success"] is True
+    predictions = body["predictions"]
+    assert len(predictions) == 5
+    probabilities = [p["probability"] for p in predictions]
+    assert all(0.0 <= p <= 1.0 for p in probabilities)
+    assert probabilities == sorted(probabilities, reverse=True)
+    assert all(p["label"] in LABELS for p in predictions)
+
+
+def test_castle_photo_gets_five_predictions(stack):
+    _, web, _ = stack
+    response = post_image(web.url)
+    assert response.status_code == 200, response.text
+    check_predictions(response.json())
+
+
+def test_labels_are_keras_imagenet_names():
+    labels = keras_labels()
+    assert len(labels) == 1000
+    assert (labels[483], labels[497], labels[663], labels[698]) == ("castle", "church", "monastery", "palace")
+    assert labels[0] == "tench" and labels[2] == "great_white_shark"
+
+
+def test_fifty_concurrent_requests_all_succeed(stack):
+    _, web, _ = stack
+    data = sample_image_bytes()
+    with ThreadPoolExecutor(50) as pool:
+        responses = list(pool.map(lambda _: post_image(web.url, data), range(50)))
+    assert [r.status_code for r in responses] == [200] * 50
+    for response in responses:
+        check_predictions(response.json())
+
+
+def processed_job_ids(log: str) -> list[str]:
+    ids = []
+    for match in re.finditer(r"batch done: \d+ jobs: ([0-9a-f ]*)", log):
+        ids += match.group(1).split()
+    return ids
+
+
+def test_two_workers_never_process_the_same_job(stack):
+    env, web, first = stack
+    second = start_worker(env)
+    try:
+        data = sample_image_bytes()
+        with ThreadPoolExecutor(24) as pool:
+            responses = list(pool.map(lambda _: post_image(web.url, data), range(60)))
+        assert [r.status_code for r in responses] == [200] * 60
+    finally:
+        second.stop()
+    ids_first, ids_second = processed_job_ids(first.log), processed_job_ids(second.log)
+    assert ids_second, "the second worker took part"
+    counts = Counter(ids_first + ids_second)
+    assert max(counts.values()) == 1
+
+
+def test_readyz_reports_worker_and_queue(stack):
+    _, web, _ = stack
+    body = requests.get(web.url + "/readyz", timeout=5).json()
+    assert body["ready"] is True and body["workers"] >= 1 and body["redis"] is True
+    assert body["wait_mode"] == "notifications"
+
+
+def test_imagenet_weights_without_network_exit_with_clear_message(redis_server, tmp_path):
+    env = server_env(
+        redis_server.url,
+        "unused",
+        MODEL_WEIGHTS="imagenet",
+        KERAS_HOME=str(tmp_path),
+        HTTPS_PROXY="http://127.0.0.1:9",
+        HTTP_PROXY="http://127.0.0.1:9",
+    )
+    child = Child([sys.executable, "run_model_server.py"], env)
+    assert child.process.wait(120) == 3
+    log = child.log
+    assert "could not get the ImageNet weights" in log
+    assert "MODEL_WEIGHTS" in log and "Traceback" not in log

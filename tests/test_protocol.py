@@ -1,0 +1,204 @@
+"""The queue protocol against a real Redis server."""
+
+import json
+import threading
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from redis_protocol import DeadLetter, Job, JobQueue, ResultListener, ResultTimeout, connect
+
+PIXELS = np.zeros((224, 224, 3), np.uint8)
+
+
+def make_job(origin: str = "web1", timeout: float = 30.0) -> Job:
+    return Job.new(PIXELS, origin, timeout)
+
+
+def test_job_json_round_trip_and_size():
+    job = make_job()
+    raw = job.to_json()
+    assert Job.from_json(raw) == job
+    assert len(job.image) == 200_704
+    assert len(raw) < 201_000
+
+
+@pytest.mark.parametrize(
+    "raw, reason",
+    [(b"{not json", "not valid JSON"), (b"[1, 2]", "not a JSON object"), (b'{"id": "x"}', "lacks field")],
+)
+def test_unparseable_jobs_raise_job_error(raw, reason):
+    from redis_protocol import JobError
+
+    with pytest.raises(JobError, match=reason):
+        Job.from_json(raw)
+
+
+def test_three_concurrent_claimers_take_each_of_300_jobs_exactly_once(queue, redis_server):
+    jobs = [make_job() for _ in range(300)]
+    for job in jobs:
+        assert queue.enqueue(job, max_queue=1000)
+    taken: dict[str, list[str]] = {}
+
+    def claimer(name: str) -> None:
+        own = JobQueue(connect(redis_server.url), queue.keys.queue)
+        mine = taken.setdefault(name, [])
+        while True:
+            batch = own.claim_batch(name, size=7, wait=0.001, block=0.2)
+            if not batch:
+                return
+            mine.extend(Job.from_json(raw).id for raw in batch)
+            own.finish_batch(name, [], [])
+
+    threads = [threading.Thread(target=claimer, args=(f"w{i}",)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    counts = Counter(job_id for ids in taken.values() for job_id in ids)
+    assert set(counts) == {job.id for job in jobs}
+    assert max(counts.values()) == 1
+    assert all(taken[name] for name in taken), "every claimer got some work"
+    assert queue.depth() == 0
+
+
+def test_claim_is_fifo_and_moves_into_processing_list(queue, redis_client):
+    jobs = [make_job() for _ in range(5)]
+    for job in jobs:
+        queue.enqueue(job, 100)
+    batch = queue.claim_batch("w", size=3, wait=0, block=1)
+    assert sorted(Job.from_json(raw).id for raw in batch) == sorted(job.id for job in jobs[:3])
+    assert redis_client.llen(queue.keys.processing("w")) == 3
+    assert queue.depth() == 2
+
+
+def test_claim_waits_for_more_jobs_up_to_batch_wait(queue):
+    queue.enqueue(make_job(), 100)
+    threading.Timer(0.05, lambda: queue.enqueue(make_job(), 100)).start()
+    batch = queue.claim_batch("w", size=4, wait=0.5, block=1)
+    assert len(batch) == 2
+
+
+def test_results_carry_ttl_and_are_taken_once(queue, redis_client):
+    job = make_job()
+    queue.enqueue(job, 100)
+    queue.claim_batch("w", 1, 0, 1)
+    queue.finish_batch("w", [(job, {"success": True, "predictions": []})], [])
+    key = queue.keys.result(job.origin, job.id)
+    assert 0 < redis_client.ttl(key) <= 60
+    assert redis_client.llen(queue.keys.processing("w")) == 0
+    assert queue.take_result(job.origin, job.id) == {"success": True, "predictions": []}
+    assert queue.take_result(job.origin, job.id) is None
+
+
+def test_bad_job_is_dead_lettered_and_its_client_answered(queue):
+    job = make_job()
+    queue.finish_batch("w", [], [DeadLetter(b"raw", "image is not valid base64", job), DeadLetter(b"{", "bad JSON")])
+    letters = queue.dead_letters()
+    assert {letter["reason"] for letter in letters} == {"image is not valid base64", "bad JSON"}
+    result = queue.take_result(job.origin, job.id)
+    assert result["success"] is False and result["status"] == 400
+
+
+def test_enqueue_refuses_when_queue_is_full(queue):
+    assert queue.enqueue(make_job(), max_queue=2)
+    assert queue.enqueue(make_job(), max_queue=2)
+    assert not queue.enqueue(make_job(), max_queue=2)
+    assert queue.depth() == 2
+
+
+def test_reaper_requeues_a_dead_workers_jobs_at_the_head(queue, redis_client):
+    for _ in range(3):
+        queue.enqueue(make_job(), 100)
+    queue.register("dead-worker", heartbeat_ttl=0.2)
+    claimed = queue.claim_batch("dead-worker", 2, 0, 1)
+    queue.enqueue(make_job(), 100)
+    assert queue.reap() == (0, 0, 0)  # heartbeat still alive
+    time.sleep(0.3)
+    assert queue.reap() == (1, 2, 0)
+    assert redis_client.llen(queue.keys.processing("dead-worker")) == 0
+    assert not redis_client.sismember(queue.keys.workers, "dead-worker")
+    again = [Job.from_json(raw) for raw in queue.claim_batch("w2", 2, 0, 1)]
+    assert {job.id for job in again} == {Job.from_json(raw).id for raw in claimed}
+    assert all(job.attempts == 1 for job in again)
+
+
+def test_job_is_dead_lettered_after_max_attempts_and_client_gets_error(queue):
+    job = make_job()
+    queue.enqueue(job, 100)
+    for attempt in range(1, 4):
+        queue.register(f"crashy{attempt}", heartbeat_ttl=0.05)
+        assert len(queue.claim_batch(f"crashy{attempt}", 1, 0, 1)) == 1
+        time.sleep(0.1)
+        workers, requeued, buried = queue.reap()
+        assert workers == 1
+        assert (requeued, buried) == ((1, 0) if attempt < 3 else (0, 1))
+    assert queue.depth() == 0
+    [letter] = queue.dead_letters()
+    assert "MAX_ATTEMPTS=3" in letter["reason"] and json.loads(letter["job"])["id"] == job.id
+    result = queue.take_result(job.origin, job.id)
+    assert result["success"] is False and "delivered 3 times" in result["error"]
+
+
+def test_unregister_returns_claimed_jobs_without_counting_an_attempt(queue):
+    queue.enqueue(make_job(), 100)
+    queue.register("w", 5)
+    queue.claim_batch("w", 1, 0, 1)
+    queue.unregister("w")
+    assert queue.live_workers() == 0
+    [raw] = queue.claim_batch("w2", 1, 0, 1)
+    assert Job.from_json(raw).attempts == 0
+
+
+def test_enable_notifications_adds_only_needed_flags(queue, redis_client):
+    redis_client.config_set("notify-keyspace-events", "Ex")
+    assert queue.enable_notifications()
+    assert set(queue.notification_flags()) == set("KEx$")
+
+
+def deliver_later(queue: JobQueue, job: Job, delay: float) -> None:
+    def work() -> None:
+        queue.claim_batch("w", 1, 0, 1)
+        queue.finish_batch("w", [(job, {"success": True, "n": 1})], [])
+
+    threading.Timer(delay, work).start()
+
+
+def test_waiter_is_woken_by_notification(queue, redis_client):
+    redis_client.config_set("notify-keyspace-events", "")
+    listener = ResultListener(queue, "web1")
+    listener.start()
+    try:
+        assert listener.wait_ready(5) and listener.mode == "notifications"
+        listener.SAFETY_POLL = listener.MAX_SAFETY_POLL = 30  # only a notification can wake it in time
+        job = make_job()
+        with listener.expect(job.id):
+            queue.enqueue(job, 100)
+            deliver_later(queue, job, 0.1)
+            started = time.monotonic()
+            assert listener.wait(job.id, time.time() + 10) == {"success": True, "n": 1}
+            assert time.monotonic() - started < 5
+    finally:
+        listener.stop()
+
+
+def test_polling_fallback_delivers_with_notifications_off(queue, redis_client):
+    redis_client.config_set("notify-keyspace-events", "")
+    listener = ResultListener(queue, "web1", use_notifications=False)
+    listener.start()
+    assert listener.mode == "polling"
+    job = make_job()
+    with listener.expect(job.id):
+        queue.enqueue(job, 100)
+        deliver_later(queue, job, 0.1)
+        assert listener.wait(job.id, time.time() + 10) == {"success": True, "n": 1}
+    assert queue.notification_flags() == ""
+
+
+def test_wait_times_out(queue):
+    listener = ResultListener(queue, "web1", use_notifications=False)
+    job = make_job()
+    with listener.expect(job.id), pytest.raises(ResultTimeout):
+        listener.wait(job.id, time.time() + 0.2)

@@ -1,0 +1,84 @@
+import pytest
+
+import settings
+from settings import SettingsError, hide_password, load
+
+
+def test_defaults():
+    config = load(env={})
+    assert config.image_queue == "image_queue"
+    assert config.batch_size == 32
+    assert config.result_ttl == 3600
+    assert config.web_host == "127.0.0.1" and config.web_port == 5000
+    assert config.model_weights == "imagenet"
+    assert config.flask_debug is False
+
+
+def test_values_are_parsed():
+    config = load(
+        env={
+            "BATCH_SIZE": "8",
+            "BATCH_WAIT_MS": "2.5",
+            "MODEL_WEIGHTS": "None",
+            "FLASK_DEBUG": "yes",
+            "REDIS_URL": "rediss://:pw@example.com:6380/1",
+        }
+    )
+    assert (config.batch_size, config.batch_wait_ms, config.model_weights) == (8, 2.5, "none")
+    assert config.flask_debug is True
+    assert config.redis_url_safe == "rediss://:***@example.com:6380/1"
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("BATCH_SIZE", "0"),
+        ("BATCH_SIZE", "many"),
+        ("BATCH_WAIT_MS", "-1"),
+        ("RESULT_TTL", "1.5"),
+        ("REQUEST_TIMEOUT", "0"),
+        ("WEB_PORT", "70000"),
+        ("REDIS_URL", "http://localhost:6379"),
+        ("REDIS_URL", "redis://"),
+        ("MODEL_WEIGHTS", "/no/such/file.h5"),
+        ("IMAGE_QUEUE", "bad name"),
+        ("IMAGE_QUEUE", "queue*"),
+        ("NOTIFICATIONS", "sometimes"),
+        ("LOG_LEVEL", "loud"),
+        ("FLASK_DEBUG", "maybe"),
+        ("MAX_ATTEMPTS", "0"),
+    ],
+)
+def test_invalid_values_name_the_variable(name, value):
+    with pytest.raises(SettingsError, match=name):
+        load(env={name: value})
+
+
+def test_weights_file_path_is_accepted(tmp_path):
+    weights = tmp_path / "w.h5"
+    weights.write_bytes(b"x")
+    assert load(env={"MODEL_WEIGHTS": str(weights)}).model_weights == str(weights)
+
+
+def test_overrides_win_over_environment():
+    assert load(env={"BATCH_SIZE": "4"}, batch_size="16", batch_wait_ms=None).batch_size == 16
+
+
+def test_dotenv_file_is_read(tmp_path, monkeypatch):
+    (tmp_path / ".env").write_text("BATCH_SIZE=7\n")
+    monkeypatch.setattr(settings, "PROJECT_DIR", tmp_path)
+    monkeypatch.delenv("BATCH_SIZE", raising=False)
+    assert load().batch_size == 7
+
+
+def test_password_is_hidden_only_when_present():
+    assert hide_password("redis://localhost:6379/0") == "redis://localhost:6379/0"
+    assert hide_password("redis://user:secret@h:1/0") == "redis://user:***@h:1/0"
+
+
+def test_entry_point_exits_2_naming_the_variable(monkeypatch, capsys):
+    import run_model_server
+
+    monkeypatch.setenv("BATCH_SIZE", "zero")
+    assert run_model_server.main([]) == 2
+    assert "BATCH_SIZE" in capsys.readouterr().err
