@@ -18,7 +18,6 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 
 from helpers import prepare_image
 from local_redis import LocalRedis
@@ -98,7 +97,9 @@ def key_examples(stack: Stack) -> str:
     args = [PY, "simple_request.py", image_path(), "--url", stack.web.url, "--json"]
     result = run(args)
     return (
-        block("Job.new(prepare_image(castle), origin, 30).to_json(), image shortened", json.dumps(job, indent=2), "json")
+        block(
+            "Job.new(prepare_image(castle), origin, 30).to_json(), image shortened", json.dumps(job, indent=2), "json"
+        )
         + "\n\nA result, as the web server took it (`GETDEL`) and returned it:\n\n"
         + block(shown(args), result, "json")
     )
@@ -126,15 +127,19 @@ def log_samples(stack: Stack) -> str:
         lines = [line for line in log.splitlines() if ours.match(line) and "!!!!" not in line]
         return "\n".join(lines[:limit])
 
-    return block("run_model_server.py (MODEL_WEIGHTS=none)", keep(stack.worker.log, 12)) + "\n\n" + block(
-        "gunicorn 'run_web_server:create_app()'", keep(stack.web.log, 12)
+    return (
+        block("run_model_server.py (MODEL_WEIGHTS=none)", keep(stack.worker.log, 12))
+        + "\n\n"
+        + block("gunicorn 'run_web_server:create_app()'", keep(stack.web.log, 12))
     )
 
 
 def test_summary() -> str:
     args = [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
     out = run(args).splitlines()
-    summary = [line for line in out if re.search(r"\d+ (passed|failed)", line) or line.startswith(("SKIPPED", "FAILED"))]
+    summary = [
+        line for line in out if re.search(r"\d+ (passed|failed)", line) or line.startswith(("SKIPPED", "FAILED"))
+    ]
     return block(shown(args) + "  (the README's `make test` runs the same)", "\n".join(summary))
 
 
