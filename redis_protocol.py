@@ -75,11 +75,6 @@ class Keys:
     def result(self, origin: str, job_id: str) -> str:
         return f"{self.result_prefix}{origin}:{job_id}"
 
-    def notification_flags(self) -> str:
-        """The server's notify-keyspace-events flags (raises ResponseError where CONFIG is denied)."""
-        value = next(iter(self.redis.config_get("notify-keyspace-events").values()), "")
-        return value.decode() if isinstance(value, bytes) else value
-
     def result_channel_pattern(self, db: int, origin: str) -> str:
         return f"__keyspace@{db}__:{self.result_prefix}{origin}:*"
 
@@ -122,7 +117,7 @@ class Job:
         """Parse a queued job; raises JobError naming what is wrong."""
         try:
             data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nesting too deep for the parser
             raise JobError(f"job is not valid JSON: {exc}") from None
         if not isinstance(data, dict):
             raise JobError("job is not a JSON object")
@@ -282,6 +277,10 @@ class JobQueue:
         """Number of jobs waiting in the queue."""
         return int(self.redis.llen(self.keys.queue))
 
+    def peek(self) -> bytes | None:
+        """The job at the queue's head exactly as stored, without claiming it; None if the queue is empty."""
+        return self.redis.lindex(self.keys.queue, -1)
+
     def live_workers(self) -> int:
         """Number of registered workers whose heartbeat has not expired."""
         workers = [w.decode() for w in self.redis.smembers(self.keys.workers)]
@@ -329,7 +328,15 @@ class JobQueue:
         self.redis.sadd(self.keys.workers, worker)
 
     def heartbeat(self, worker: str, ttl: float) -> None:
-        self.redis.set(self.keys.heartbeat(worker), b"alive", px=int(ttl * 1000))
+        """Renew the heartbeat and (re)join the worker set, in one MULTI.
+
+        Rejoining matters: a worker reaped while paused or cut off from Redis, or forgotten by a
+        restarted Redis, would otherwise never be reaped again, and a later crash would lose its jobs.
+        """
+        with self.redis.pipeline() as pipe:
+            pipe.set(self.keys.heartbeat(worker), b"alive", px=int(ttl * 1000))
+            pipe.sadd(self.keys.workers, worker)
+            pipe.execute()
 
     def unregister(self, worker: str) -> None:
         """Clean exit: return anything still claimed to the queue (no attempt counted), then leave."""
@@ -340,35 +347,37 @@ class JobQueue:
     def claim_batch(self, worker: str, size: int, wait: float, block: float) -> list[bytes]:
         """Move up to `size` jobs from the queue's head to this worker's processing list.
 
-        Blocks up to `block` seconds for the first job, then waits up to `wait` seconds more
-        to fill the batch. Every move is atomic, so concurrent workers never share a job.
+        Blocks up to `block` seconds for the first job and takes every job already waiting;
+        if the batch is not full, sleeps until `wait` seconds after the first job and takes
+        what arrived meanwhile. Every move is atomic, so concurrent workers never share a job.
         """
         plist = self.keys.processing(worker)
         first = self.redis.blmove(self.keys.queue, plist, block, "RIGHT", "LEFT")
         if first is None:
             return []
-        batch = [first]
         until = time.monotonic() + wait
-        while len(batch) < size:
+        batch = [first]
+        if size > 1:
+            batch += self._claim(keys=[self.keys.queue, plist], args=[size - 1])
+        remaining = until - time.monotonic()
+        if len(batch) < size and remaining > 0:
+            # The wait is client-side: Redis times a blocking command out only on its clock tick
+            # (100 ms at the default hz 10), and Redis 6 blocks forever on a timeout under 1 ms.
+            time.sleep(remaining)
             batch += self._claim(keys=[self.keys.queue, plist], args=[size - len(batch)])
-            remaining = until - time.monotonic()
-            if len(batch) >= size or remaining < 0.001:
-                break
-            more = self.redis.blmove(self.keys.queue, plist, remaining, "RIGHT", "LEFT")
-            if more is None:
-                break
-            batch.append(more)
         return batch
 
-    def finish_batch(self, worker: str, results: list[tuple[Job, dict]], dead: list[DeadLetter]) -> None:
-        """Write results (with TTL) and dead letters, then acknowledge the whole batch: one atomic step."""
+    def finish_batch(self, worker: str, results: list[tuple[Job, dict]], dead: list[DeadLetter]) -> int:
+        """Write results (with TTL) and dead letters, then acknowledge the whole batch: one atomic step.
+
+        Returns the number of result keys written."""
         now = time.time()
         letters = [json.dumps({"reason": d.reason, "worker": worker, "at": now, "job": _text(d.raw)}) for d in dead]
         answered = results + [(d.job, error_result(f"bad job: {d.reason}", 400)) for d in dead if d.job]
         keys = [self.keys.processing(worker), self.keys.dead]
         keys += [self.keys.result(job.origin, job.id) for job, _ in answered]
         args = [self.result_ttl, len(letters), *letters, *(json.dumps(payload) for _, payload in answered)]
-        self._finish(keys=keys, args=args)
+        return int(self._finish(keys=keys, args=args))
 
     def release(self, worker: str, reason: str, count_attempt: bool = True) -> tuple[int, int]:
         """Return this worker's claimed jobs to the queue's head; (requeued, dead-lettered)."""
@@ -491,7 +500,7 @@ class ResultListener:
             try:
                 self._listen()
                 backoff = 0.1
-            except RedisUnavailable as exc:
+            except redis.RedisError as exc:  # not only a lost connection: MASTERDOWN, an ACL denying PSUBSCRIBE ...
                 if self.mode == "notifications":
                     log.warning("notification listener lost Redis (%s); polling until it returns", exc)
                 self.mode = "polling"
@@ -516,6 +525,10 @@ class ResultListener:
                 if message is None:
                     continue
                 if message["type"] == "psubscribe":
+                    # Also after redis-py reconnected and resubscribed by itself: a restarted Redis has
+                    # forgotten notify-keyspace-events, so turn them on again (or fall back to polling).
+                    if not self.queue.enable_notifications():
+                        return
                     if self.mode != "notifications":
                         log.info("result wait mode: keyspace notifications (polling as fallback)")
                     self.mode = "notifications"

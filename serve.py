@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import logger
@@ -30,6 +31,7 @@ def gunicorn_command(config: settings_module.Settings) -> list[str]:
         "--bind", f"{config.web_host}:{config.web_port}",
         "--graceful-timeout", str(int(config.request_timeout) + 5),
         "--log-level", "warning",
+        "--config", str(settings_module.PROJECT_DIR / "gunicorn.conf.py"),
         "run_web_server:create_app()",
     ]  # fmt: skip
 
@@ -52,21 +54,29 @@ def main() -> int:
             return 1
         env["REDIS_URL"] = redis_server.url
         log.info("started a local Redis at %s (no persistence)", redis_server.url)
-    children = [
-        subprocess.Popen([sys.executable, "run_model_server.py"], env=env),
-        subprocess.Popen(gunicorn_command(config), env=env),
-    ]
+    # A fresh directory per run for the web processes' Prometheus values (stale files would add old counts).
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    metrics_dir = tempfile.TemporaryDirectory(prefix="imgserve-metrics-")
+    # Own sessions: Ctrl-C reaches only this supervisor, which then stops the children in order.
+    web_env = dict(env, PROMETHEUS_MULTIPROC_DIR=metrics_dir.name)
+    web = subprocess.Popen(gunicorn_command(config), env=web_env, start_new_session=True)
+    worker = subprocess.Popen([sys.executable, "run_model_server.py"], env=env, start_new_session=True)
     url = f"http://{config.web_host}:{config.web_port}"
     log.info("web server on %s; the worker needs a few seconds to load the model", url)
     log.info("try: curl -F image=@photo.jpg %s/predict    (Ctrl-C stops everything)", url)
-    code = _supervise(children)
+    code = _supervise([web, worker], grace=config.request_timeout + 10)
+    metrics_dir.cleanup()
     if redis_server:
         redis_server.stop()
     return code
 
 
-def _supervise(children: list[subprocess.Popen]) -> int:
-    """Wait until Ctrl-C/SIGTERM or until a child exits, then stop all children."""
+def _supervise(children: list[subprocess.Popen], grace: float) -> int:
+    """Wait until Ctrl-C/SIGTERM or until a child exits, then stop the children one by one, in order.
+
+    The web server goes first and finishes its requests in flight while the worker still serves
+    them; then the worker finishes its batch.
+    """
     stop = False
 
     def request_stop(*_: object) -> None:
@@ -86,9 +96,8 @@ def _supervise(children: list[subprocess.Popen]) -> int:
     for child in children:
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)
-    for child in children:
         try:
-            child.wait(30)
+            child.wait(grace)
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()

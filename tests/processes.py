@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -72,11 +73,12 @@ def start_worker(env: dict[str, str], *args: str, timeout: float = 120) -> Child
 
 
 class WebServer(Child):
-    def __init__(self, env: dict[str, str], gunicorn: bool = False) -> None:
+    def __init__(self, env: dict[str, str], gunicorn: bool = False, processes: int = 1) -> None:
         self.port = free_port()
         env = dict(env, WEB_PORT=str(self.port), WEB_HOST="127.0.0.1")
         if gunicorn:
             args = [sys.executable, "-m", "gunicorn", "--worker-class", "gthread", "--threads", "64",
+                    "--workers", str(processes),
                     "--bind", f"127.0.0.1:{self.port}", "run_web_server:create_app()"]  # fmt: skip
         else:
             args = [sys.executable, "run_web_server.py"]
@@ -96,9 +98,17 @@ class WebServer(Child):
             time.sleep(0.1)
 
 
-def start_web(env: dict[str, str], gunicorn: bool = False) -> WebServer:
-    """A web server on a free port, returned once /healthz answers."""
-    return WebServer(env, gunicorn).wait_ready()
+def start_web(env: dict[str, str], gunicorn: bool = False, processes: int = 1) -> WebServer:
+    """A web server on a free port, returned once /healthz answers; `processes` is gunicorn's --workers."""
+    return WebServer(env, gunicorn, processes).wait_ready()
+
+
+def processed_job_ids(log: str) -> list[str]:
+    """Ids of the jobs whose results a worker published, from its DEBUG "batch done" lines."""
+    ids = []
+    for match in re.finditer(r"batch done: \d+ jobs: ([0-9a-f ]*)", log):
+        ids += match.group(1).split()
+    return ids
 
 
 def sample_image_bytes() -> bytes:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import sys
 import uuid
 from collections import Counter
@@ -12,7 +11,7 @@ import pytest
 import requests
 
 from model import keras_labels
-from tests.processes import Child, sample_image_bytes, server_env, start_web, start_worker
+from tests.processes import Child, processed_job_ids, sample_image_bytes, server_env, start_web, start_worker
 
 LABELS = set(keras_labels().tolist())
 
@@ -64,13 +63,6 @@ def test_fifty_concurrent_requests_all_succeed(stack):
     assert [r.status_code for r in responses] == [200] * 50
     for response in responses:
         check_predictions(response.json())
-
-
-def processed_job_ids(log: str) -> list[str]:
-    ids = []
-    for match in re.finditer(r"batch done: \d+ jobs: ([0-9a-f ]*)", log):
-        ids += match.group(1).split()
-    return ids
 
 
 def test_two_workers_never_process_the_same_job(stack):

@@ -1,0 +1,628 @@
+"""Lose nothing: worker crashes, Redis outages, poison and bad jobs, deadlines, bad uploads, shutdown.
+
+Real processes against a real Redis: model workers (ResNet50, random weights), the web server under
+Flask's development server and under gunicorn. Every worker start loads TensorFlow (~10 s), so one
+worker and one web server are shared by the module; tests that kill or stop processes start their own.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import re
+import signal
+import struct
+import sys
+import threading
+import time
+import uuid
+import zlib
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from local_redis import LocalRedis, free_port
+from redis_protocol import Job, JobQueue, ResultListener, connect
+from tests.processes import (
+    Child,
+    WebServer,
+    processed_job_ids,
+    sample_image_bytes,
+    server_env,
+    start_web,
+    start_worker,
+)
+
+PIXELS = np.zeros((224, 224, 3), np.uint8)
+WORKER_ARGS = [sys.executable, "run_model_server.py"]
+DROP = object()  # marks a field to leave out of a hand-written job
+# Short liveness settings so that a dead worker is noticed within seconds.
+FAST_REAPING = dict(HEARTBEAT_TTL=2, REAP_INTERVAL=0.5)
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> object:
+    """Poll `condition` until it returns something truthy; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def post_image(url: str, data: bytes, timeout: float = 180) -> requests.Response:
+    """POST /predict with `data` as the image file."""
+    return requests.post(url + "/predict", files={"image": ("photo.jpg", data, "image/jpeg")}, timeout=timeout)
+
+
+def worker_id(child: Child) -> str:
+    """The id a worker logs when it starts waiting for jobs (its processing list is named after it)."""
+    match = re.search(r"worker (\S+) waiting for jobs", child.log)
+    assert match, child.log[-2000:]
+    return match.group(1)
+
+
+def freeze(child: Child) -> None:
+    """SIGSTOP a process and return once every one of its threads has stopped."""
+    pid = child.process.pid
+    os.kill(pid, signal.SIGSTOP)
+
+    def all_stopped() -> bool:
+        states = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+            except FileNotFoundError:  # a thread that just ended
+                continue
+        return all(state in ("T", "t") for state in states)
+
+    wait_until(all_stopped, 10, "the process to stop", interval=0.005)
+
+
+def freeze_holding_jobs(child: Child, queue: JobQueue, timeout: float = 120) -> list[Job]:
+    """Freeze a worker at a moment when it holds claimed, unacknowledged jobs; return those jobs."""
+    plist = queue.keys.processing(worker_id(child))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if queue.redis.llen(plist):
+            freeze(child)
+            held = queue.redis.lrange(plist, 0, -1)
+            if held:
+                return [Job.from_json(raw) for raw in held]
+            os.kill(child.process.pid, signal.SIGCONT)  # it acknowledged in between: try again
+        time.sleep(0.005)
+    pytest.fail(f"worker never held a job within {timeout} s")
+
+
+def metric(port: int, name: str, **labels: str) -> float:
+    """One sample from a worker's Prometheus endpoint (0 when absent)."""
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def assert_json_error(response: requests.Response, status: int | tuple[int, ...], text: str = "") -> dict:
+    """Check an error answer: the status, JSON with success false, and an error message containing `text`."""
+    statuses = (status,) if isinstance(status, int) else status
+    assert response.status_code in statuses, (response.status_code, response.text[:500])
+    assert response.headers["Content-Type"].startswith("application/json"), response.headers
+    body = response.json()
+    assert body["success"] is False and isinstance(body["error"], str) and body["error"]
+    assert text.lower() in body["error"].lower(), body["error"]
+    return body
+
+
+# ---- the shared stack ---------------------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    """The module's shared worker and web server, and a queue client for looking into Redis."""
+
+    env: dict[str, str]
+    worker: Child
+    web: WebServer
+    queue: JobQueue
+    metrics_port: int
+
+    def extra_worker_env(self) -> dict[str, str]:
+        """Environment for one more worker on the same queue (the metrics port is taken)."""
+        return dict(self.env, METRICS_PORT="0")
+
+
+@pytest.fixture(scope="module")
+def stack(redis_server):
+    metrics_port = free_port()
+    name = f"rel-{uuid.uuid4().hex[:6]}"
+    env = server_env(
+        redis_server.url,
+        name,
+        BATCH_SIZE=4,
+        BATCH_WAIT_MS=5,
+        REQUEST_TIMEOUT=120,
+        MAX_UPLOAD_BYTES=4_000_000,
+        METRICS_PORT=metrics_port,
+        **FAST_REAPING,
+    )
+    worker = start_worker(env)
+    web = start_web(env)
+    client = connect(redis_server.url)
+    yield Stack(env, worker, web, JobQueue(client, name), metrics_port)
+    web.stop()
+    worker.stop()
+    client.close()
+
+
+# ---- worker crashes -----------------------------------------------------------------------------
+
+
+def test_kill_9_of_one_of_two_workers_mid_batch_loses_no_request(stack):
+    victim = start_worker(stack.extra_worker_env())
+    survivor_log_start = len(stack.worker.log)
+    data = sample_image_bytes()
+    try:
+        with ThreadPoolExecutor(100) as pool:
+            futures = [pool.submit(post_image, stack.web.url, data) for _ in range(100)]
+            held = freeze_holding_jobs(victim, stack.queue)
+            victim.process.kill()  # SIGKILL: no cleanup, its batch stays in its processing list
+            victim.process.wait(30)
+            responses = [future.result() for future in futures]
+    finally:
+        victim.stop()
+    assert [r.status_code for r in responses] == [200] * 100
+    assert all(len(r.json()["predictions"]) == 5 for r in responses)
+    survivor_log = stack.worker.log[survivor_log_start:]
+    survivor_ids, victim_ids = processed_job_ids(survivor_log), processed_job_ids(victim.log)
+    counts = Counter(survivor_ids + victim_ids)
+    assert len(counts) == 100, "every request was answered by exactly one published result"
+    assert max(counts.values()) == 1, "no result was published twice"
+    assert {job.id for job in held} <= set(survivor_ids), "the killed worker's batch was redone by the survivor"
+    assert not {job.id for job in held} & set(victim_ids)
+    reaped = re.findall(r"reaped 1 dead worker\(s\): (\d+) job\(s\) requeued", survivor_log)
+    assert reaped and int(reaped[0]) >= len(held)
+
+
+def test_sigterm_mid_batch_finishes_the_batch_and_exits_0(stack):
+    leaving = start_worker(stack.extra_worker_env())
+    stayer_log_start = len(stack.worker.log)
+    data = sample_image_bytes()
+    try:
+        with ThreadPoolExecutor(40) as pool:
+            futures = [pool.submit(post_image, stack.web.url, data) for _ in range(40)]
+            held = freeze_holding_jobs(leaving, stack.queue)
+            os.kill(leaving.process.pid, signal.SIGTERM)  # delivered as soon as it runs again
+            os.kill(leaving.process.pid, signal.SIGCONT)
+            assert leaving.process.wait(60) == 0
+            responses = [future.result() for future in futures]
+    finally:
+        leaving.stop()
+    assert [r.status_code for r in responses] == [200] * 40
+    leaving_ids, stayer_ids = processed_job_ids(leaving.log), processed_job_ids(stack.worker.log[stayer_log_start:])
+    counts = Counter(leaving_ids + stayer_ids)
+    assert len(counts) == 40 and max(counts.values()) == 1
+    assert {job.id for job in held} <= set(leaving_ids), "the batch in hand was finished, not dropped"
+    assert "stop requested" in leaving.log and "stopped" in leaving.log
+    wait_until(lambda: stack.queue.live_workers() == 1, 30, "the leaving worker to unregister")
+
+
+def test_heartbeat_re_registers_a_worker_that_was_reaped(queue):
+    """A worker paused longer than HEARTBEAT_TTL (or cut off from Redis) is reaped; when it comes back its
+    heartbeat must put it back on the reaper's list, or a later crash of it would lose its jobs."""
+    queue.register("slow", heartbeat_ttl=0.2)
+    time.sleep(0.3)
+    assert queue.reap()[0] == 1 and queue.live_workers() == 0
+    queue.heartbeat("slow", 5)
+    assert queue.live_workers() == 1
+    queue.enqueue(Job.new(PIXELS, "web1", 30), 100)
+    queue.claim_batch("slow", 1, 0, 1)
+    queue.heartbeat("slow", 0.2)
+    time.sleep(0.3)
+    assert queue.reap() == (1, 1, 0), "the crashed worker's job went back to the queue"
+
+
+# ---- poison jobs and bad jobs -------------------------------------------------------------------
+
+
+def test_job_that_kills_every_worker_is_dead_lettered_and_its_client_answered(redis_server):
+    """The poison is simulated by SIGKILLing whichever worker holds the job (as an OOM kill or a crash in
+    native code would); MAX_ATTEMPTS=2, so two such deaths bury it."""
+    name = f"poison-{uuid.uuid4().hex[:6]}"
+    # A long batch wait keeps a claimed job in the worker's hands for 2 s before the model runs.
+    env = server_env(redis_server.url, name, MAX_ATTEMPTS=2, BATCH_SIZE=4, BATCH_WAIT_MS=2000, **FAST_REAPING)
+    children = [Child([*WORKER_ARGS], env) for _ in range(3)]
+    web = None
+    queue = JobQueue(connect(redis_server.url), name)
+    try:
+        for child in children:
+            child.wait_for_log("waiting for jobs", 240)
+        web = start_web(dict(env, REQUEST_TIMEOUT="120"))
+        with ThreadPoolExecutor(1) as pool:
+            poisoned = pool.submit(post_image, web.url, sample_image_bytes())
+            victims, delivered = [], []
+            for delivery in (1, 2):
+                holder, [job] = wait_until(lambda: holding(children, queue, exclude=victims), 60, "a holder")
+                delivered.append(job.id)
+                assert job.attempts == delivery - 1 and len(set(delivered)) == 1
+                freeze(holder)
+                assert queue.redis.llen(queue.keys.processing(worker_id(holder))) == 1, "still unacknowledged"
+                holder.process.kill()
+                holder.process.wait(30)
+                victims.append(holder)
+            response = poisoned.result()
+        body = assert_json_error(response, 500, "delivered 2 times (MAX_ATTEMPTS=2)")
+        assert "stopped sending heartbeats" in body["error"]
+        [letter] = queue.dead_letters()
+        assert json.loads(letter["job"])["id"] == job.id and "MAX_ATTEMPTS=2" in letter["reason"]
+        assert queue.depth() == 0
+        [survivor] = [child for child in children if child not in victims]
+        assert post_image(web.url, sample_image_bytes()).status_code == 200
+        assert survivor.stop(signal.SIGINT) == 0, "Ctrl-C stops a worker cleanly"
+    finally:
+        for child in [*children, *([web] if web else [])]:
+            child.stop(signal.SIGKILL)
+        queue.redis.close()
+
+
+def holding(children: list[Child], queue: JobQueue, exclude: list[Child]) -> tuple[Child, list[Job]] | None:
+    """The first worker (not in `exclude`) whose processing list holds jobs, with those jobs."""
+    for child in children:
+        if child in exclude:
+            continue
+        held = queue.redis.lrange(queue.keys.processing(worker_id(child)), 0, -1)
+        if held:
+            return child, [Job.from_json(raw) for raw in held]
+    return None
+
+
+def bad_jobs() -> list[tuple[bytes, str, Job | None]]:
+    """Hand-written jobs a worker cannot use: (raw, expected reason, the job when its id can be read)."""
+
+    def variant(reason: str, answered: bool = True, **changes: object) -> tuple[bytes, str, Job | None]:
+        job = Job.new(PIXELS, "hand-written", 60)
+        data = {k: v for k, v in (asdict(job) | changes).items() if v is not DROP}
+        return json.dumps(data).encode(), reason, job if answered else None
+
+    small = np.zeros((10, 10, 3), np.uint8)
+    return [
+        (b"{not json", "not valid JSON", None),
+        (pickle.dumps({"id": "x", "origin": "y"}), "not valid JSON", None),  # the queue carries JSON only
+        (b"\xff\xfe\x00\x81", "not valid JSON", None),
+        (b"[" * 100_000, "not valid JSON", None),  # nesting too deep for the JSON parser
+        (b'"just a string"', "not a JSON object", None),
+        (json.dumps({"id": "x", "origin": "y"}).encode(), "lacks field(s): image, shape, dtype, deadline", None),
+        variant("not valid base64", image="@@@ not base64 @@@"),
+        variant("got uint8 (10, 10, 3)", shape=[10, 10, 3], image=Job.new(small, "x", 1).image),
+        variant("got float32 (224, 224, 3)", dtype="float32"),
+        variant("image has 3 bytes", image="AAAA"),
+        # Jobs that do not parse are buried without an answer: the worker cannot trust their id and origin.
+        variant("wrong type", answered=False, deadline="soon"),
+        variant("wrong type", answered=False, shape=5),
+        variant("lacks field(s): image", answered=False, image=DROP),
+    ]
+
+
+def test_hand_written_bad_jobs_are_dead_lettered_with_reasons_and_the_worker_keeps_serving(stack):
+    queue = stack.queue
+    cases = bad_jobs()
+    letters_before = len(queue.dead_letters(1000))
+    for raw, _, _ in cases:
+        queue.redis.lpush(queue.keys.queue, raw)
+    wait_until(lambda: len(queue.dead_letters(1000)) >= letters_before + len(cases), 60, "the dead letters")
+    reason_of = {letter["job"]: letter["reason"] for letter in queue.dead_letters(1000)[: len(cases)]}
+    for raw, expected, _ in cases:
+        reason = reason_of[raw.decode("utf-8", "replace")]
+        assert expected in reason, (raw[:60], reason)
+    for _, expected, job in cases:
+        if job is not None:
+            answer = wait_until(lambda job=job: queue.take_result(job.origin, job.id), 10, "the error result")
+            assert answer["success"] is False and answer["status"] == 400 and expected in answer["error"]
+    assert stack.worker.process.poll() is None, "the worker is still running"
+    assert queue.depth() == 0
+    assert post_image(stack.web.url, sample_image_bytes()).status_code == 200
+
+
+def test_several_web_processes_each_get_their_own_results_and_leave_none_behind(stack):
+    """Two web servers (Flask, and gunicorn with two processes) share the queue and the worker."""
+    second = start_web(stack.env, gunicorn=True, processes=2)
+    log_start = len(stack.worker.log)
+    data = sample_image_bytes()
+    try:
+        with ThreadPoolExecutor(40) as pool:
+            urls = [stack.web.url, second.url] * 30
+            responses = list(pool.map(lambda url: post_image(url, data), urls))
+    finally:
+        second.stop()
+    assert [r.status_code for r in responses] == [200] * 60
+    ids = processed_job_ids(stack.worker.log[log_start:])
+    assert len(ids) == len(set(ids)) == 60
+    leftovers = list(stack.queue.redis.scan_iter(match=stack.queue.keys.result_prefix + "*"))
+    assert leftovers == [], "every result was collected by the process that asked for it"
+
+
+# ---- deadlines and backpressure -----------------------------------------------------------------
+
+
+def test_expired_jobs_are_dropped_without_running_the_model_and_counted(stack):
+    port, queue = stack.metrics_port, stack.queue
+    expired_before = metric(port, "worker_jobs_total", outcome="expired")
+    inference_before = metric(port, "worker_inference_seconds_count")
+    jobs = [Job.new(PIXELS, "late-web", timeout=-5) for _ in range(3)]  # deadline 5 s ago
+    for job in jobs:
+        assert queue.enqueue(job, 100)
+    wait_until(lambda: metric(port, "worker_jobs_total", outcome="expired") >= expired_before + 3, 60, "expired count")
+    wait_until(lambda: queue.redis.llen(queue.keys.processing(worker_id(stack.worker))) == 0, 30, "acknowledgement")
+    assert metric(port, "worker_jobs_total", outcome="expired") == expired_before + 3
+    assert metric(port, "worker_inference_seconds_count") == inference_before, "the model did not run"
+    assert all(queue.take_result(job.origin, job.id) is None for job in jobs), "no result was written"
+    assert all(f"dropped expired job {job.id}" in stack.worker.log for job in jobs)
+
+
+def test_full_queue_answers_503_at_once_and_a_late_request_504(redis_server):
+    name = f"full-{uuid.uuid4().hex[:6]}"
+    env = server_env(redis_server.url, name, MAX_QUEUE=2, REQUEST_TIMEOUT=3, RESULT_TTL=2)
+    web = start_web(env)  # no worker at all
+    queue = JobQueue(connect(redis_server.url), name, result_ttl=2)
+    data = sample_image_bytes()
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            waiting = [pool.submit(post_image, web.url, data) for _ in range(2)]
+            wait_until(lambda: queue.depth() == 2, 30, "two queued jobs")
+            full = post_image(web.url, data)
+            assert_json_error(full, 503, "queue full")
+            assert full.headers["Retry-After"] == "1"
+            assert queue.depth() == 2, "the refused job was not left in the queue"
+            for future in waiting:
+                assert_json_error(future.result(), 504, "REQUEST_TIMEOUT")
+        # A worker that finishes these jobs late: its results expire after RESULT_TTL instead of lingering.
+        late = [Job.from_json(raw) for raw in queue.claim_batch("late-worker", 2, 0, 1)]
+        queue.finish_batch("late-worker", [(job, {"success": True, "predictions": []}) for job in late], [])
+        keys = [queue.keys.result(job.origin, job.id) for job in late]
+        assert all(0 < queue.redis.pttl(key) <= 2000 for key in keys)
+        wait_until(lambda: queue.redis.exists(*keys) == 0, 30, "the late results to expire")
+    finally:
+        web.stop()
+        queue.redis.close()
+
+
+# ---- bad uploads --------------------------------------------------------------------------------
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares `width` x `height` 1-bit pixels and holds none: tiny, yet huge when decoded."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def encoded(image: Image.Image, fmt: str) -> bytes:
+    out = io.BytesIO()
+    image.save(out, fmt)
+    return out.getvalue()
+
+
+def malformed_uploads() -> list[tuple[str, dict, int, str]]:
+    """(case, requests.post keyword arguments, expected status, words the message must contain)."""
+    photo = sample_image_bytes()
+
+    def file(data: bytes, name: str = "upload.bin") -> dict:
+        return {"files": {"image": (name, data, "application/octet-stream")}}
+
+    return [
+        ("no image field", {"files": {"photo": ("a.jpg", photo, "image/jpeg")}}, 400, "field named 'image'"),
+        ("image as a text field", {"data": {"image": "castle.jpg"}}, 400, "field named 'image'"),
+        ("no body at all", {}, 400, "field named 'image'"),
+        ("empty file", file(b""), 400, "empty"),
+        ("not an image", file(b"this is a text file, not a photo\n" * 20, "notes.txt"), 400, "not an image"),
+        ("truncated JPEG", file(photo[: len(photo) // 3], "cut.jpg"), 400, "damaged or truncated"),
+        ("header only", file(photo[:200], "cut.jpg"), 400, "damaged or truncated"),
+        ("10000x5000 pixels", file(png_header(10_000, 5_000), "big.png"), 400, "limit is 40,000,000"),
+        ("decompression bomb", file(png_header(40_000, 40_000), "bomb.png"), 400, "too many pixels"),
+        ("32-bit float TIFF", file(encoded(Image.new("F", (8, 8)), "TIFF"), "f.tif"), 400, "mode F"),
+        ("over MAX_UPLOAD_BYTES", file(os.urandom(5_000_000), "huge.jpg"), 413, "MAX_UPLOAD_BYTES"),
+    ]
+
+
+@pytest.mark.parametrize("server", ["flask", "gunicorn"])
+def test_malformed_uploads_get_4xx_json_and_the_next_good_request_succeeds(stack, server):
+    web = stack.web if server == "flask" else start_web(stack.env, gunicorn=True)
+    try:
+        for case, kwargs, status, words in malformed_uploads():
+            response = requests.post(web.url + "/predict", timeout=60, **kwargs)
+            try:
+                assert_json_error(response, status, words)
+            except AssertionError as exc:
+                raise AssertionError(f"{case}: {exc}") from None
+        assert web.process.poll() is None
+        good = post_image(web.url, sample_image_bytes())
+        assert good.status_code == 200 and len(good.json()["predictions"]) == 5
+    finally:
+        if web is not stack.web:
+            web.stop()
+
+
+# ---- graceful shutdown of the web server --------------------------------------------------------
+
+
+def test_gunicorn_sigterm_stops_taking_requests_and_finishes_those_in_flight(redis_server):
+    name = f"term-{uuid.uuid4().hex[:6]}"
+    web = start_web(server_env(redis_server.url, name, REQUEST_TIMEOUT=120), gunicorn=True)
+    queue = JobQueue(connect(redis_server.url), name)
+    data = sample_image_bytes()
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            in_flight = [pool.submit(post_image, web.url, data) for _ in range(3)]
+            wait_until(lambda: queue.depth() == 3, 30, "three queued jobs")
+            web.process.send_signal(signal.SIGTERM)
+            wait_until(lambda: unanswered(web.url), 30, "the server to stop answering new requests")
+            # Play the model worker: answer the three jobs while gunicorn is shutting down.
+            jobs = [Job.from_json(raw) for raw in queue.claim_batch("test-worker", 3, 0, 1)]
+            queue.finish_batch("test-worker", [(job, {"success": True, "predictions": []}) for job in jobs], [])
+            responses = [future.result() for future in in_flight]
+        assert [r.status_code for r in responses] == [200] * 3
+        assert all(r.json() == {"success": True, "predictions": []} for r in responses)
+        assert web.process.wait(60) == 0
+    finally:
+        web.stop(signal.SIGKILL)
+        queue.redis.close()
+
+
+def unanswered(url: str) -> bool:
+    """True when a new request gets no answer: refused, or (gunicorn keeps its listening socket open in the
+    worker until the worker exits) left unaccepted in the socket's backlog."""
+    try:
+        requests.get(url + "/healthz", timeout=2)
+    except (requests.ConnectionError, requests.Timeout):
+        return True
+    return False
+
+
+def test_redis_password_comes_from_redis_url_and_is_never_logged():
+    secret = uuid.uuid4().hex
+    redis_server = LocalRedis().start()
+    with connect(redis_server.url) as admin:
+        admin.config_set("requirepass", secret)
+    url = f"redis://:{secret}@127.0.0.1:{redis_server.port}/0"
+    web = None
+    try:
+        web = start_web(server_env(url, "auth"))
+        body = requests.get(web.url + "/readyz", timeout=30).json()
+        assert body["redis"] is True, "authenticated with the password from REDIS_URL"
+        wrong = start_web(server_env(url.replace(secret, "wrong"), "auth"))
+        try:
+            assert requests.get(wrong.url + "/readyz", timeout=30).json()["redis"] is False
+            assert_json_error(post_image(wrong.url, sample_image_bytes()), 503, "unavailable")
+        finally:
+            wrong.stop()
+        assert secret not in web.log + wrong.log and ":***@" in web.log
+    finally:
+        if web:
+            web.stop()
+        redis_server.stop()
+
+
+# ---- Redis outages ------------------------------------------------------------------------------
+
+
+def test_redis_outage_fails_fast_and_everything_resumes_without_restarts():
+    redis_server = LocalRedis().start()  # our own, to stop and start again on the same port
+    name = "outage"
+    env = server_env(redis_server.url, name, BATCH_SIZE=4, BATCH_WAIT_MS=5, REQUEST_TIMEOUT=60, **FAST_REAPING)
+    worker = web = None
+    client = connect(redis_server.url)
+    queue = JobQueue(client, name)
+    data = sample_image_bytes()
+    try:
+        worker = start_worker(env)
+        web = start_web(env)
+        assert post_image(web.url, data).status_code == 200
+        pids = (worker.process.pid, web.process.pid)
+        with ThreadPoolExecutor(10) as pool:
+            freeze(worker)  # let requests pile up, so that some are waiting when Redis goes away
+            waiting = [pool.submit(post_image, web.url, data, 50) for _ in range(10)]
+            wait_until(lambda: queue.depth() + queue.redis.llen(queue.keys.processing(worker_id(worker))) == 10, 30,
+                       "ten queued jobs")  # fmt: skip
+            redis_server.stop()
+            os.kill(worker.process.pid, signal.SIGCONT)
+            for future in waiting:
+                assert_json_error(future.result(), (503, 504))
+        during = [post_image(web.url, data, 50) for _ in range(3)]
+        for response in during:
+            assert_json_error(response, 503, "unavailable")
+            assert response.headers["Retry-After"] == "1"
+        ready = requests.get(web.url + "/readyz", timeout=30)
+        assert ready.status_code == 503 and ready.json()["redis"] is False
+
+        redis_server.start()  # same port, empty, default config: notifications off
+        wait_until(lambda: post_image(web.url, data, 50).status_code == 200, 120, "a request to succeed again")
+        body = wait_until(lambda: ready_body(web.url), 60, "/readyz to report a worker and notifications")
+        assert body["workers"] == 1 and body["redis"] is True
+        assert set("K$") <= set(queue.notification_flags()), "the listener re-enabled keyspace notifications"
+        assert (worker.process.pid, web.process.pid) == pids
+        assert worker.process.poll() is None and web.process.poll() is None
+        assert "Redis unavailable" in worker.log
+    finally:
+        for child in (web, worker):
+            if child:
+                if child.process.poll() is None:
+                    os.kill(child.process.pid, signal.SIGCONT)
+                child.stop(signal.SIGKILL)
+        client.close()
+        redis_server.stop()
+
+
+def ready_body(url: str) -> dict | None:
+    body = requests.get(url + "/readyz", timeout=30).json()
+    return body if body.get("ready") and body.get("wait_mode") == "notifications" else None
+
+
+def test_listener_re_enables_notifications_when_its_connection_comes_back(queue, redis_client):
+    """A restarted Redis forgets notify-keyspace-events; redis-py's pubsub may reconnect and resubscribe on
+    its own (when Redis is back within its retry), so the listener must turn the events on again itself."""
+    redis_client.config_set("notify-keyspace-events", "")
+    listener = ResultListener(queue, "web1")
+    listener.start()
+    try:
+        assert listener.wait_ready(5) and listener.mode == "notifications"
+        redis_client.config_set("notify-keyspace-events", "")  # what a restart without persistence does
+        redis_client.client_kill_filter(_type="pubsub")
+        wait_until(lambda: set("K$") <= set(queue.notification_flags()), 20, "notifications to be re-enabled")
+        listener.SAFETY_POLL = listener.MAX_SAFETY_POLL = 60  # only a notification can wake the waiter now
+        job = Job.new(PIXELS, "web1", 30)
+        with listener.expect(job.id):
+            queue.enqueue(job, 100)
+            done = threading.Timer(0.2, lambda: finish(queue, job))
+            done.start()
+            assert listener.wait(job.id, time.time() + 30) == {"success": True}
+    finally:
+        listener.stop()
+
+
+def finish(queue: JobQueue, job: Job) -> None:
+    queue.claim_batch("w", 1, 0, 1)
+    queue.finish_batch("w", [(job, {"success": True})], [])
+
+
+def test_listener_survives_a_redis_error_that_is_not_a_lost_connection(queue, redis_client, redis_server):
+    """E.g. MASTERDOWN during a failover, or an ACL that denies PSUBSCRIBE: the listener thread must not die;
+    waiting requests fall back to polling."""
+    user, password = f"nosub-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
+    redis_client.acl_setuser(
+        user, enabled=True, passwords=[f"+{password}"], keys=["*"], commands=["+@all", "-psubscribe"]
+    )
+    limited = connect(f"redis://{user}:{password}@127.0.0.1:{redis_server.port}/0")
+    listener = ResultListener(JobQueue(limited, queue.keys.queue), "web1")
+    listener.start()
+    try:
+        assert listener.wait_ready(5) and listener.mode == "polling"
+        time.sleep(0.5)  # let it retry at least once
+        assert listener._thread.is_alive()
+        job = Job.new(PIXELS, "web1", 30)
+        with listener.expect(job.id):
+            queue.enqueue(job, 100)
+            threading.Timer(0.1, lambda: finish(queue, job)).start()
+            assert listener.wait(job.id, time.time() + 30) == {"success": True}
+    finally:
+        listener.stop()
+        limited.close()
+        redis_client.acl_deluser(user)
