@@ -24,5 +24,17 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+deliverables: $(STAMP)
+	$(BIN)/python deliverables.py
+
+# The mermaid npm package (report.py draws the diagrams with it in Chromium), as package-lock.json pins it.
+node_modules/.package-lock.json: package-lock.json
+	npm ci --no-audit --no-fund
+	touch $@
+
+# deliverables/report.pdf from the eight Markdown documents in deliverables/.
+report: $(STAMP) node_modules/.package-lock.json
+	$(BIN)/python report.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -23,9 +23,16 @@ import logger
 import settings as settings_module
 from redis_protocol import DeadLetter, Job, JobError, JobQueue, RedisUnavailable, connect
 
+# Outcomes: done (result published), expired (deadline passed before inference, dropped), failed (inference
+# raised; the job goes back to the queue), requeued (returned to the queue after a failure, or from a dead
+# worker by this worker's reaper), dead_lettered (bad job, or out of attempts).
+JOB_OUTCOMES = ("done", "expired", "failed", "requeued", "dead_lettered")
 JOBS = Counter("worker_jobs_total", "Jobs handled by this worker, by outcome", ["outcome"])
+for _outcome in JOB_OUTCOMES:
+    JOBS.labels(_outcome)  # every outcome is exported from the start, at 0
 BATCH_SIZE = Histogram("worker_batch_size", "Jobs per claimed batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
-INFERENCE = Histogram("worker_inference_seconds", "Model time per batch")
+INFERENCE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)  # big CPU batches take > 10 s
+INFERENCE = Histogram("worker_inference_seconds", "Model time per batch", buckets=INFERENCE_BUCKETS)
 
 log = logger.get("worker")
 
@@ -87,7 +94,8 @@ class Worker:
         results = self._predict(jobs, pixels) if jobs else []
         if results is None:
             return
-        self._retry(lambda: self.queue.finish_batch(self.id, results, dead), "publish results", give_up_after=60)
+        if self._retry(lambda: self.queue.finish_batch(self.id, results, dead), "publish results") is None:
+            return  # stopping during an outage: the batch stays claimed and unregister() requeues it
         JOBS.labels("done").inc(len(results))
         JOBS.labels("dead_lettered").inc(len(dead))
         for letter in dead:
@@ -101,7 +109,9 @@ class Worker:
         except Exception:
             log.exception("inference failed for a batch of %d; returning it to the queue", len(jobs))
             JOBS.labels("failed").inc(len(jobs))
-            self._retry(lambda: self.queue.release(self.id, "inference failed"), "requeue a failed batch")
+            released = self._retry(lambda: self.queue.release(self.id, "inference failed"), "requeue a failed batch")
+            if released:
+                count_released(*released)
             return None
         INFERENCE.observe(time.perf_counter() - started)
         return [(job, {"success": True, "predictions": preds}) for job, preds in zip(jobs, top5, strict=True)]
@@ -115,6 +125,7 @@ class Worker:
                 if time.monotonic() >= next_reap:
                     next_reap = time.monotonic() + self.settings.reap_interval
                     workers, requeued, buried = self.queue.reap()
+                    count_released(requeued, buried)
                     if workers:
                         log.warning(
                             "reaped %d dead worker(s): %d job(s) requeued, %d dead-lettered", workers, requeued, buried
@@ -138,6 +149,12 @@ class Worker:
                 log.warning("Redis unavailable, cannot %s (%s); retrying in %.1f s", what, exc, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+
+def count_released(requeued: int, buried: int) -> None:
+    """Count jobs this worker moved out of a processing list: back to the queue or to the dead letters."""
+    JOBS.labels("requeued").inc(requeued)
+    JOBS.labels("dead_lettered").inc(buried)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

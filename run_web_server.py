@@ -11,10 +11,11 @@ from __future__ import annotations
 import sys
 import uuid
 
-from flask import Flask, current_app, jsonify, request
+from flask import Flask, Response, current_app, jsonify, request, send_from_directory
 from werkzeug.exceptions import HTTPException
 
 import logger
+import metrics
 import settings as settings_module
 from helpers import ImageError, prepare_image
 from redis_protocol import Job, JobQueue, RedisUnavailable, ResultListener, ResultTimeout, connect
@@ -45,6 +46,9 @@ def create_app(config: settings_module.Settings | None = None) -> Flask:
     app.add_url_rule("/predict", view_func=predict, methods=["POST"])
     app.add_url_rule("/healthz", view_func=healthz)
     app.add_url_rule("/readyz", view_func=readyz)
+    metrics.init_app(app, service.queue)
+    app.add_url_rule("/", view_func=index)
+    app.add_url_rule("/openapi.yaml", view_func=openapi_document)
     log.info("web process %s ready; Redis %s, queue %r", service.origin, config.redis_url_safe, config.image_queue)
     return app
 
@@ -66,7 +70,10 @@ def _http_error(exc: HTTPException):
     if exc.code == 413:
         limit = _service().config.max_upload_bytes
         return error(413, f"the upload is larger than the limit of {limit:,} bytes (MAX_UPLOAD_BYTES)")
-    return error(exc.code or 500, exc.description or exc.name)
+    response = error(exc.code or 500, exc.description or exc.name)
+    # Keep the exception's own headers, e.g. the Allow of a 405 (required by RFC 9110).
+    response.headers.extend((k, v) for k, v in exc.get_headers() if k.lower() != "content-type")
+    return response
 
 
 def predict():
@@ -111,6 +118,16 @@ def readyz():
     ready = workers > 0
     body = dict(ready=ready, redis=True, workers=workers, queue_depth=depth, wait_mode=service.listener.mode)
     return jsonify(body), 200 if ready else 503
+
+
+def index() -> Response:
+    """GET /: the upload page (static/index.html)."""
+    return current_app.send_static_file("index.html")
+
+
+def openapi_document() -> Response:
+    """GET /openapi.yaml: the OpenAPI description of this API."""
+    return send_from_directory(settings_module.PROJECT_DIR, "openapi.yaml", mimetype="application/yaml")
 
 
 def main() -> int:

@@ -1,0 +1,17 @@
+"""Gunicorn settings shared by `make run` (serve.py passes --config) and anyone running gunicorn here.
+
+Gunicorn also reads ./gunicorn.conf.py by itself when started from this directory. Command-line
+flags (workers, threads, bind) stay in serve.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def child_exit(server, worker) -> None:
+    """Drop the live gauges of a web process that exited, so /metrics stops counting it (multiprocess mode)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)

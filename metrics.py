@@ -1,0 +1,114 @@
+"""Prometheus metrics of the web API, served at GET /metrics.
+
+    web_requests_total{endpoint,method,status}   requests answered (endpoint = the URL rule, e.g. /predict)
+    web_requests_in_progress                      requests being handled right now
+    web_predict_seconds                           histogram of /predict latency, all outcomes
+    web_queue_depth                               jobs waiting in the Redis queue, read at scrape time
+
+Under gunicorn (several processes) set PROMETHEUS_MULTIPROC_DIR to an empty directory: every
+process then writes its values there and /metrics, whichever process answers, sums them all
+(`make run` does this; gunicorn.conf.py cleans up after a process that exits). Without it the
+values live in this process only, which is right for `python run_web_server.py`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+from flask import Flask, Response, g, request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+import logger
+from redis_protocol import JobQueue, RedisUnavailable
+
+log = logger.get(__name__)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60)
+
+# registry=None: the metrics are not added to the global registry; each scrape builds its own
+# (see scrape_registry), so several apps in one process never register a collector twice.
+REQUESTS = Counter(
+    "web_requests_total",
+    "HTTP requests answered, by endpoint and status",
+    ["endpoint", "method", "status"],
+    registry=None,
+)
+IN_PROGRESS = Gauge(
+    "web_requests_in_progress", "HTTP requests being handled", multiprocess_mode="livesum", registry=None
+)
+PREDICT_SECONDS = Histogram(
+    "web_predict_seconds", "Latency of POST /predict, all outcomes", buckets=LATENCY_BUCKETS, registry=None
+)
+
+
+class QueueDepthCollector(Collector):
+    """Reads the queue length from Redis when Prometheus scrapes; reports nothing while Redis is down."""
+
+    def __init__(self, queue: JobQueue) -> None:
+        self.queue = queue
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            depth = self.queue.depth()
+        except RedisUnavailable as exc:
+            log.debug("queue depth not available for /metrics: %s", exc)
+            return
+        yield GaugeMetricFamily("web_queue_depth", "Jobs waiting in the Redis queue", value=depth)
+
+
+def multiprocess_dir() -> str | None:
+    """The multiprocess directory, or None in single-process mode."""
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+def scrape_registry(queue: JobQueue) -> CollectorRegistry:
+    """A registry with everything /metrics shows: all processes' values in multiprocess mode."""
+    registry = CollectorRegistry()
+    if multiprocess_dir():
+        MultiProcessCollector(registry)
+    else:
+        for metric in (REQUESTS, IN_PROGRESS, PREDICT_SECONDS):
+            registry.register(metric)
+    registry.register(QueueDepthCollector(queue))
+    return registry
+
+
+def init_app(app: Flask, queue: JobQueue) -> None:
+    """Count every request of `app` and serve GET /metrics."""
+    app.before_request(_before)
+    app.after_request(_after)
+    app.teardown_request(_teardown)
+    app.add_url_rule("/metrics", "metrics", lambda: _metrics_response(queue))
+
+
+def _before() -> None:
+    g.metrics_started = time.perf_counter()
+    IN_PROGRESS.inc()
+
+
+def _after(response: Response) -> Response:
+    started = g.get("metrics_started")
+    if started is None:  # a before_request hook registered earlier answered first: ours never ran
+        return response
+    # The URL rule, not the path, so unknown paths cannot create a label value each.
+    endpoint = request.url_rule.rule if request.url_rule else "unmatched"
+    REQUESTS.labels(endpoint, request.method, str(response.status_code)).inc()
+    if endpoint == "/predict":
+        PREDICT_SECONDS.observe(time.perf_counter() - started)
+    return response
+
+
+def _teardown(_exc: BaseException | None) -> None:
+    # Here, not in _after: teardown runs even when an exception skipped the after_request hooks.
+    if g.pop("metrics_started", None) is not None:
+        IN_PROGRESS.dec()
+
+
+def _metrics_response(queue: JobQueue) -> Response:
+    return Response(generate_latest(scrape_registry(queue)), content_type=CONTENT_TYPE_LATEST)

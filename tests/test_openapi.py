@@ -1,0 +1,102 @@
+"""openapi.yaml against the live stack: schemathesis generates requests, every answer must fit the schema."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import requests
+import schemathesis
+from hypothesis import HealthCheck, settings
+from schemathesis.checks import not_a_server_error
+
+from local_redis import free_port
+from settings import PROJECT_DIR
+from tests.processes import sample_image_bytes, server_env, start_web, start_worker
+
+SPEC = PROJECT_DIR / "openapi.yaml"
+REQUEST_TIMEOUT = 150  # seconds; generous, so a busy CPU does not turn into a 504
+
+
+@pytest.fixture(scope="module")
+def live_web(redis_server):
+    env = server_env(redis_server.url, f"openapi-{uuid.uuid4().hex[:6]}", REQUEST_TIMEOUT=REQUEST_TIMEOUT)
+    worker = start_worker(env)
+    try:
+        web = start_web(env)
+        try:
+            yield web
+        finally:
+            web.stop()
+    finally:
+        worker.stop()
+
+
+# Loaded from the file (schemathesis.pytest.from_fixture breaks on pytest 9.2); the test below checks
+# that the server serves exactly this file.
+schema = schemathesis.openapi.from_path(
+    SPEC,
+    config=schemathesis.Config.from_dict(
+        {
+            "operations": [
+                # A schema-valid `image` is any bytes; most are not an image, and 400 is the right answer.
+                {
+                    "include-path": "/predict",
+                    "include-method": "POST",
+                    "checks": {"positive_data_acceptance": {"expected-statuses": [200, 400]}},
+                }
+            ]
+        }
+    ),
+)
+
+
+@schema.parametrize()
+# Each example is a real HTTP call (some run the model), so no deadline and no "too slow" health checks.
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+def test_api_conforms_to_openapi(case, live_web):
+    case.call_and_validate(base_url=live_web.url, timeout=REQUEST_TIMEOUT + 30)
+
+
+def test_served_description_is_the_repository_file(live_web):
+    response = requests.get(live_web.url + "/openapi.yaml", timeout=10)
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("application/yaml")
+    assert response.content == SPEC.read_bytes()
+
+
+def test_a_real_image_gets_a_200_that_fits_the_schema(live_web):
+    """A real photo through the real model: its 200 answer fits the schema (generated bodies rarely decode)."""
+    case = schema["/predict"]["POST"].Case(body={"image": sample_image_bytes()})
+    response = case.call_and_validate(base_url=live_web.url, timeout=REQUEST_TIMEOUT + 30)
+    assert response.status_code == 200
+    assert len(response.json()["predictions"]) == 5
+
+
+@pytest.fixture(scope="module")
+def web_without_redis():
+    web = start_web(server_env(f"redis://127.0.0.1:{free_port()}/0", "openapi-no-redis", NOTIFICATIONS="off"))
+    yield web
+    web.stop()
+
+
+def test_redis_down_answers_fit_the_schema(web_without_redis):
+    """The documented 503s: /readyz without Redis, /predict with Retry-After."""
+    readyz = schema["/readyz"]["GET"].Case()
+    response = readyz.call_and_validate(base_url=web_without_redis.url, excluded_checks=[not_a_server_error])
+    assert response.status_code == 503 and response.json()["redis"] is False
+
+    predict = schema["/predict"]["POST"].Case(body={"image": sample_image_bytes()})
+    response = predict.call_and_validate(base_url=web_without_redis.url, excluded_checks=[not_a_server_error])
+    assert response.status_code == 503 and response.headers["retry-after"] == ["1"]
+
+
+def test_readyz_without_workers_fits_the_schema(redis_server):
+    web = start_web(server_env(redis_server.url, f"openapi-idle-{uuid.uuid4().hex[:6]}"))
+    try:
+        case = schema["/readyz"]["GET"].Case()
+        response = case.call_and_validate(base_url=web.url, excluded_checks=[not_a_server_error])
+        assert response.status_code == 503
+        assert response.json() == {**response.json(), "ready": False, "redis": True, "workers": 0}
+    finally:
+        web.stop()
