@@ -155,11 +155,21 @@ def error_result(message: str, status: int = 500) -> dict:
 
 @dataclass
 class DeadLetter:
-    """A job the worker gives up on, with the reason; `job` is set when it could be parsed."""
+    """A job the worker gives up on, with the reason."""
 
     raw: bytes | str
     reason: str
-    job: Job | None = None
+
+    @property
+    def reply_to(self) -> tuple[str, str] | None:
+        """(origin, id) when the job names them readably, so that its client can be told at once."""
+        try:
+            data = json.loads(self.raw)
+        except (ValueError, RecursionError):
+            return None
+        if isinstance(data, dict) and isinstance(data.get("origin"), str) and isinstance(data.get("id"), str):
+            return data["origin"], data["id"]
+        return None
 
 
 # Moves a processing list back to the head of the queue. A job whose delivery count reaches
@@ -373,9 +383,12 @@ class JobQueue:
         Returns the number of result keys written."""
         now = time.time()
         letters = [json.dumps({"reason": d.reason, "worker": worker, "at": now, "job": _text(d.raw)}) for d in dead]
-        answered = results + [(d.job, error_result(f"bad job: {d.reason}", 400)) for d in dead if d.job]
+        answered = [(self.keys.result(job.origin, job.id), payload) for job, payload in results]
+        for letter in dead:
+            if reply_to := letter.reply_to:
+                answered.append((self.keys.result(*reply_to), error_result(f"bad job: {letter.reason}", 400)))
         keys = [self.keys.processing(worker), self.keys.dead]
-        keys += [self.keys.result(job.origin, job.id) for job, _ in answered]
+        keys += [key for key, _ in answered]
         args = [self.result_ttl, len(letters), *letters, *(json.dumps(payload) for _, payload in answered)]
         return int(self._finish(keys=keys, args=args))
 

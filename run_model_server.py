@@ -83,7 +83,7 @@ class Worker:
             try:
                 image = job.pixels()
             except JobError as exc:
-                dead.append(DeadLetter(raw, str(exc), job))
+                dead.append(DeadLetter(raw, str(exc)))
                 continue
             if job.deadline < now:
                 JOBS.labels("expired").inc()

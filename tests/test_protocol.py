@@ -95,7 +95,8 @@ def test_results_carry_ttl_and_are_taken_once(queue, redis_client):
 
 def test_bad_job_is_dead_lettered_and_its_client_answered(queue):
     job = make_job()
-    queue.finish_batch("w", [], [DeadLetter(b"raw", "image is not valid base64", job), DeadLetter(b"{", "bad JSON")])
+    bad_image = json.dumps({"id": job.id, "origin": job.origin, "image": "@@"})
+    queue.finish_batch("w", [], [DeadLetter(bad_image, "image is not valid base64"), DeadLetter(b"{", "bad JSON")])
     letters = queue.dead_letters()
     assert {letter["reason"] for letter in letters} == {"image is not valid base64", "bad JSON"}
     result = queue.take_result(job.origin, job.id)
