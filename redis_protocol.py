@@ -326,6 +326,10 @@ class JobQueue:
         value = next(iter(self.redis.config_get("notify-keyspace-events").values()), "")
         return value.decode() if isinstance(value, bytes) else value
 
+    def probe_notifications(self, origin: str, probe_id: str) -> None:
+        """Write a short-lived key under `origin`'s result pattern, to see whether its event arrives."""
+        self.redis.set(self.keys.result(origin, probe_id), b"probe", px=5000)
+
     def result_channel_pattern(self, origin: str) -> str:
         db = int(self.redis.connection_pool.connection_kwargs.get("db", 0))
         return self.keys.result_channel_pattern(db, origin)
@@ -523,34 +527,46 @@ class ResultListener:
                 backoff = min(backoff * 2, 5.0)
 
     def _listen(self) -> None:
-        if not self.queue.enable_notifications():
-            if self.mode != "polling" or not self._ready.is_set():
-                log.warning("keyspace notifications unavailable (CONFIG SET not allowed?); result wait mode: polling")
-            self.mode = "polling"
-            self._ready.set()
-            self._stop.wait(30)  # try again later: an operator may enable them
-            return
         pubsub = self.queue.redis.pubsub()
+        probe: tuple[str, float] | None = None  # (probe id, give-up time) while testing for events
         try:
             pubsub.psubscribe(self.queue.result_channel_pattern(self.origin))
             while not self._stop.is_set():
                 message = pubsub.get_message(timeout=1.0)
+                if probe and time.monotonic() > probe[1]:
+                    self._polling("keyspace notifications unavailable (CONFIG not allowed and no events seen)")
+                    self._stop.wait(30)  # try again later: an operator may enable them
+                    return
                 if message is None:
                     continue
                 if message["type"] == "psubscribe":
                     # Also after redis-py reconnected and resubscribed by itself: a restarted Redis has
-                    # forgotten notify-keyspace-events, so turn them on again (or fall back to polling).
-                    if not self.queue.enable_notifications():
-                        return
-                    if self.mode != "notifications":
-                        log.info("result wait mode: keyspace notifications (polling as fallback)")
-                    self.mode = "notifications"
-                    self._ready.set()
-                    self._wake_all()  # anything that finished while we were not subscribed
+                    # forgotten notify-keyspace-events, so turn them on again. Where CONFIG is denied,
+                    # they may still be on: write a probe key and see whether its event arrives.
+                    if self.queue.enable_notifications():
+                        self._notifications_on()
+                    else:
+                        probe = (f"probe-{uuid.uuid4().hex}", time.monotonic() + 2.0)
+                        self.queue.probe_notifications(self.origin, probe[0])
                 elif message["type"] == "pmessage" and message["data"] == b"set":
                     job_id = message["channel"].rsplit(b":", 1)[1].decode()
-                    event = self._events.get(job_id)
-                    if event is not None:
+                    if probe and job_id == probe[0]:
+                        probe = None
+                        self._notifications_on()
+                    elif event := self._events.get(job_id):
                         event.set()
         finally:
             pubsub.close()
+
+    def _notifications_on(self) -> None:
+        if self.mode != "notifications":
+            log.info("result wait mode: keyspace notifications (polling as fallback)")
+        self.mode = "notifications"
+        self._ready.set()
+        self._wake_all()  # anything that finished while we were not subscribed
+
+    def _polling(self, why: str) -> None:
+        if self.mode != "polling" or not self._ready.is_set():
+            log.warning("%s; result wait mode: polling", why)
+        self.mode = "polling"
+        self._ready.set()

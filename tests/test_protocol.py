@@ -203,3 +203,27 @@ def test_wait_times_out(queue):
     job = make_job()
     with listener.expect(job.id), pytest.raises(ResultTimeout):
         listener.wait(job.id, time.time() + 0.2)
+
+
+@pytest.mark.parametrize("flags, expected", [("K$", "notifications"), ("", "polling")])
+def test_without_config_command_the_listener_probes_for_events(flags, expected):
+    from local_redis import LocalRedis
+
+    args = ("--rename-command", "CONFIG", "", "--notify-keyspace-events", flags)
+    with LocalRedis(extra_args=args) as server:
+        queue = JobQueue(connect(server.url), "noconfig")
+        listener = ResultListener(queue, "web1")
+        listener.start()
+        try:
+            assert listener.wait_ready(10)
+            deadline = time.monotonic() + 10
+            while listener.mode != expected and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert listener.mode == expected
+            job = make_job()
+            with listener.expect(job.id):
+                queue.enqueue(job, 100)
+                deliver_later(queue, job, 0.05)
+                assert listener.wait(job.id, time.time() + 10) == {"success": True, "n": 1}
+        finally:
+            listener.stop()
