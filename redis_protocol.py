@@ -444,8 +444,11 @@ class ResultListener:
     unavailable, and now and then even when they are, in case a message was missed.
     """
 
-    SAFETY_POLL = 1.0  # first re-check in notification mode; doubles up to MAX_SAFETY_POLL
-    MAX_SAFETY_POLL = 8.0
+    # Re-checks in notification mode, in case a message was lost: first after SAFETY_POLL s, then
+    # doubling. Late enough that a request answered within seconds never spends a command on it
+    # (a reconnecting listener wakes every waiter anyway, so a lost message is rare).
+    SAFETY_POLL = 5.0
+    MAX_SAFETY_POLL = 10.0
     POLL_START, POLL_MAX = 0.005, 0.1
 
     def __init__(self, queue: JobQueue, origin: str, use_notifications: bool = True) -> None:

@@ -27,7 +27,7 @@ class Settings:
     redis_url: str = DEFAULT_REDIS_URL
     image_queue: str = "image_queue"
     batch_size: int = 32
-    batch_wait_ms: float = 2.0
+    batch_wait_ms: float = 0.0
     result_ttl: int = 3600
     request_timeout: float = 30.0
     model_weights: str = "imagenet"

@@ -1,0 +1,1074 @@
+"""`make bench`: the model's own speed against the whole serving path, measured side by side in one run.
+
+    python bench.py [--quick] [--json FILE] [--markdown FILE] [--sweep BATCH_WAIT_MS=0,2,10] ...
+
+Starts its own Redis, model worker(s) and gunicorn web server(s) (MODEL_WEIGHTS=none: random
+weights, the same compute as the real ones) and prints, each against its goal:
+
+ 1. the raw model limit: model.Classifier.predict alone, images/s per batch size; Keras model.predict beside it
+ 2. saturation: images/s through HTTP + Redis + worker with 32 concurrent clients, as a ratio of (1)
+ 3. low-load latency: p50 of sequential requests minus the batch-1 model time; also minus the worker's own
+    inference time for the same requests, and the p50 with no model at all (NullClassifier)
+ 4. Redis commands per request (INFO commandstats) and bytes per queued job
+ 5. the serving ceiling: requests/s with a stand-in classifier (no model), many clients
+ 6. throughput with 1 and 2 model workers
+ 7. low-load latency and commands with NOTIFICATIONS=auto vs off, interleaved
+ 8. Redis alone: its CPU per request for our command mix, so how many requests one Redis core carries
+
+Clients, web server, Redis and workers all share this machine's cores; the output says how much
+CPU each used, and how much other processes took meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import redis
+import requests
+
+import logger
+import settings as settings_module
+from local_redis import LocalRedis, free_port
+from model import keras_labels, top_k
+from redis_protocol import Job, JobQueue, connect
+from serve import gunicorn_command
+from tests.processes import CASTLE, Child, sample_image_bytes, server_env
+
+# Commands the benchmark itself sends; left out of every per-request count.
+OWN_COMMANDS = {"info", "lindex", "echo", "monitor"}
+MONITOR_END = "imgserve-bench-monitor-end"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+BATCH_FOR_MIX = 32  # jobs per batch in the Redis-alone phase
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How long each phase runs."""
+
+    repeats: int  # model timings per batch size (median taken)
+    sequential: int  # low-load requests per notification mode
+    warmup: float  # seconds of load before a throughput window opens
+    window: float  # seconds of the 1-worker saturation window
+    window_two: float  # seconds of the 2-worker window
+    ceiling_window: float
+    redis_window: float
+    clients: int = 32
+    ceiling_clients: int = 64
+
+
+FULL = Plan(repeats=5, sequential=40, warmup=15, window=60, window_two=45, ceiling_window=20, redis_window=15)
+QUICK = Plan(repeats=3, sequential=12, warmup=6, window=15, window_two=12, ceiling_window=8, redis_window=6)
+
+
+# ---- output ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    """Collects every figure for the console, JSON and markdown, and the goal verdicts."""
+
+    results: dict = field(default_factory=dict)
+    goals: list[dict] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+
+    def say(self, text: str = "") -> None:
+        print(text, flush=True)
+        self.lines.append(text)
+
+    def section(self, title: str) -> None:
+        self.say()
+        self.say(f"== {title}")
+
+    def goal(self, name: str, value: float, goal: str, met: bool, shown: str) -> None:
+        verdict = "met" if met else "NOT met"
+        self.goals.append({"figure": name, "value": value, "shown": shown, "goal": goal, "met": met})
+        self.say(f"   {name}: {shown}   goal {goal}: {verdict}")
+
+    def markdown(self) -> str:
+        rows = [
+            f"| {g['figure']} | {g['shown']} | {g['goal']} | {'met' if g['met'] else '**NOT met**'} |"
+            for g in self.goals
+        ]
+        head = ["| figure | measured | goal | verdict |", "| --- | --- | --- | --- |"]
+        body = "\n".join(head + rows)
+        log = "\n".join(self.lines)
+        return f"{body}\n\nFull output of the run:\n\n```text\n{log}\n```\n"
+
+
+# ---- measuring helpers -------------------------------------------------------------------------
+
+
+def median_ms(samples: list[float]) -> float:
+    return float(np.median(samples)) * 1000
+
+
+def percentile_ms(samples: list[float], q: float) -> float:
+    return float(np.percentile(samples, q)) * 1000
+
+
+def command_counts(client: redis.Redis) -> Counter:
+    """Calls per command since the server started (INFO commandstats; in-script calls included)."""
+    stats = client.info("commandstats")
+    return Counter({name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()})
+
+
+def serving_commands(before: Counter, after: Counter) -> Counter:
+    delta = after - before
+    for name in OWN_COMMANDS:
+        delta.pop(name, None)
+    return delta
+
+
+def _proc_stat(pid: int) -> list[str]:
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text.rsplit(")", 1)[1].split()
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far; 0 if it is gone."""
+    try:
+        fields = _proc_stat(pid)
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def with_children(pid: int) -> list[int]:
+    """The process and its direct children (gunicorn master and its workers)."""
+    pids = [pid]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int(_proc_stat(int(entry.name))[1]) == pid:
+                    pids.append(int(entry.name))
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                continue
+    return pids
+
+
+def machine_times() -> tuple[float, float]:
+    """(busy, steal): CPU seconds all cores have spent busy, and lost to other virtual machines, since boot."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle, steal = values[3] + values[4], values[7]  # idle + iowait; steal
+    return (sum(values[:7]) - idle) / CLOCK_TICKS, steal / CLOCK_TICKS
+
+
+class CpuMeter:
+    """CPU used by each component of the stack, and by everything else on the machine, over a window."""
+
+    def __init__(self, components: dict[str, list[int]]) -> None:
+        self.components = components
+
+    def snapshot(self) -> dict[str, float]:
+        shot = {name: sum(process_cpu(p) for p in pids) for name, pids in self.components.items()}
+        shot["machine"], shot["steal"] = machine_times()
+        return shot
+
+    @staticmethod
+    def describe(before: dict[str, float], after: dict[str, float], seconds: float, requests_done: int) -> dict:
+        used = {name: after[name] - before[name] for name in before}
+        busy, steal = used.pop("machine"), used.pop("steal")
+        used["other processes"] = max(0.0, busy - sum(used.values()))
+        cores = os.cpu_count() or 1
+        return {
+            name: {
+                "cores": round(v / seconds, 2),
+                "ms_per_request": round(1000 * v / requests_done, 2) if requests_done else None,
+            }
+            for name, v in used.items()
+        } | {
+            "machine_cores": cores,
+            "idle_cores": round(max(0.0, cores - (busy + steal) / seconds), 2),
+            "steal_cores": round(steal / seconds, 2),
+        }
+
+
+def cpu_lines(report: Report, cpu: dict) -> None:
+    parts = [
+        f"{name} {v['cores']:.2f} cores" + (f" ({v['ms_per_request']:.1f} ms/request)" if v["ms_per_request"] else "")
+        for name, v in cpu.items()
+        if isinstance(v, dict)
+    ]
+    report.say(
+        f"   CPU over the window (of {cpu['machine_cores']} cores): "
+        + "; ".join(parts)
+        + f"; idle {cpu['idle_cores']:.2f} cores; taken by the hypervisor (steal) {cpu['steal_cores']:.2f} cores"
+    )
+
+
+# ---- the stack -----------------------------------------------------------------------------------
+
+
+class Web(Child):
+    """gunicorn serving run_web_server, exactly as `make run` starts it, on a free port."""
+
+    def __init__(self, env: dict[str, str], processes: int = 1, threads: int = 64) -> None:
+        port = free_port()
+        env = dict(
+            env, WEB_HOST="127.0.0.1", WEB_PORT=str(port), WEB_PROCESSES=str(processes), WEB_THREADS=str(threads)
+        )
+        super().__init__(gunicorn_command(settings_module.load(env=env)), env)
+        self.url = f"http://127.0.0.1:{port}"
+
+    def wait_ready(self, timeout: float = 60) -> Web:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if requests.get(self.url + "/healthz", timeout=2).ok:
+                    return self
+            except requests.RequestException:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"web server did not start:\n{self.log[-3000:]}")
+            time.sleep(0.1)
+
+
+class WorkerProcess(Child):
+    """A model worker (or the no-model stand-in) serving its Prometheus metrics on a free port."""
+
+    def __init__(self, env: dict[str, str], null: bool = False) -> None:
+        self.metrics_port = free_port()
+        env = dict(env, METRICS_PORT=str(self.metrics_port), WEB_HOST="127.0.0.1")
+        args = [sys.executable, "bench.py", "--null-worker"] if null else [sys.executable, "run_model_server.py"]
+        super().__init__(args, env)
+
+    def inference(self) -> tuple[float, int]:
+        """(seconds, batches) the worker has spent in classifier.classify so far (worker_inference_seconds)."""
+        text = requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
+        totals = dict(re.findall(r"^worker_inference_seconds_(sum|count) (\S+)$", text, re.MULTILINE))
+        return float(totals["sum"]), int(float(totals["count"]))
+
+
+def start_worker(env: dict[str, str], null: bool = False) -> WorkerProcess:
+    """A worker process, returned once it waits for jobs (the real one has loaded and traced the model)."""
+    child = WorkerProcess(env, null)
+    try:
+        child.wait_for_log("waiting for jobs", 180)
+    except (RuntimeError, TimeoutError):
+        child.stop()
+        raise
+    return child
+
+
+@contextmanager
+def running(child: Child) -> Iterator[Child]:
+    """Stop the child at the end of the block, however it ends, and delete its log file."""
+    try:
+        yield child
+    finally:
+        child.stop()
+        Path(child.log_file.name).unlink(missing_ok=True)
+
+
+class Client:
+    """Posts the sample image as a multipart upload, as `requests` clients do; one Session per thread."""
+
+    def __init__(self, image: bytes) -> None:
+        self.image = image
+        self._local = threading.local()
+
+    def post(self, url: str) -> tuple[float, float, int]:
+        """(finished at, seconds taken, HTTP status) of one /predict request."""
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+        files = {"image": ("castle_image.jpg", self.image, "image/jpeg")}  # a new multipart boundary each time
+        started = time.perf_counter()
+        response = session.post(url + "/predict", files=files, timeout=120)
+        finished = time.perf_counter()
+        if response.status_code == 200:
+            response.json()
+        return finished, finished - started, response.status_code
+
+
+@dataclass
+class Load:
+    """What a closed-loop load run measured inside its window."""
+
+    done: int
+    errors: int
+    seconds: float
+    latencies: list[float]
+    commands: Counter
+    cpu: dict
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.done / self.seconds
+
+
+def closed_loop(
+    client: Client,
+    url: str,
+    threads: int,
+    warmup: float,
+    window: float,
+    counter: redis.Redis,
+    meter: CpuMeter,
+    during: Callable[[], dict] | None = None,
+) -> Load:
+    """`threads` clients each send a request as soon as the last one returned; measure `window` s after `warmup` s."""
+    stop = threading.Event()
+    finished: list[tuple[float, float, int]] = []
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                finished.append(client.post(url))
+            except requests.RequestException:
+                finished.append((time.perf_counter(), 0.0, 0))
+
+    pool = [threading.Thread(target=loop, daemon=True) for _ in range(threads)]
+    for thread in pool:
+        thread.start()
+    time.sleep(warmup)
+    start, commands, cpu = time.perf_counter(), command_counts(counter), meter.snapshot()
+    extra = during() if during else {}
+    time.sleep(max(0.0, window - (time.perf_counter() - start)))
+    end, commands_after, cpu_after = time.perf_counter(), command_counts(counter), meter.snapshot()
+    stop.set()
+    for thread in pool:
+        thread.join(180)
+    inside = [f for f in finished if start <= f[0] < end]
+    ok = [f for f in inside if f[2] == 200]
+    return Load(
+        done=len(ok),
+        errors=len(inside) - len(ok),
+        seconds=end - start,
+        latencies=[f[1] for f in ok],
+        commands=serving_commands(commands, commands_after),
+        cpu=CpuMeter.describe(cpu, cpu_after, end - start, len(ok)),
+        extra=extra,
+    )
+
+
+def batch_sizes(log: str) -> list[int]:
+    return [int(n) for n in re.findall(r"batch done: (\d+) jobs", log)]
+
+
+class LogMark:
+    """Batch sizes the given workers logged after this point."""
+
+    def __init__(self, workers: list[Child]) -> None:
+        self.workers = workers
+        self.offsets = [len(w.log) for w in workers]
+
+    def sizes(self) -> list[int]:
+        return [n for w, off in zip(self.workers, self.offsets, strict=True) for n in batch_sizes(w.log[off:])]
+
+
+def sample_job(queue: JobQueue, tries: int = 200) -> bytes | None:
+    """A real job as the web server queued it, read at the queue's head without claiming it."""
+    for _ in range(tries):
+        raw = queue.peek()
+        if raw is not None:
+            return raw
+        time.sleep(0.01)
+    return None
+
+
+def monitor(url: str, action: Callable[[], int]) -> tuple[Counter, int]:
+    """Run `action` (returns how many requests it made) under MONITOR; count commands by (source, name).
+
+    Source is 'script' for commands a Lua script ran, 'client' for network round trips.
+    """
+    watcher, ender = redis.Redis.from_url(url), redis.Redis.from_url(url)
+    ender.ping()  # connect now: its handshake must not be counted
+    seen: Counter = Counter()
+    with watcher.monitor() as mon:
+
+        def read() -> None:
+            while True:
+                entry = mon.next_command()
+                if entry["command"] == f"ECHO {MONITOR_END}":
+                    return
+                name = entry["command"].split(" ", 1)[0].lower()
+                if name not in OWN_COMMANDS:
+                    seen["script" if entry["client_type"] == "lua" else "client", name] += 1
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        count = action()
+        ender.echo(MONITOR_END)
+        reader.join(60)
+    watcher.close()
+    ender.close()
+    return seen, count
+
+
+# ---- the phases --------------------------------------------------------------------------------
+
+
+def model_limit(report: Report, plan: Plan, batch_size: int) -> dict:
+    """(1) The model alone in this process: compiled call vs Keras model.predict, per batch size."""
+    from model import Classifier
+
+    report.section("1. Raw model limit: ResNet50 alone (model.Classifier.predict on uint8 batches, random weights)")
+    classifier = Classifier("none")
+    rng = np.random.default_rng(0)
+    sizes = sorted({1, 8, 16, batch_size})
+    out = {}
+    for size in sizes:
+        images = rng.integers(0, 256, (size, 224, 224, 3), dtype=np.uint8)
+        compiled, keras = _timed_pair(
+            lambda im=images: classifier.predict(im),
+            lambda im=images, s=size: _keras_predict(classifier, im, s),
+            plan.repeats,
+        )
+        out[size] = {
+            "compiled_ms": median_ms(compiled),
+            "keras_predict_ms": median_ms(keras),
+            "images_per_s": size / float(np.median(compiled)),
+        }
+        report.say(
+            f"   batch {size:>3}: compiled {out[size]['compiled_ms']:8.1f} ms "
+            f"({out[size]['images_per_s']:5.2f} images/s)"
+            f"   Keras model.predict {out[size]['keras_predict_ms']:8.1f} ms"
+            f"   (medians of {plan.repeats})"
+        )
+    report.say(
+        f"   raw limit at BATCH_SIZE={batch_size}: {out[batch_size]['images_per_s']:.2f} images/s; "
+        f"batch-1 latency {out[1]['compiled_ms']:.1f} ms"
+    )
+    model = {"batch_size": batch_size, "by_batch": out}
+    model["limit_images_per_s"], model["batch1_ms"] = out[batch_size]["images_per_s"], out[1]["compiled_ms"]
+    return model, classifier
+
+
+def recheck_model(report: Report, classifier, model: dict, repeats: int) -> None:
+    """Time batch 1 and BATCH_SIZE again right before the end-to-end phases (stack idle); keep the faster of each.
+
+    The faster model time makes every ratio and overhead stricter; a large gap means the machine was busy.
+    """
+    report.section("1b. The model alone again, with the stack started and idle, right before the end-to-end phases")
+    size = model["batch_size"]
+    rng = np.random.default_rng(1)
+    one, full = (rng.integers(0, 256, (n, 224, 224, 3), dtype=np.uint8) for n in (1, size))
+    batch1, batch_full = _timed_pair(lambda: classifier.predict(one), lambda: classifier.predict(full), repeats)
+    again = {"batch1_ms": median_ms(batch1), "limit_images_per_s": size / float(np.median(batch_full))}
+    model["recheck"] = again
+    drift = abs(again["limit_images_per_s"] / model["limit_images_per_s"] - 1)
+    if drift > 0.1:
+        report.say(f"   WARNING: the model's speed changed by {100 * drift:.0f}% between (1) and now: the machine is")
+        report.say("   busy or throttled, so every ratio below is rough. Re-run on a quiet machine.")
+    model["batch1_ms"] = min(model["batch1_ms"], again["batch1_ms"])
+    model["limit_images_per_s"] = max(model["limit_images_per_s"], again["limit_images_per_s"])
+    report.say(
+        f"   batch 1 {again['batch1_ms']:.1f} ms, "
+        f"batch {size} {again['limit_images_per_s']:.2f} images/s; from here on: batch-1 time "
+        f"{model['batch1_ms']:.1f} ms and raw limit {model['limit_images_per_s']:.2f} images/s (the faster of the two)"
+    )
+
+
+def _keras_predict(classifier, images: np.ndarray, size: int) -> np.ndarray:
+    return classifier.model.predict(classifier._preprocess(images.astype(np.float32)), batch_size=size, verbose=0)
+
+
+def _timed_pair(first: Callable[[], object], second: Callable[[], object], repeats: int) -> tuple[list, list]:
+    """Wall times of two calls, alternated so that both see the same machine; one warm-up call each."""
+    first(), second()  # first calls trace and allocate
+    samples: tuple[list, list] = ([], [])
+    for _ in range(repeats):
+        for call, into in ((first, samples[0]), (second, samples[1])):
+            started = time.perf_counter()
+            call()
+            into.append(time.perf_counter() - started)
+    return samples
+
+
+def low_load(
+    report: Report,
+    plan: Plan,
+    client: Client,
+    webs: dict[str, Web],
+    worker: WorkerProcess,
+    counter: redis.Redis,
+    model: dict,
+    meter: CpuMeter,
+) -> dict:
+    """(3) + (7): sequential requests, alternating between the NOTIFICATIONS=auto and =off web servers."""
+    report.section("3/7. Low load: one client, sequential requests, NOTIFICATIONS=auto and =off interleaved")
+    report.say("   command counts include the workers' heartbeats and reaper, which fall in the window now and then")
+    low = {mode: {"latencies": [], "commands": Counter(), "inference": [0.0, 0]} for mode in webs}
+    started, cpu = time.perf_counter(), meter.snapshot()
+    for _ in range(plan.sequential):
+        for mode, web in webs.items():
+            _one_measured_request(client, web, worker, counter, low[mode])
+    usage = CpuMeter.describe(cpu, meter.snapshot(), time.perf_counter() - started, plan.sequential * len(webs))
+    model_1 = model["batch1_ms"]
+    out = {"cpu": usage}
+    for mode, m in low.items():
+        f = out[mode] = _low_load_figures(m["latencies"], m["commands"], m["inference"], model_1)
+        report.say(
+            f"   NOTIFICATIONS={mode:<4}: {f['requests']} requests, p50 {f['p50_ms']:.1f} ms, "
+            f"p90 {f['p90_ms']:.1f} ms; "
+            f"p50 minus batch-1 model time ({model_1:.1f} ms) = {f['overhead_ms']:.1f} ms"
+        )
+        report.say(
+            f"      mean {f['mean_ms']:.1f} ms minus the worker's own inference time for these requests "
+            f"({f['worker_inference_ms']:.1f} ms/batch, {f['batches']} batches) = {f['overhead_vs_worker_ms']:.1f} ms"
+        )
+        report.say(
+            f"      {f['commands_per_request']:.2f} Redis commands/request: {_breakdown(m['commands'], f['requests'])}"
+        )
+    cpu_lines(report, usage)
+    return out
+
+
+def _low_load_figures(samples: list[float], commands: Counter, inference: list[float], model_1: float) -> dict:
+    seconds, batches = inference
+    worker_ms = 1000 * seconds / batches if batches else float("nan")
+    p50, mean = median_ms(samples), 1000 * float(np.mean(samples))
+    return {
+        "requests": len(samples),
+        "p50_ms": p50,
+        "p90_ms": percentile_ms(samples, 90),
+        "mean_ms": mean,
+        "overhead_ms": p50 - model_1,
+        "batches": batches,
+        "worker_inference_ms": worker_ms,
+        "overhead_vs_worker_ms": mean - worker_ms,
+        "commands_per_request": sum(commands.values()) / len(samples),
+        "commands": dict(commands),
+    }
+
+
+def _breakdown(commands: Counter, requests_done: int) -> str:
+    return ", ".join(f"{name} {n / requests_done:.2f}" for name, n in commands.most_common())
+
+
+def round_trips(report: Report, url: str, client: Client, redis_url: str, count: int) -> dict:
+    """(4) Which commands are network round trips and which run inside Lua scripts (MONITOR)."""
+
+    def action() -> int:
+        for _ in range(count):
+            client.post(url)
+        return count
+
+    seen, n = monitor(redis_url, action)
+    by_source = Counter()
+    for (source, _), calls in seen.items():
+        by_source[source] += calls
+    out = {
+        "requests": n,
+        "round_trips_per_request": by_source["client"] / n,
+        "in_script_per_request": by_source["script"] / n,
+        "commands": {f"{s}:{c}": v / n for (s, c), v in seen.most_common()},
+    }
+    report.say(
+        f"   MONITOR over {n} sequential requests (NOTIFICATIONS=auto): "
+        f"{out['round_trips_per_request']:.2f} round trips"
+        f" + {out['in_script_per_request']:.2f} commands inside Lua scripts per request"
+    )
+    report.say("      " + ", ".join(f"{k} {v:.2f}" for k, v in out["commands"].items()))
+    return out
+
+
+def saturation(
+    plan: Plan, client: Client, web: Web, workers: list[Child], counter: redis.Redis, meter: CpuMeter, queue: JobQueue
+) -> Load:
+    """(2)/(6) closed-loop clients against the real model worker(s); samples a queued job meanwhile."""
+    mark = LogMark(workers)
+    load = closed_loop(
+        client, web.url, plan.clients, plan.warmup, plan.window, counter, meter, lambda: {"job": sample_job(queue)}
+    )
+    load.extra["batches"] = mark.sizes()
+    return load
+
+
+def describe_saturation(report: Report, load: Load, model: dict, label: str) -> dict:
+    limit = model["limit_images_per_s"]
+    best_size, best = max(((n, v["images_per_s"]) for n, v in model["by_batch"].items()), key=lambda nv: nv[1])
+    total = sum(load.commands.values())
+    sizes = load.extra.get("batches") or [0]
+    out = {
+        "images_per_s": load.rate,
+        "ratio_to_raw_limit": load.rate / limit,
+        "ratio_to_best_model_rate": load.rate / best,
+        "requests": load.done,
+        "errors": load.errors,
+        "seconds": load.seconds,
+        "p50_ms": median_ms(load.latencies) if load.latencies else None,
+        "mean_batch": float(np.mean(sizes)),
+        "commands_per_request": total / load.done if load.done else None,
+        "commands": dict(load.commands),
+        "cpu": load.cpu,
+    }
+    report.say(
+        f"   {label}: {load.done} requests in {load.seconds:.1f} s = {load.rate:.2f} images/s "
+        f"({load.rate / limit:.3f} of the raw limit), {load.errors} errors, p50 {out['p50_ms']:.0f} ms, "
+        f"mean batch {out['mean_batch']:.1f} (batches in the phase: {len(sizes)})"
+    )
+    report.say(
+        f"      against the best model rate measured in (1), {best:.2f} images/s at batch {best_size}: "
+        f"{load.rate / best:.3f}"
+    )
+    if load.done:
+        report.say(f"      {total / load.done:.2f} Redis commands/request: {_breakdown(load.commands, load.done)}")
+    cpu_lines(report, load.cpu)
+    return out
+
+
+def job_size(report: Report, raw: bytes | None) -> dict:
+    """(4) Bytes one real queued job occupies, and how many of them are the image."""
+    if raw is None:
+        report.say("   no job was waiting in the queue while sampling; job size not measured")
+        return {}
+    job = Job.from_json(raw)
+    out = {"job_bytes": len(raw), "image_field_bytes": len(job.image), "envelope_bytes": len(raw) - len(job.image)}
+    report.say(
+        f"   a real queued job (read with JobQueue.peek): {len(raw):,} bytes = base64 image {len(job.image):,} "
+        f"+ JSON envelope {out['envelope_bytes']:,} (id, origin, shape, dtype, times)"
+    )
+    return out
+
+
+def ceiling(report: Report, plan: Plan, client: Client, env: dict, counter: redis.Redis) -> dict:
+    """(5) The serving stack alone: gunicorn + Redis + a worker whose classifier does no work."""
+    report.section("5. Serving ceiling: the serving stack alone (NullClassifier: no model)")
+    report.say(
+        "   the worker still decodes every job and writes every result; only the model call is replaced by "
+        "fixed-shape top-5 from all-zero probabilities"
+    )
+    out: dict = {}
+    sequential: list[float] = []
+    for processes in (1, 2):
+        with running(start_worker(env, null=True)) as worker, running(Web(env, processes).wait_ready()) as web:
+            if processes == 1:
+                sequential = [client.post(web.url)[1] for _ in range(plan.sequential + 5)][5:]
+                report.say(
+                    f"   one client, {len(sequential)} sequential requests: p50 {median_ms(sequential):.1f} ms, "
+                    f"p90 {percentile_ms(sequential, 90):.1f} ms: the serving path's own latency at low load"
+                )
+            meter = CpuMeter(
+                {
+                    "clients (bench.py)": [os.getpid()],
+                    "web (gunicorn)": with_children(web.process.pid),
+                    "worker": [worker.process.pid],
+                    "redis": [_redis_pid(counter)],
+                }
+            )
+            load = closed_loop(client, web.url, plan.ceiling_clients, 3.0, plan.ceiling_window, counter, meter)
+        out[processes] = {
+            "requests_per_s": load.rate,
+            "errors": load.errors,
+            "p50_ms": median_ms(load.latencies) if load.latencies else None,
+            "commands_per_request": sum(load.commands.values()) / load.done if load.done else None,
+            "cpu": load.cpu,
+        }
+        report.say(
+            f"   {processes} web process(es) x 64 threads, {plan.ceiling_clients} client threads: {load.rate:.0f} "
+            f"requests/s, {load.errors} errors, p50 {out[processes]['p50_ms']:.1f} ms"
+        )
+        cpu_lines(report, load.cpu)
+    best = max(out, key=lambda p: out[p]["requests_per_s"])
+    report.say(
+        f"   the client threads run in this process, on the same {os.cpu_count()} cores as the servers: "
+        "their CPU is taken from the stack"
+    )
+    return {
+        "low_load_p50_ms": median_ms(sequential),
+        "by_web_processes": out,
+        "best": best,
+        "steps": step_costs(report, client.image, 40),
+    }
+
+
+def step_costs(report: Report, image: bytes, repeats: int) -> dict:
+    """CPU time of the heaviest per-request steps, each run alone in this process (median of `repeats`)."""
+    from werkzeug.test import EnvironBuilder
+    from werkzeug.wrappers import Request
+
+    from helpers import prepare_image
+
+    files = {"image": ("castle_image.jpg", image, "image/jpeg")}
+    uploads = [requests.Request("POST", "http://x/predict", files=files).prepare() for _ in range(repeats)]
+    bodies = iter(uploads)
+    pixels = prepare_image(image)
+    raw = Job.new(pixels, "origin", 30).to_json()
+
+    def parse() -> None:
+        upload = next(bodies)  # a new multipart boundary each time, as real clients send
+        environ = EnvironBuilder(method="POST", data=upload.body, content_type=upload.headers["Content-Type"])
+        Request(environ.get_environ()).files["image"].read()
+
+    steps = {
+        "multipart parse (werkzeug)": parse,
+        "prepare_image (helpers.py)": lambda: prepare_image(image),
+        "Job.new + to_json (web)": lambda: Job.new(pixels, "origin", 30).to_json(),
+        "Job.from_json + pixels (worker)": lambda: Job.from_json(raw).pixels(),
+    }
+    out = {name: _cpu_ms(call, repeats) for name, call in steps.items()}
+    report.say(
+        "   CPU per request of single steps, run alone in this process (median of {}): {}".format(
+            repeats, "; ".join(f"{name} {ms:.2f} ms" for name, ms in out.items())
+        )
+    )
+    return out
+
+
+def _cpu_ms(call: Callable[[], object], repeats: int) -> float:
+    samples = []
+    for _ in range(repeats):
+        started = time.process_time()
+        call()
+        samples.append(time.process_time() - started)
+    return median_ms(samples)
+
+
+def redis_alone(report: Report, seconds: float, image: bytes, url: str, processes: int = 2) -> dict:
+    """(8) Redis with our per-request command mix and real job sizes, driven through JobQueue without HTTP or model.
+
+    Each client process plays web and worker in turn: enqueue a batch of real jobs, claim it, publish the results,
+    take every result. Redis's own CPU per request says how many requests one Redis core can carry.
+    """
+    from multiprocessing import get_context
+
+    from helpers import prepare_image
+
+    report.section(
+        f"8. Redis alone: the per-request command mix with real {BATCH_FOR_MIX}-job batches, no HTTP, no model"
+    )
+    job_json = Job.new(prepare_image(image), "mix", 3600).to_json()
+    counter = connect(url)
+    pid = _redis_pid(counter)
+    before, cpu, started = command_counts(counter), process_cpu(pid), time.perf_counter()
+    with get_context("spawn").Pool(processes) as pool:
+        done = sum(pool.starmap(redis_mix, [(url, f"bench-mix-{i}", seconds, job_json) for i in range(processes)]))
+    elapsed, used = time.perf_counter() - started, process_cpu(pid) - cpu
+    commands = serving_commands(before, command_counts(counter))
+    out = {
+        "requests": done,
+        "requests_per_s": done / elapsed,
+        "redis_cpu_ms_per_request": 1000 * used / done,
+        "redis_core_share": used / elapsed,
+        "requests_per_s_per_redis_core": done / used if used else None,
+        "commands_per_request": sum(commands.values()) / done,
+        "commands": {name: n / done for name, n in commands.most_common()},
+    }
+    report.say(
+        f"   {processes} client processes: {done / elapsed:.0f} requests/s, Redis busy {used / elapsed:.2f} of a core; "
+        f"Redis CPU {out['redis_cpu_ms_per_request']:.3f} ms/request, so one Redis core carries about "
+        f"{out['requests_per_s_per_redis_core']:.0f} requests/s of this mix (the clients, on the same cores, limit "
+        "the measured rate)"
+    )
+    report.say(f"      {out['commands_per_request']:.2f} commands/request: {_breakdown(commands, done)}")
+    out["job_bytes"], out["result_bytes"] = len(job_json), len(json.dumps(_null_result()))
+    report.say(
+        f"      per request Redis stores and hands on one job of {out['job_bytes']:,} bytes and one result of "
+        f"{out['result_bytes']:,} bytes (top-5 in the real format)"
+    )
+    return out
+
+
+def _null_result() -> dict:
+    return {"success": True, "predictions": NullClassifier().classify(np.zeros((1, 224, 224, 3), np.uint8))[0]}
+
+
+def redis_mix(url: str, queue_name: str, seconds: float, job_json: str) -> int:
+    """Run the per-request Redis mix for `seconds` in batches of BATCH_FOR_MIX; the number of requests done."""
+    queue = JobQueue(connect(url), queue_name, result_ttl=60)
+    template = Job.from_json(job_json)
+    result = _null_result()
+    done, end = 0, time.monotonic() + seconds
+    while time.monotonic() < end:
+        jobs = [replace(template, id=f"{done + i}") for i in range(BATCH_FOR_MIX)]
+        for job in jobs:
+            queue.enqueue(job, max_queue=10 * BATCH_FOR_MIX)
+        claimed = queue.claim_batch("mix-worker", BATCH_FOR_MIX, wait=0, block=1)
+        queue.finish_batch("mix-worker", [(Job.from_json(raw), result) for raw in claimed], [])
+        for job in jobs:
+            queue.take_result(job.origin, job.id)
+        done += len(jobs)
+    return done
+
+
+def _redis_pid(client: redis.Redis) -> int:
+    return int(client.info("server")["process_id"])
+
+
+def sweep(report: Report, plan: Plan, client: Client, env: dict, counter: redis.Redis, spec: str) -> dict:
+    """Several values of one setting side by side (`spec` like BATCH_WAIT_MS=0,2,10): each value has its own
+    queue, worker and web server, all running; low-load requests go round-robin over them and saturation
+    windows alternate between them, so machine noise falls on every value alike."""
+    name, _, raw = spec.partition("=")
+    name, values = name.strip().upper(), [v.strip() for v in raw.split(",") if v.strip()]
+    for value in values:
+        settings_module.load(env={name: value})  # a bad name or value stops here, naming the variable
+    report.section(f"Sweep: {name} side by side (one worker and queue per value, NOTIFICATIONS=auto)")
+    with ExitStack() as stack:
+        setups = {}
+        for i, value in enumerate(values):
+            wenv = dict(env, **{name: value}, IMAGE_QUEUE=f"bench-sweep-{i}")
+            worker = stack.enter_context(running(start_worker(wenv)))
+            setups[value] = (worker, stack.enter_context(running(Web(wenv).wait_ready())))
+        for _, web in setups.values():
+            for _ in range(3):
+                client.post(web.url)
+        low = {value: {"latencies": [], "commands": Counter(), "inference": [0.0, 0]} for value in values}
+        for _ in range(plan.sequential):
+            for value, (worker, web) in setups.items():
+                _one_measured_request(client, web, worker, counter, low[value])
+        sat = {value: {"done": 0, "seconds": 0.0, "sizes": []} for value in values}
+        for _ in range(3):
+            for value, (worker, web) in setups.items():
+                mark = LogMark([worker])
+                window = max(plan.window / 3, 20.0)  # shorter windows count too few batches to compare
+                load = closed_loop(client, web.url, plan.clients, plan.warmup, window, counter, CpuMeter({}))
+                sat[value]["done"] += load.done
+                sat[value]["seconds"] += load.seconds
+                sat[value]["sizes"] += mark.sizes()
+    out = {}
+    for value in values:
+        f = _low_load_figures(low[value]["latencies"], low[value]["commands"], low[value]["inference"], 0.0)
+        rate, sizes = sat[value]["done"] / sat[value]["seconds"], sat[value]["sizes"] or [0]
+        out[value] = {
+            "low_load_p50_ms": f["p50_ms"],
+            "low_load_overhead_vs_worker_ms": f["overhead_vs_worker_ms"],
+            "low_load_commands_per_request": f["commands_per_request"],
+            "saturation_images_per_s": rate,
+            "mean_batch": float(np.mean(sizes)),
+        }
+        report.say(
+            f"   {name}={value}: low load p50 {f['p50_ms']:.1f} ms, mean minus worker inference "
+            f"{f['overhead_vs_worker_ms']:.1f} ms, {f['commands_per_request']:.2f} commands/request; "
+            f"saturation ({plan.clients} clients) {rate:.2f} images/s, mean batch {np.mean(sizes):.1f}"
+        )
+    return {"setting": name, "values": out}
+
+
+def _one_measured_request(client: Client, web: Web, worker: WorkerProcess, counter: redis.Redis, into: dict) -> None:
+    before, (model_s, batches) = command_counts(counter), worker.inference()
+    into["latencies"].append(client.post(web.url)[1])
+    into["commands"] += serving_commands(before, command_counts(counter))
+    after_s, after_batches = worker.inference()
+    into["inference"] = [into["inference"][0] + after_s - model_s, into["inference"][1] + after_batches - batches]
+
+
+# ---- the run -----------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> Report:
+    plan = QUICK if args.quick else FULL
+    config = settings_module.load()
+    report = Report()
+    image = sample_image_bytes()
+    source = "castle photo (../shared/images)" if CASTLE.exists() else "generated fallback image"
+    report.say(
+        f"imgserve benchmark ({'quick' if args.quick else 'full'} run), {time.strftime('%Y-%m-%d %H:%M:%S')}; "
+        f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start"
+    )
+    report.say(
+        f"BATCH_SIZE={config.batch_size}, BATCH_WAIT_MS={config.batch_wait_ms:g}, MODEL_WEIGHTS=none (random weights); "
+        f"uploads: {source}, {len(image):,} bytes"
+    )
+    report.say("Other work on this machine disturbs every figure: the CPU lines show how much it took.")
+    report.results["setup"] = {
+        "batch_size": config.batch_size,
+        "batch_wait_ms": config.batch_wait_ms,
+        "image": source,
+        "image_bytes": len(image),
+        "cores": os.cpu_count(),
+        "quick": args.quick,
+    }
+    client = Client(image)
+    with ExitStack() as stack:
+        server = stack.enter_context(LocalRedis())
+        counter = connect(server.url)
+        report.results["setup"]["redis_version"] = counter.info("server")["redis_version"]
+        env = server_env(
+            server.url,
+            "bench",
+            BATCH_SIZE=config.batch_size,
+            BATCH_WAIT_MS=config.batch_wait_ms,
+            LOG_LEVEL="DEBUG",
+            PYTHONPATH=str(Path(__file__).resolve().parent),
+        )
+        queue = JobQueue(counter, "bench")
+        model, classifier = model_limit(report, plan, config.batch_size)
+        report.results["model"] = model
+        for spec in args.sweep or []:
+            report.results.setdefault("sweeps", []).append(sweep(report, plan, client, env, counter, spec))
+        measure_stack(report, plan, client, env, counter, queue, (model, classifier), stack, server.url)
+        report.results["ceiling"] = ceiling(report, plan, client, env, counter)
+        report.results["redis_alone"] = redis_alone(report, plan.redis_window, image, server.url)
+    verdicts(report)
+    return report
+
+
+def measure_stack(
+    report: Report,
+    plan: Plan,
+    client: Client,
+    env: dict[str, str],
+    counter: redis.Redis,
+    queue: JobQueue,
+    models: tuple[dict, object],
+    stack: ExitStack,
+    redis_url: str,
+) -> None:
+    """Phases 2, 3, 4, 6 and 7 against the real model worker(s)."""
+    model, classifier = models
+    first = stack.enter_context(running(start_worker(env)))
+    webs = {
+        "auto": stack.enter_context(running(Web(dict(env, NOTIFICATIONS="auto")).wait_ready())),
+        "off": stack.enter_context(running(Web(dict(env, NOTIFICATIONS="off")).wait_ready())),
+    }
+    for web in webs.values():
+        for _ in range(3):
+            client.post(web.url)  # warm-up: connections, first-request costs
+    recheck_model(report, classifier, model, plan.repeats)
+    components = {
+        "bench.py (clients, measuring)": [os.getpid()],
+        "web (gunicorn)": with_children(webs["auto"].process.pid) + with_children(webs["off"].process.pid),
+        "workers": [first.process.pid],
+        "redis": [_redis_pid(counter)],
+    }
+    meter = CpuMeter(components)
+    report.results["low_load"] = low_load(report, plan, client, webs, first, counter, model, meter)
+    report.results["round_trips"] = round_trips(
+        report, webs["auto"].url, client, redis_url, max(5, plan.sequential // 4)
+    )
+
+    report.section(f"2/6. Saturation: {plan.clients} concurrent clients, real model worker(s), NOTIFICATIONS=auto")
+    one = saturation(plan, client, webs["auto"], [first], counter, CpuMeter(components), queue)
+    report.results["saturation_1_worker"] = describe_saturation(report, one, model, "1 worker")
+    report.results["job"] = job_size(report, one.extra.get("job"))
+    with running(start_worker(env)) as second:
+        components["workers"] = [first.process.pid, second.process.pid]
+        two_plan = replace(plan, window=plan.window_two)
+        two = saturation(two_plan, client, webs["auto"], [first, second], counter, CpuMeter(components), queue)
+        report.results["saturation_2_workers"] = describe_saturation(report, two, model, "2 workers")
+    report.say(f"   2 workers / 1 worker: {two.rate / one.rate:.2f}x (both share the same {os.cpu_count()} cores)")
+    first.stop()
+    for web in webs.values():
+        web.stop()
+
+
+def verdicts(report: Report) -> None:
+    """Every figure against its goal."""
+    r = report.results
+    report.section("Goals")
+    sat = r["saturation_1_worker"]
+    report.goal(
+        "saturation / raw limit (32 clients)",
+        sat["ratio_to_raw_limit"],
+        ">= 0.95",
+        sat["ratio_to_raw_limit"] >= 0.95,
+        f"{sat['ratio_to_raw_limit']:.3f} ({sat['images_per_s']:.2f} images/s)",
+    )
+    auto = r["low_load"]["auto"]
+    report.goal(
+        "low-load p50 minus batch-1 model time",
+        auto["overhead_ms"],
+        "<= 10 ms",
+        auto["overhead_ms"] <= 10,
+        f"{auto['overhead_ms']:.1f} ms",
+    )
+    no_model = r["ceiling"]["low_load_p50_ms"]
+    report.goal(
+        "low-load p50 with NullClassifier (no model at all)", no_model, "<= 10 ms", no_model <= 10, f"{no_model:.1f} ms"
+    )
+    report.goal(
+        "low-load mean minus the worker's own inference time",
+        auto["overhead_vs_worker_ms"],
+        "<= 10 ms",
+        auto["overhead_vs_worker_ms"] <= 10,
+        f"{auto['overhead_vs_worker_ms']:.1f} ms",
+    )
+    for label, value in (
+        ("Redis commands/request, saturation (in-script included)", sat["commands_per_request"]),
+        ("Redis commands/request, low load (in-script included)", auto["commands_per_request"]),
+        ("Redis round trips/request, low load (MONITOR)", r["round_trips"]["round_trips_per_request"]),
+    ):
+        report.goal(label, value, "<= 6", value <= 6, f"{value:.2f}")
+    if r.get("job"):
+        image, whole = r["job"]["image_field_bytes"], r["job"]["job_bytes"]
+        report.goal("image bytes per queued job", image, "<= 200,704", image <= 200_704, f"{image:,}")
+        report.goal("whole job bytes (image + JSON envelope)", whole, "<= 200,704", whole <= 200_704, f"{whole:,}")
+    best = r["ceiling"]["by_web_processes"][r["ceiling"]["best"]]["requests_per_s"]
+    report.goal(
+        "serving ceiling, no model (requests/s)", best, ">= 500", best >= 500, f"{best:.0f} (clients on the same cores)"
+    )
+    report.say("These figures are only as quiet as the machine was: re-run `make bench` on an otherwise idle machine.")
+
+
+# ---- the no-model worker (child process) ---------------------------------------------------------
+
+
+class NullClassifier:
+    """Stand-in for model.Classifier with no model: fixed-shape top-5 from all-zero probabilities."""
+
+    device = "no model"
+
+    def __init__(self) -> None:
+        self.labels = keras_labels()
+
+    def classify(self, images: np.ndarray) -> list[list[dict]]:
+        """Top-5 lists in the real format, computed from zeros: measures everything but the model."""
+        return top_k(np.zeros((len(images), 1000), np.float32), self.labels)
+
+
+def null_worker() -> int:
+    """Run run_model_server.Worker with NullClassifier until SIGTERM (started by the ceiling phase)."""
+    from run_model_server import Worker
+
+    config = settings_module.load()
+    logger.setup("model-null", config.log_level)
+    logger.get("bench").warning("NullClassifier: no model; results are meaningless (serving-stack benchmark)")
+    queue = JobQueue(connect(config.redis_url), config.image_queue, config.result_ttl, config.max_attempts)
+    worker = Worker(config, queue, NullClassifier())
+    signal.signal(signal.SIGTERM, worker.stop)
+    signal.signal(signal.SIGINT, worker.stop)
+    worker.run()
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="shorter phases (about 2.5 minutes) for development")
+    parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
+    parser.add_argument("--markdown", type=Path, help="also write the goals table and the output to this file")
+    parser.add_argument(
+        "--sweep",
+        action="append",
+        metavar="SETTING=V1,V2,...",
+        help="also compare values of one worker setting side by side, e.g. BATCH_WAIT_MS=0,2,10 (repeatable)",
+    )
+    parser.add_argument("--null-worker", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.null_worker:
+        return null_worker()
+    try:
+        report = run(args)
+    except settings_module.SettingsError as exc:
+        print(f"bench.py: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        args.json.write_text(json.dumps(report.results | {"goals": report.goals}, indent=2, default=str) + "\n")
+    if args.markdown:
+        args.markdown.write_text(report.markdown())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
