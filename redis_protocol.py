@@ -520,9 +520,10 @@ class ResultListener:
             try:
                 self._listen()
                 backoff = 0.1
-            except redis.RedisError as exc:  # not only a lost connection: MASTERDOWN, an ACL denying PSUBSCRIBE ...
+            except Exception as exc:  # noqa: BLE001 - not only a lost connection: MASTERDOWN, an ACL, a bad key ...
                 if self.mode == "notifications":
-                    log.warning("notification listener lost Redis (%s); polling until it returns", exc)
+                    log.warning("notification listener failed (%s: %s); polling until it recovers",
+                                type(exc).__name__, exc)  # fmt: skip
                 self.mode = "polling"
                 self._ready.set()
                 self._wake_all()
@@ -552,7 +553,7 @@ class ResultListener:
                         probe = (f"probe-{uuid.uuid4().hex}", time.monotonic() + 2.0)
                         self.queue.probe_notifications(self.origin, probe[0])
                 elif message["type"] == "pmessage" and message["data"] == b"set":
-                    job_id = message["channel"].rsplit(b":", 1)[1].decode()
+                    job_id = message["channel"].rsplit(b":", 1)[1].decode(errors="replace")
                     if probe and job_id == probe[0]:
                         probe = None
                         self._notifications_on()

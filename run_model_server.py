@@ -113,7 +113,9 @@ class Worker:
             if released:
                 count_released(*released)
             return None
-        INFERENCE.observe(time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        INFERENCE.observe(seconds)
+        log.info("predicted a batch of %d in %.0f ms", len(jobs), seconds * 1000)
         return [(job, {"success": True, "predictions": preds}) for job, preds in zip(jobs, top5, strict=True)]
 
     def _heartbeat_loop(self) -> None:
@@ -130,8 +132,8 @@ class Worker:
                         log.warning(
                             "reaped %d dead worker(s): %d job(s) requeued, %d dead-lettered", workers, requeued, buried
                         )
-            except RedisUnavailable as exc:
-                log.warning("heartbeat failed (%s); retrying", exc)
+            except Exception as exc:  # noqa: BLE001 - this thread must outlive any error, or a live worker gets reaped
+                log.warning("heartbeat or reaper failed (%s: %s); retrying", type(exc).__name__, exc)
 
     def _retry(self, action, what: str, give_up_after: float | None = None):
         """Run `action` until Redis answers; give up after `give_up_after` s (None: only when stopping)."""

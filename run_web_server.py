@@ -9,6 +9,7 @@ Settings come from the environment / `.env` (see settings.py).
 from __future__ import annotations
 
 import sys
+import time
 import uuid
 
 from flask import Flask, Response, current_app, jsonify, request, send_from_directory
@@ -97,8 +98,11 @@ def predict():
             return error(503, "the job queue (Redis) is unavailable; try again shortly", retry_after=1)
         except ResultTimeout:
             return error(504, f"no result within {service.config.request_timeout:g} s (REQUEST_TIMEOUT)")
+    elapsed_ms = (time.time() - job.enqueued_at) * 1000
     if not result.get("success"):
+        log.warning("job %s failed after %.0f ms: %s", job.id, elapsed_ms, result.get("error"))
         return error(int(result.get("status", 500)), result.get("error", "the job failed"))
+    log.info("job %s answered in %.0f ms", job.id, elapsed_ms)
     return jsonify(result)
 
 

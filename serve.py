@@ -6,16 +6,18 @@ worker, and the web app under gunicorn (threaded workers). Exits when any part e
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import tempfile
-import time
+import threading
 
 import logger
 import settings as settings_module
 from local_redis import LocalRedis
+from settings import PROJECT_DIR
 
 LOCAL_REDIS_PORT = 6379
 log = logger.get("serve")
@@ -43,56 +45,47 @@ def main() -> int:
         print(f"serve.py: configuration error: {exc}", file=sys.stderr)
         return 2
     logger.setup("serve", config.log_level)
-    redis_server = None
-    env = dict(os.environ)
-    if not os.environ.get("REDIS_URL"):
-        redis_server = LocalRedis(port=LOCAL_REDIS_PORT)
-        try:
-            redis_server.start()
-        except RuntimeError as exc:
-            log.error("%s: is port %d in use? Set REDIS_URL to use that Redis instead.", exc, LOCAL_REDIS_PORT)
-            return 1
-        env["REDIS_URL"] = redis_server.url
-        log.info("started a local Redis at %s (no persistence)", redis_server.url)
-    # A fresh directory per run for the web processes' Prometheus values (stale files would add old counts).
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    metrics_dir = tempfile.TemporaryDirectory(prefix="imgserve-metrics-")
-    # Own sessions: Ctrl-C reaches only this supervisor, which then stops the children in order.
-    web_env = dict(env, PROMETHEUS_MULTIPROC_DIR=metrics_dir.name)
-    web = subprocess.Popen(gunicorn_command(config), env=web_env, start_new_session=True)
-    worker = subprocess.Popen([sys.executable, "run_model_server.py"], env=env, start_new_session=True)
-    url = f"http://{config.web_host}:{config.web_port}"
-    log.info("web server on %s; the worker needs a few seconds to load the model", url)
-    log.info("try: curl -F image=@photo.jpg %s/predict    (Ctrl-C stops everything)", url)
-    code = _supervise([web, worker], grace=config.request_timeout + 10)
-    metrics_dir.cleanup()
-    if redis_server:
-        redis_server.stop()
-    return code
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with contextlib.ExitStack() as cleanup:
+        env = dict(os.environ)
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # the worker keeps its own registry
+        if not os.environ.get("REDIS_URL"):
+            try:
+                redis_server = cleanup.enter_context(LocalRedis(port=LOCAL_REDIS_PORT))  # started on enter
+            except RuntimeError as exc:
+                log.error("%s: is port %d in use? Set REDIS_URL to use that Redis instead.", exc, LOCAL_REDIS_PORT)
+                return 1
+            env["REDIS_URL"] = redis_server.url
+            log.info("started a local Redis at %s (no persistence)", redis_server.url)
+        # A fresh directory per run for the web processes' Prometheus values (stale files would add old counts).
+        metrics_dir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="imgserve-metrics-"))
+        web_env = dict(env, PROMETHEUS_MULTIPROC_DIR=metrics_dir)
+        # Own sessions: Ctrl-C reaches only this supervisor, which then stops the children in order.
+        children = []
+        cleanup.callback(_stop_all, children, config.request_timeout + 10)
+        for args, child_env in ((gunicorn_command(config), web_env), ([sys.executable, "run_model_server.py"], env)):
+            children.append(subprocess.Popen(args, env=child_env, cwd=PROJECT_DIR, start_new_session=True))
+        url = f"http://{config.web_host}:{config.web_port}"
+        log.info("web server on %s; the worker needs a few seconds to load the model", url)
+        log.info("try: curl -F image=@photo.jpg %s/predict    (Ctrl-C stops everything)", url)
+        return _supervise(children, stop)
 
 
-def _supervise(children: list[subprocess.Popen], grace: float) -> int:
-    """Wait until Ctrl-C/SIGTERM or until a child exits, then stop the children one by one, in order.
-
-    The web server goes first and finishes its requests in flight while the worker still serves
-    them; then the worker finishes its batch.
-    """
-    stop = False
-
-    def request_stop(*_: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-    code = 0
-    while not stop:
+def _supervise(children: list[subprocess.Popen], stop: threading.Event) -> int:
+    """Wait until Ctrl-C/SIGTERM or until a child exits; its exit code (0 when asked to stop)."""
+    while not stop.wait(0.2):
         exited = [child for child in children if child.poll() is not None]
         if exited:
-            code = exited[0].returncode or 1
             log.error("%s exited with code %s; stopping everything", exited[0].args[1:3], exited[0].returncode)
-            break
-        time.sleep(0.2)
+            return exited[0].returncode or 1
+    return 0
+
+
+def _stop_all(children: list[subprocess.Popen], grace: float) -> None:
+    """Stop the children one by one, in order: the web server first finishes its requests in flight
+    while the worker still serves them; then the worker finishes its batch."""
     for child in children:
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)
@@ -102,7 +95,6 @@ def _supervise(children: list[subprocess.Popen], grace: float) -> int:
             child.kill()
             child.wait()
     log.info("stopped")
-    return code
 
 
 if __name__ == "__main__":

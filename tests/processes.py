@@ -8,11 +8,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 
+import pytest
 import requests
 
 from local_redis import free_port
+from settings import Settings
 
 PROJECT = Path(__file__).resolve().parent.parent
 SHARED_IMAGES = PROJECT.parent / "shared" / "images"
@@ -21,7 +25,9 @@ CASTLE = SHARED_IMAGES / "castle_image.jpg"
 
 def server_env(redis_url: str, queue: str, **extra: object) -> dict[str, str]:
     """Environment for a child server: test defaults, no .env surprises, random weights."""
-    env = {k: v for k, v in os.environ.items() if k not in ("FLASK_DEBUG",)}
+    env = dict(os.environ)
+    # Every setting explicit: the environment wins over a developer's .env (load_dotenv does not override).
+    env.update({field.name.upper(): str(field.default) for field in fields(Settings)})
     env.update(
         REDIS_URL=redis_url,
         IMAGE_QUEUE=queue,
@@ -40,6 +46,7 @@ class Child:
     def __init__(self, args: list[str], env: dict[str, str]) -> None:
         self.log_file = tempfile.NamedTemporaryFile(prefix="imgserve-", suffix=".log", delete=False)
         self.process = subprocess.Popen(args, cwd=PROJECT, env=env, stdout=self.log_file, stderr=subprocess.STDOUT)
+        self.log_file.close()  # the child has its own descriptor; we read the file by name
 
     @property
     def log(self) -> str:
@@ -91,7 +98,7 @@ class WebServer(Child):
             try:
                 if requests.get(self.url + "/healthz", timeout=1).ok:
                     return self
-            except requests.ConnectionError:
+            except requests.RequestException:  # refused, or accepted by gunicorn before its worker booted
                 pass
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"web server did not start:\n{self.log[-3000:]}")
@@ -101,6 +108,31 @@ class WebServer(Child):
 def start_web(env: dict[str, str], gunicorn: bool = False, processes: int = 1) -> WebServer:
     """A web server on a free port, returned once /healthz answers; `processes` is gunicorn's --workers."""
     return WebServer(env, gunicorn, processes).wait_ready()
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> object:
+    """Poll `condition` until it returns something truthy; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def published_ids(logs: Callable[[], list[str]], expected: int, timeout: float = 30) -> list[str]:
+    """Job ids from the workers' "batch done" lines, once `expected` distinct ones are there.
+
+    A worker logs the line just after publishing, so it can trail the HTTP answer by a moment.
+    """
+
+    def ids() -> list[str]:
+        found = [job_id for log in logs() for job_id in processed_job_ids(log)]
+        return found if len(set(found)) >= expected else []
+
+    return wait_until(ids, timeout, f"{expected} published job ids in the worker logs")
 
 
 def processed_job_ids(log: str) -> list[str]:

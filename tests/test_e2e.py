@@ -11,7 +11,15 @@ import pytest
 import requests
 
 from model import keras_labels
-from tests.processes import Child, processed_job_ids, sample_image_bytes, server_env, start_web, start_worker
+from tests.processes import (
+    Child,
+    processed_job_ids,
+    published_ids,
+    sample_image_bytes,
+    server_env,
+    start_web,
+    start_worker,
+)
 
 LABELS = set(keras_labels().tolist())
 
@@ -68,6 +76,7 @@ def test_fifty_concurrent_requests_all_succeed(stack):
 def test_two_workers_never_process_the_same_job(stack):
     env, web, first = stack
     second = start_worker(env)
+    first_log_start = len(first.log)
     try:
         data = sample_image_bytes()
         with ThreadPoolExecutor(24) as pool:
@@ -75,6 +84,7 @@ def test_two_workers_never_process_the_same_job(stack):
         assert [r.status_code for r in responses] == [200] * 60
     finally:
         second.stop()
+    published_ids(lambda: [first.log[first_log_start:], second.log], 60)
     ids_first, ids_second = processed_job_ids(first.log), processed_job_ids(second.log)
     assert ids_second, "the second worker took part"
     counts = Counter(ids_first + ids_second)

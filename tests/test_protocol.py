@@ -113,10 +113,11 @@ def test_enqueue_refuses_when_queue_is_full(queue):
 def test_reaper_requeues_a_dead_workers_jobs_at_the_head(queue, redis_client):
     for _ in range(3):
         queue.enqueue(make_job(), 100)
-    queue.register("dead-worker", heartbeat_ttl=0.2)
+    queue.register("dead-worker", heartbeat_ttl=30)
     claimed = queue.claim_batch("dead-worker", 2, 0, 1)
     queue.enqueue(make_job(), 100)
     assert queue.reap() == (0, 0, 0)  # heartbeat still alive
+    queue.heartbeat("dead-worker", ttl=0.2)  # its last heartbeat
     time.sleep(0.3)
     assert queue.reap() == (1, 2, 0)
     assert redis_client.llen(queue.keys.processing("dead-worker")) == 0

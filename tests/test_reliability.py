@@ -20,7 +20,6 @@ import time
 import uuid
 import zlib
 from collections import Counter
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,10 +36,12 @@ from tests.processes import (
     Child,
     WebServer,
     processed_job_ids,
+    published_ids,
     sample_image_bytes,
     server_env,
     start_web,
     start_worker,
+    wait_until,
 )
 
 PIXELS = np.zeros((224, 224, 3), np.uint8)
@@ -51,18 +52,6 @@ FAST_REAPING = dict(HEARTBEAT_TTL=2, REAP_INTERVAL=0.5)
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-
-
-def wait_until(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> object:
-    """Poll `condition` until it returns something truthy; fail the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 def post_image(url: str, data: bytes, timeout: float = 180) -> requests.Response:
@@ -189,6 +178,7 @@ def test_kill_9_of_one_of_two_workers_mid_batch_loses_no_request(stack):
         victim.stop()
     assert [r.status_code for r in responses] == [200] * 100
     assert all(len(r.json()["predictions"]) == 5 for r in responses)
+    published_ids(lambda: [stack.worker.log[survivor_log_start:], victim.log], 100)
     survivor_log = stack.worker.log[survivor_log_start:]
     survivor_ids, victim_ids = processed_job_ids(survivor_log), processed_job_ids(victim.log)
     counts = Counter(survivor_ids + victim_ids)
@@ -215,6 +205,7 @@ def test_sigterm_mid_batch_finishes_the_batch_and_exits_0(stack):
     finally:
         leaving.stop()
     assert [r.status_code for r in responses] == [200] * 40
+    published_ids(lambda: [leaving.log, stack.worker.log[stayer_log_start:]], 40)
     leaving_ids, stayer_ids = processed_job_ids(leaving.log), processed_job_ids(stack.worker.log[stayer_log_start:])
     counts = Counter(leaving_ids + stayer_ids)
     assert len(counts) == 40 and max(counts.values()) == 1
@@ -352,7 +343,7 @@ def test_several_web_processes_each_get_their_own_results_and_leave_none_behind(
     finally:
         second.stop()
     assert [r.status_code for r in responses] == [200] * 60
-    ids = processed_job_ids(stack.worker.log[log_start:])
+    ids = published_ids(lambda: [stack.worker.log[log_start:]], 60)
     assert len(ids) == len(set(ids)) == 60
     leftovers = list(stack.queue.redis.scan_iter(match=stack.queue.keys.result_prefix + "*"))
     assert leftovers == [], "every result was collected by the process that asked for it"
@@ -577,26 +568,31 @@ def ready_body(url: str) -> dict | None:
     return body if body.get("ready") and body.get("wait_mode") == "notifications" else None
 
 
-def test_listener_re_enables_notifications_when_its_connection_comes_back(queue, redis_client):
+def test_listener_re_enables_notifications_when_its_connection_comes_back():
     """A restarted Redis forgets notify-keyspace-events; redis-py's pubsub may reconnect and resubscribe on
-    its own (when Redis is back within its retry), so the listener must turn the events on again itself."""
-    redis_client.config_set("notify-keyspace-events", "")
-    listener = ResultListener(queue, "web1")
-    listener.start()
-    try:
-        assert listener.wait_ready(5) and listener.mode == "notifications"
-        redis_client.config_set("notify-keyspace-events", "")  # what a restart without persistence does
-        redis_client.client_kill_filter(_type="pubsub")
-        wait_until(lambda: set("K$") <= set(queue.notification_flags()), 20, "notifications to be re-enabled")
-        listener.SAFETY_POLL = listener.MAX_SAFETY_POLL = 60  # only a notification can wake the waiter now
-        job = Job.new(PIXELS, "web1", 30)
-        with listener.expect(job.id):
-            queue.enqueue(job, 100)
-            done = threading.Timer(0.2, lambda: finish(queue, job))
-            done.start()
-            assert listener.wait(job.id, time.time() + 30) == {"success": True}
-    finally:
-        listener.stop()
+    its own (when Redis is back within its retry), so the listener must turn the events on again itself.
+    A Redis of its own: no other listener may re-enable the events for it."""
+    with LocalRedis() as server:
+        redis_client = connect(server.url)
+        queue = JobQueue(redis_client, "relisten", result_ttl=60)
+        redis_client.config_set("notify-keyspace-events", "")
+        listener = ResultListener(queue, "web1")
+        listener.start()
+        try:
+            assert listener.wait_ready(5) and listener.mode == "notifications"
+            redis_client.config_set("notify-keyspace-events", "")  # what a restart without persistence does
+            redis_client.client_kill_filter(_type="pubsub")
+            wait_until(lambda: set("K$") <= set(queue.notification_flags()), 20, "notifications to be re-enabled")
+            listener.SAFETY_POLL = listener.MAX_SAFETY_POLL = 60  # only a notification can wake the waiter now
+            job = Job.new(PIXELS, "web1", 30)
+            with listener.expect(job.id):
+                queue.enqueue(job, 100)
+                done = threading.Timer(0.2, lambda: finish(queue, job))
+                done.start()
+                assert listener.wait(job.id, time.time() + 30) == {"success": True}
+        finally:
+            listener.stop()
+            redis_client.close()
 
 
 def finish(queue: JobQueue, job: Job) -> None:
