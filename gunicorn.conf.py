@@ -16,6 +16,7 @@ def child_exit(server, worker) -> None:
 
         multiprocess.mark_process_dead(worker.pid)
 
+
 # gunicorn 27 gives every instance the same control socket in ~/.gunicorn: several gunicorns on one
 # machine (tests, `make bench`, `make run`) would unlink each other's. Nothing here uses it.
 control_socket_disable = True
