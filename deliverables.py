@@ -38,7 +38,9 @@ def run(args: list[str], timeout: float = 3600) -> str:
 
 def shown(args: list[str]) -> str:
     """The command as a person would type it in the project folder."""
-    return " ".join("python" if a == PY else a.replace(f"{PROJECT}/", "") for a in args)
+    return " ".join(
+        "python" if a == PY else a.replace(f"{PROJECT}/", "").replace(f"{PROJECT.parent}/", "../") for a in args
+    )
 
 
 def commit() -> str:
