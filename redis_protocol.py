@@ -188,6 +188,7 @@ local function release(plist, queue, dead, result_prefix, max_attempts, ttl, now
         redis.call('LPUSH', dead, cjson.encode({reason = reason, worker = worker, at = now, job = raw}))
         if type(job.id) == 'string' and type(job.origin) == 'string' then
           local msg = cjson.encode({success = false, status = 500, error = 'job failed: ' .. reason})
+          -- the key as Keys.result spells it (test_job_is_dead_lettered_after_max_attempts... reads it back)
           redis.call('SET', result_prefix .. job.origin .. ':' .. job.id, msg, 'EX', ttl)
         end
         buried = buried + 1

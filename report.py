@@ -42,6 +42,7 @@ DOCUMENTS = (
 )
 CSS_FILE = ROOT / "report.css"
 MERMAID_JS = ROOT / "node_modules" / "mermaid" / "dist" / "mermaid.min.js"
+# The machine may have no network: keep Chromium from trying to reach Google's services.
 CHROMIUM_ARGS = [
     "--disable-gpu",
     "--disable-quic",

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import fields
 from pathlib import Path
 
@@ -108,6 +109,20 @@ class WebServer(Child):
 def start_web(env: dict[str, str], gunicorn: bool = False, processes: int = 1) -> WebServer:
     """A web server on a free port, returned once /healthz answers; `processes` is gunicorn's --workers."""
     return WebServer(env, gunicorn, processes).wait_ready()
+
+
+@contextlib.contextmanager
+def live_stack(env: dict[str, str], **web_options: object) -> Iterator[tuple[Child, WebServer]]:
+    """A worker and a web server for the duration of the block; both stopped even if one fails to start."""
+    worker = start_worker(env)
+    try:
+        web = start_web(env, **web_options)
+        try:
+            yield worker, web
+        finally:
+            web.stop()
+    finally:
+        worker.stop()
 
 
 def wait_until(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> object:

@@ -10,21 +10,13 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
+import report
 from local_redis import free_port
 from model import keras_labels
-from tests.processes import sample_image_bytes, server_env, start_web, start_worker
+from tests.processes import live_stack, sample_image_bytes, server_env, start_web
 
 CHROMIUM = Path("/usr/bin/chromium")
-# The machine may have no network: keep Chromium from trying to reach Google's services.
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+CHROMIUM_ARGS = ["--no-sandbox", *report.CHROMIUM_ARGS]
 PREDICT_WAIT_MS = 180_000  # the first batch also builds the model's compiled function on a busy CPU
 PERCENT = re.compile(r"^(\d+\.\d+%|<0\.01%)$")
 
@@ -36,15 +28,8 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def stack(redis_server):
     env = server_env(redis_server.url, f"browser-{uuid.uuid4().hex[:6]}", REQUEST_TIMEOUT=150)
-    worker = start_worker(env)
-    try:
-        web = start_web(env)
-        try:
-            yield web
-        finally:
-            web.stop()
-    finally:
-        worker.stop()
+    with live_stack(env) as (_, web):
+        yield web
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import requests
 import stress_test
 from local_redis import free_port
 from model import keras_labels
-from tests.processes import PROJECT, sample_image_bytes, server_env, start_web, start_worker
+from tests.processes import PROJECT, live_stack, sample_image_bytes, server_env
 
 LABELS = set(keras_labels().tolist())
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -26,11 +26,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def stack(redis_server):
     env = server_env(redis_server.url, f"clients-{uuid.uuid4().hex[:6]}", BATCH_WAIT_MS=5)
-    worker = start_worker(env)
-    web = start_web(env)
-    yield web
-    web.stop()
-    worker.stop()
+    with live_stack(env) as (_, web):
+        yield web
 
 
 @pytest.fixture

@@ -13,11 +13,11 @@ import requests
 from model import keras_labels
 from tests.processes import (
     Child,
+    live_stack,
     processed_job_ids,
     published_ids,
     sample_image_bytes,
     server_env,
-    start_web,
     start_worker,
 )
 
@@ -27,11 +27,8 @@ LABELS = set(keras_labels().tolist())
 @pytest.fixture(scope="module")
 def stack(redis_server):
     env = server_env(redis_server.url, f"e2e-{uuid.uuid4().hex[:6]}", BATCH_WAIT_MS=5)
-    worker = start_worker(env)
-    web = start_web(env)
-    yield env, web, worker
-    web.stop()
-    worker.stop()
+    with live_stack(env) as (worker, web):
+        yield env, web, worker
 
 
 def post_image(url: str, data: bytes | None = None, timeout: float = 120) -> requests.Response:

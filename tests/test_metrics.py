@@ -21,7 +21,7 @@ import run_model_server
 import settings
 from local_redis import free_port
 from redis_protocol import Job, JobQueue, connect
-from tests.processes import sample_image_bytes, server_env, start_web, start_worker
+from tests.processes import live_stack, sample_image_bytes, server_env, start_web
 
 PREDICT_OK = {"endpoint": "/predict", "method": "POST", "status": "200"}
 HEALTHZ_OK = {"endpoint": "/healthz", "method": "GET", "status": "200"}
@@ -31,11 +31,8 @@ HEALTHZ_OK = {"endpoint": "/healthz", "method": "GET", "status": "200"}
 def stack(redis_server):
     metrics_port = free_port()
     env = server_env(redis_server.url, f"metrics-{uuid.uuid4().hex[:6]}", BATCH_WAIT_MS=5, METRICS_PORT=metrics_port)
-    worker = start_worker(env)
-    web = start_web(env)
-    yield env, web, f"http://127.0.0.1:{metrics_port}/metrics"
-    web.stop()
-    worker.stop()
+    with live_stack(env) as (_, web):
+        yield env, web, f"http://127.0.0.1:{metrics_port}/metrics"
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:

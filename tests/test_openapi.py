@@ -12,7 +12,7 @@ from schemathesis.checks import not_a_server_error
 
 from local_redis import free_port
 from settings import PROJECT_DIR
-from tests.processes import sample_image_bytes, server_env, start_web, start_worker
+from tests.processes import live_stack, sample_image_bytes, server_env, start_web
 
 SPEC = PROJECT_DIR / "openapi.yaml"
 REQUEST_TIMEOUT = 150  # seconds; generous, so a busy CPU does not turn into a 504
@@ -21,15 +21,8 @@ REQUEST_TIMEOUT = 150  # seconds; generous, so a busy CPU does not turn into a 5
 @pytest.fixture(scope="module")
 def live_web(redis_server):
     env = server_env(redis_server.url, f"openapi-{uuid.uuid4().hex[:6]}", REQUEST_TIMEOUT=REQUEST_TIMEOUT)
-    worker = start_worker(env)
-    try:
-        web = start_web(env)
-        try:
-            yield web
-        finally:
-            web.stop()
-    finally:
-        worker.stop()
+    with live_stack(env) as (_, web):
+        yield web
 
 
 # Loaded from the file (schemathesis.pytest.from_fixture breaks on pytest 9.2); the test below checks
