@@ -224,17 +224,8 @@ class Web(Child):
         self.url = f"http://127.0.0.1:{port}"
 
     def wait_ready(self, timeout: float = 60) -> Web:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if requests.get(self.url + "/healthz", timeout=2).ok:
-                    return self
-            except requests.RequestException:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"web server did not start:\n{self.log[-3000:]}")
-            time.sleep(0.1)
+        self.wait_for_http(self.url + "/healthz", timeout)
+        return self
 
 
 class WorkerProcess(Child):

@@ -62,6 +62,20 @@ class Child:
                 raise TimeoutError(f"no {text!r} after {timeout} s:\n{self.log[-3000:]}")
             time.sleep(0.1)
 
+    def wait_for_http(self, url: str, timeout: float) -> None:
+        """Poll `url` until it answers 2xx; stop this child and raise if it exits or time runs out."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if requests.get(url, timeout=2).ok:
+                    return
+            except requests.RequestException:  # refused, or accepted by gunicorn before its worker booted
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"no answer from {url}:\n{self.log[-3000:]}")
+            time.sleep(0.1)
+
     def stop(self, sig: int = 15, timeout: float = 30) -> int:
         if self.process.poll() is None:
             self.process.send_signal(sig)
@@ -94,16 +108,8 @@ class WebServer(Child):
         self.url = f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self, timeout: float = 30) -> WebServer:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if requests.get(self.url + "/healthz", timeout=1).ok:
-                    return self
-            except requests.RequestException:  # refused, or accepted by gunicorn before its worker booted
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"web server did not start:\n{self.log[-3000:]}")
-            time.sleep(0.1)
+        self.wait_for_http(self.url + "/healthz", timeout)
+        return self
 
 
 def start_web(env: dict[str, str], gunicorn: bool = False, processes: int = 1) -> WebServer:
