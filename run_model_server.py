@@ -46,6 +46,7 @@ class Worker:
         self.classifier = classifier
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.stopping = threading.Event()
+        self._finished = threading.Event()  # the heartbeat outlives `stopping` until the last batch is done
 
     def run(self) -> None:
         """Serve until `stop()`; survives Redis outages by retrying with backoff."""
@@ -57,6 +58,7 @@ class Worker:
             batch = self._retry(self._claim, "claim a batch")
             if batch:
                 self.process(batch)
+        self._finished.set()
         self._retry(lambda: self.queue.unregister(self.id), "unregister", give_up_after=10)
         log.info("worker %s stopped", self.id)
 
@@ -121,7 +123,7 @@ class Worker:
     def _heartbeat_loop(self) -> None:
         interval = self.settings.heartbeat_ttl / 3
         next_reap = 0.0
-        while not self.stopping.wait(0 if next_reap == 0 else interval):
+        while not self._finished.wait(0 if next_reap == 0 else interval):
             try:
                 self.queue.heartbeat(self.id, self.settings.heartbeat_ttl)
                 if time.monotonic() >= next_reap:
