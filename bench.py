@@ -405,8 +405,10 @@ def monitor(url: str, action: Callable[[], int]) -> tuple[Counter, int]:
 # ---- the phases --------------------------------------------------------------------------------
 
 
-def model_limit(report: Report, plan: Plan, batch_size: int) -> dict:
-    """(1) The model alone in this process: compiled call vs Keras model.predict, per batch size."""
+def model_limit(report: Report, plan: Plan, batch_size: int) -> tuple[dict, object]:
+    """(1) The model alone in this process: compiled call vs Keras model.predict, per batch size.
+
+    Returns the figures and the loaded Classifier, for re-measuring later in the run."""
     from model import Classifier
 
     report.section("1. Raw model limit: ResNet50 alone (model.Classifier.predict on uint8 batches, random weights)")

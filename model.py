@@ -62,7 +62,6 @@ class Classifier:
         for gpu in gpus:
             tf.config.experimental.set_memory_growth(gpu, True)
         self.device = f"GPU ({', '.join(g.name for g in gpus)})" if gpus else "CPU"
-        self.weights = weights
         self._preprocess = preprocess_input
         self.model = _build(ResNet50, weights)
         spec = tf.TensorSpec([None, 224, 224, 3], tf.float32)

@@ -164,6 +164,12 @@ def processed_job_ids(log: str) -> list[str]:
     return ids
 
 
+def post_image(url: str, data: bytes | None = None, timeout: float = 120) -> requests.Response:
+    """POST /predict with `data` (default: the sample image) as the multipart file `image`."""
+    files = {"image": ("photo.jpg", data or sample_image_bytes(), "image/jpeg")}
+    return requests.post(url + "/predict", files=files, timeout=timeout)
+
+
 def sample_image_bytes() -> bytes:
     """The castle photo when ../shared/images is there, else a generated JPEG."""
     if CASTLE.exists():

@@ -14,6 +14,7 @@ from model import keras_labels
 from tests.processes import (
     Child,
     live_stack,
+    post_image,
     processed_job_ids,
     published_ids,
     sample_image_bytes,
@@ -29,11 +30,6 @@ def stack(redis_server):
     env = server_env(redis_server.url, f"e2e-{uuid.uuid4().hex[:6]}", BATCH_WAIT_MS=5)
     with live_stack(env) as (worker, web):
         yield env, web, worker
-
-
-def post_image(url: str, data: bytes | None = None, timeout: float = 120) -> requests.Response:
-    files = {"image": ("castle_image.jpg", data or sample_image_bytes(), "image/jpeg")}
-    return requests.post(url + "/predict", files=files, timeout=timeout)
 
 
 def check_predictions(body: dict) -> None:

@@ -6,7 +6,6 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import run_model_server
 import settings
 from local_redis import free_port
 from redis_protocol import Job, JobQueue, connect
-from tests.processes import live_stack, sample_image_bytes, server_env, start_web
+from tests.processes import live_stack, post_image, sample_image_bytes, server_env, start_web, wait_until
 
 PREDICT_OK = {"endpoint": "/predict", "method": "POST", "status": "200"}
 HEALTHZ_OK = {"endpoint": "/healthz", "method": "GET", "status": "200"}
@@ -47,17 +46,6 @@ def scrape(url: str) -> dict[tuple[str, tuple], float]:
 
 def value(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-def post_image(url: str, data: bytes | None = None) -> requests.Response:
-    return requests.post(url + "/predict", files={"image": ("photo.jpg", data or sample_image_bytes())}, timeout=120)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 30) -> None:
-    """Poll until `condition()` holds (the assertions that follow say what was expected)."""
-    deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.1)
 
 
 # ---- web, single process ---------------------------------------------------------------------
@@ -146,7 +134,7 @@ def test_gunicorn_processes_metrics_add_up(stack, tmp_path):
         live_gauge = tmp_path / f"gauge_livesum_{victim}.db"
         assert live_gauge.exists()
         os.kill(victim, signal.SIGKILL)
-        wait_until(lambda: not live_gauge.exists())
+        wait_until(lambda: not live_gauge.exists(), 30, "the dead process's live gauge file to go")
         assert not live_gauge.exists()
         assert value(scrape(web.url + "/metrics"), "web_requests_total", **HEALTHZ_OK) == sent
     finally:
@@ -164,7 +152,9 @@ def test_worker_metrics_count_done_jobs_batches_and_inference(stack):
     assert post_image(web.url).status_code == 200
     done_before = value(before, "worker_jobs_total", outcome="done")
     # The worker counts a job after publishing its result, so the client can be a moment earlier.
-    wait_until(lambda: value(scrape(worker_metrics), "worker_jobs_total", outcome="done") > done_before)
+    wait_until(
+        lambda: value(scrape(worker_metrics), "worker_jobs_total", outcome="done") > done_before, 30, "a done job"
+    )
     after = scrape(worker_metrics)
     assert value(after, "worker_jobs_total", outcome="done") == done_before + 1
     assert value(after, "worker_batch_size_count") > value(before, "worker_batch_size_count")
@@ -185,7 +175,7 @@ def test_worker_metrics_count_dead_lettered_and_expired_jobs(stack, redis_server
             before, "worker_jobs_total", outcome=outcome
         )
 
-    wait_until(lambda: counted("dead_lettered") >= 1 and counted("expired") >= 1)
+    wait_until(lambda: counted("dead_lettered") >= 1 and counted("expired") >= 1, 30, "the counted outcomes")
     assert counted("dead_lettered") == 1
     assert counted("expired") == 1
 

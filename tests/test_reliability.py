@@ -7,6 +7,7 @@ worker and one web server are shared by the module; tests that kill or stop proc
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -32,6 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from local_redis import LocalRedis, free_port
 from redis_protocol import Job, JobQueue, ResultListener, connect
+from tests import processes
 from tests.processes import (
     Child,
     WebServer,
@@ -54,9 +56,7 @@ FAST_REAPING = dict(HEARTBEAT_TTL=2, REAP_INTERVAL=0.5)
 # ---- helpers ------------------------------------------------------------------------------------
 
 
-def post_image(url: str, data: bytes, timeout: float = 180) -> requests.Response:
-    """POST /predict with `data` as the image file."""
-    return requests.post(url + "/predict", files={"image": ("photo.jpg", data, "image/jpeg")}, timeout=timeout)
+post_image = functools.partial(processes.post_image, timeout=180)  # held and frozen batches answer late
 
 
 def worker_id(child: Child) -> str:
@@ -531,14 +531,14 @@ def test_redis_outage_fails_fast_and_everything_resumes_without_restarts():
         pids = (worker.process.pid, web.process.pid)
         with ThreadPoolExecutor(10) as pool:
             freeze(worker)  # let requests pile up, so that some are waiting when Redis goes away
-            waiting = [pool.submit(post_image, web.url, data, 50) for _ in range(10)]
+            waiting = [pool.submit(post_image, web.url, data, timeout=50) for _ in range(10)]
             wait_until(lambda: queue.depth() + queue.redis.llen(queue.keys.processing(worker_id(worker))) == 10, 30,
                        "ten queued jobs")  # fmt: skip
             redis_server.stop()
             os.kill(worker.process.pid, signal.SIGCONT)
             for future in waiting:
                 assert_json_error(future.result(), (503, 504))
-        during = [post_image(web.url, data, 50) for _ in range(3)]
+        during = [post_image(web.url, data, timeout=50) for _ in range(3)]
         for response in during:
             assert_json_error(response, 503, "unavailable")
             assert response.headers["Retry-After"] == "1"
@@ -546,7 +546,7 @@ def test_redis_outage_fails_fast_and_everything_resumes_without_restarts():
         assert ready.status_code == 503 and ready.json()["redis"] is False
 
         redis_server.start()  # same port, empty, default config: notifications off
-        wait_until(lambda: post_image(web.url, data, 50).status_code == 200, 120, "a request to succeed again")
+        wait_until(lambda: post_image(web.url, data, timeout=50).status_code == 200, 120, "a request to succeed again")
         body = wait_until(lambda: ready_body(web.url), 60, "/readyz to report a worker and notifications")
         assert body["workers"] == 1 and body["redis"] is True
         assert set("K$") <= set(queue.notification_flags()), "the listener re-enabled keyspace notifications"
