@@ -67,19 +67,19 @@ class LocalRedis:
         self.process = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
         )
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                # Another server may answer on this port while ours failed to bind: check it is ours.
-                if client.info("server")["process_id"] == self.process.pid:
-                    return self
-            except redis.RedisError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"redis-server did not start on port {self.port}")
-            time.sleep(0.05)
+        with redis.Redis(port=self.port, socket_connect_timeout=0.5) as client:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    # Another server may answer on this port while ours failed to bind: check it is ours.
+                    if client.info("server")["process_id"] == self.process.pid:
+                        return self
+                except redis.RedisError:
+                    pass
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"redis-server did not start on port {self.port}")
+                time.sleep(0.05)
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
