@@ -117,6 +117,9 @@ def test_non_image_upload_shows_the_servers_error(stack, page, tmp_path):
 def test_keyboard_only_upload(stack, page, tmp_path):
     photo = tmp_path / "photo.jpg"
     photo.write_bytes(sample_image_bytes())
+    # Playwright turns on file-chooser interception asynchronously when the first listener is added; a
+    # listener from the start makes sure it is on before Space is pressed (else the event can be missed).
+    page.on("filechooser", lambda _chooser: None)
     page.goto(stack.url + "/")
     page.keyboard.press("Tab")
     expect(page.get_by_label("Choose an image")).to_be_focused()
