@@ -72,7 +72,7 @@ class Worker:
         return self.queue.claim_batch(self.id, self.settings.batch_size, wait, block=1.0)
 
     def process(self, raws: list[bytes]) -> None:
-        """Run one claimed batch through the model and publish every outcome atomically."""
+        """Run one claimed batch through the model, then publish every outcome and acknowledge the batch."""
         BATCH_SIZE.observe(len(raws))
         jobs, pixels, dead = [], [], []
         now = time.time()

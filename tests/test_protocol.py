@@ -21,8 +21,17 @@ def test_job_json_round_trip_and_size():
     job = make_job()
     raw = job.to_json()
     assert Job.from_json(raw) == job
+    wire = json.loads(raw)
+    assert set(wire) == {"id", "origin", "image", "shape", "dtype", "enqueued_at", "deadline", "attempts"}
+    assert wire["image"] == job.image and wire["shape"] == [224, 224, 3]
     assert len(job.image) == 200_704
     assert len(raw) < 201_000
+
+
+def test_a_parsed_job_with_an_odd_image_field_is_escaped_when_written_again():
+    job = Job.from_json(make_job().to_json())
+    job.image = 'quote " backslash \\ newline \n'
+    assert Job.from_json(job.to_json()).image == job.image
 
 
 @pytest.mark.parametrize(
@@ -72,6 +81,21 @@ def test_claim_is_fifo_and_moves_into_processing_list(queue, redis_client):
     assert sorted(Job.from_json(raw).id for raw in batch) == sorted(job.id for job in jobs[:3])
     assert redis_client.llen(queue.keys.processing("w")) == 3
     assert queue.depth() == 2
+
+
+def test_a_job_arriving_at_an_idle_worker_is_taken_alone_without_the_claim_script(queue, redis_client):
+    # While BLMOVE blocks on the empty queue, three jobs arrive in one LPUSH: the worker's BLMOVE
+    # had to wait, so it does not look for company (the low-load case: one command to claim).
+    jobs = [make_job() for _ in range(3)]
+    threading.Timer(0.2, lambda: redis_client.lpush(queue.keys.queue, *(job.to_json() for job in jobs))).start()
+    scripts_before = redis_client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+    batch = queue.claim_batch("w", size=8, wait=0, block=2)
+    assert [Job.from_json(raw).id for raw in batch] == [jobs[0].id]
+    assert redis_client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0) == scripts_before
+    # The next claim answers at once (jobs are waiting), so it takes the rest in the same call.
+    assert sorted(Job.from_json(raw).id for raw in queue.claim_batch("w2", size=8, wait=0, block=2)) == sorted(
+        job.id for job in jobs[1:]
+    )
 
 
 def test_claim_waits_for_more_jobs_up_to_batch_wait(queue):
