@@ -23,6 +23,7 @@ from collections.abc import Callable
 from helpers import prepare_image
 from local_redis import LocalRedis
 from redis_protocol import Job
+from settings import Settings
 from tests.processes import PROJECT, sample_image_bytes, server_env, start_web, start_worker
 
 DOCS = PROJECT / "deliverables"
@@ -98,13 +99,16 @@ def image_path() -> str:
 
 
 def key_examples(stack: Stack) -> str:
-    job = json.loads(Job.new(prepare_image(sample_image_bytes()), "3f9c2a7b1d0e", 30.0).to_json())
+    codec = Settings.job_codec  # the default
+    job = json.loads(Job.new(prepare_image(sample_image_bytes()), "3f9c2a7b1d0e", 30.0, codec).to_json())
     job["image"] = job["image"][:24] + f"... ({len(job['image']):,} characters)"
     args = [PY, "simple_request.py", image_path(), "--url", stack.web.url, "--json"]
     result = run(args)
     return (
         block(
-            "Job.new(prepare_image(castle), origin, 30).to_json(), image shortened", json.dumps(job, indent=2), "json"
+            f"Job.new(prepare_image(castle), origin, 30, {codec!r}).to_json(), image shortened",
+            json.dumps(job, indent=2),
+            "json",
         )
         + "\n\nA result, as the web server took it (`GETDEL`) and returned it:\n\n"
         + block(shown(args), result, "json")

@@ -87,7 +87,7 @@ def predict():
         pixels = prepare_image(upload.read(), service.config.max_image_pixels)
     except ImageError as exc:
         return error(400, str(exc))
-    job = Job.new(pixels, service.origin, service.config.request_timeout)
+    job = Job.new(pixels, service.origin, service.config.request_timeout, service.config.job_codec)
     with service.listener.expect(job.id):
         try:
             if not service.queue.enqueue(job, service.config.max_queue):

@@ -1,10 +1,11 @@
+import base64
 import io
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import ImageError, PayloadError, decode_array, encode_array, prepare_image
+from helpers import ImageError, PayloadError, decode_array, decode_image, encode_array, encode_image, prepare_image
 
 
 def image_bytes(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
@@ -46,6 +47,55 @@ def test_bad_base64_is_rejected(text):
 def test_unknown_dtype_is_rejected():
     with pytest.raises(PayloadError):
         decode_array("AAAA", "notatype", (3,))
+
+
+def photo_like() -> np.ndarray:
+    """Smooth gradients plus a little noise: compresses as photos do, unlike pure noise."""
+    y, x = np.mgrid[0:224, 0:224]
+    noise = np.random.default_rng(3).integers(0, 4, (224, 224, 3))
+    return (np.stack([x, y, (x + y) // 2], axis=-1) + noise).astype(np.uint8)
+
+
+def test_zstd_codec_is_lossless_and_smaller_for_a_photo_like_image():
+    array = photo_like()
+    text, codec = encode_image(array, "zstd")
+    assert codec == "zstd" and len(text) < 200_704 * 0.9
+    assert np.array_equal(decode_image(text, codec, "uint8", (224, 224, 3)), array)
+
+
+def test_zstd_codec_falls_back_to_raw_for_noise():
+    noise = np.random.default_rng(4).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    text, codec = encode_image(noise, "zstd")
+    assert codec == "raw" and len(text) == 200_704
+    assert np.array_equal(decode_image(text, codec, "uint8", (224, 224, 3)), noise)
+
+
+def test_raw_codec_is_encode_array():
+    array = photo_like()
+    assert encode_image(array, "raw") == (encode_array(array), "raw")
+    with pytest.raises(ValueError, match="unknown image codec"):
+        encode_image(array, "png")
+
+
+@pytest.mark.parametrize(
+    "codec, text, dtype, shape, reason",
+    [
+        ("png", "AAAA", "uint8", (224, 224, 3), "unknown image codec"),
+        ("zstd", "@@", "uint8", (224, 224, 3), "not valid base64"),
+        ("zstd", "bm90IHpzdGQ=", "uint8", (224, 224, 3), "not a Zstandard frame"),
+        ("zstd", encode_image(photo_like(), "zstd")[0], "uint8", (224, 224, 4), "unpacks to 150528 bytes"),
+        ("zstd", encode_image(photo_like(), "zstd")[0], "float32", (224, 224, 3), "uint8 images"),
+    ],
+)
+def test_bad_zstd_images_are_rejected(codec, text, dtype, shape, reason):
+    with pytest.raises(PayloadError, match=reason):
+        decode_image(text, codec, dtype, shape)
+
+
+def test_a_truncated_zstd_image_is_rejected():
+    packed = base64.b64decode(encode_image(photo_like(), "zstd")[0])
+    with pytest.raises(PayloadError, match="damaged"):
+        decode_image(base64.b64encode(packed[: len(packed) // 2]).decode(), "zstd", "uint8", (224, 224, 3))
 
 
 def check_prepared(array: np.ndarray) -> None:

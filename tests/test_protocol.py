@@ -22,10 +22,25 @@ def test_job_json_round_trip_and_size():
     raw = job.to_json()
     assert Job.from_json(raw) == job
     wire = json.loads(raw)
-    assert set(wire) == {"id", "origin", "image", "shape", "dtype", "enqueued_at", "deadline", "attempts"}
+    assert set(wire) == {"id", "origin", "image", "shape", "dtype", "enqueued_at", "deadline", "attempts", "codec"}
     assert wire["image"] == job.image and wire["shape"] == [224, 224, 3]
     assert len(job.image) == 200_704
     assert len(raw) < 201_000
+
+
+def test_a_zstd_job_round_trips_and_is_smaller():
+    pixels = np.tile(np.arange(224, dtype=np.uint8)[:, None, None], (1, 224, 3))
+    job = Job.new(pixels, "web1", 30, codec="zstd")
+    raw = job.to_json()
+    assert json.loads(raw)["codec"] == "zstd" and len(raw) < 10_000
+    assert np.array_equal(Job.from_json(raw).pixels(), pixels)
+
+
+def test_a_job_without_codec_is_read_as_raw():
+    wire = json.loads(make_job().to_json())
+    del wire["codec"]
+    job = Job.from_json(json.dumps(wire))
+    assert job.codec == "raw" and np.array_equal(job.pixels(), PIXELS)
 
 
 def test_a_parsed_job_with_an_odd_image_field_is_escaped_when_written_again():

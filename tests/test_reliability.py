@@ -7,6 +7,7 @@ worker and one web server are shared by the module; tests that kill or stop proc
 
 from __future__ import annotations
 
+import base64
 import functools
 import io
 import json
@@ -22,7 +23,7 @@ import uuid
 import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -288,10 +289,11 @@ def bad_jobs() -> list[tuple[bytes, str, Job | None]]:
 
     def variant(reason: str, answered: bool = True, **changes: object) -> tuple[bytes, str, Job | None]:
         job = Job.new(PIXELS, "hand-written", 60)
-        data = {k: v for k, v in (asdict(job) | changes).items() if v is not DROP}
+        data = {k: v for k, v in (json.loads(job.to_json()) | changes).items() if v is not DROP}
         return json.dumps(data).encode(), reason, job if answered else None
 
     small = np.zeros((10, 10, 3), np.uint8)
+    packed = base64.b64decode(Job.new(PIXELS, "x", 1, codec="zstd").image)
     return [
         (b"{not json", "not valid JSON", None),
         (pickle.dumps({"id": "x", "origin": "y"}), "not valid JSON", None),  # the queue carries JSON only
@@ -303,6 +305,10 @@ def bad_jobs() -> list[tuple[bytes, str, Job | None]]:
         variant("got uint8 (10, 10, 3)", shape=[10, 10, 3], image=Job.new(small, "x", 1).image),
         variant("got float32 (224, 224, 3)", dtype="float32"),
         variant("image has 3 bytes", image="AAAA"),
+        variant("unknown image codec 'png'", codec="png"),
+        variant("not a Zstandard frame", codec="zstd", image=base64.b64encode(b"no frame here").decode()),
+        variant("unpacks to 300 bytes", codec="zstd", image=Job.new(small, "x", 1, codec="zstd").image),
+        variant("image is damaged", codec="zstd", image=base64.b64encode(packed[: len(packed) // 2]).decode()),
         # Jobs that do not parse are answered too, as long as their id and origin are readable strings.
         variant("wrong type", deadline="soon"),
         variant("wrong type", shape=5),

@@ -11,6 +11,7 @@ def test_defaults():
     assert config.result_ttl == 3600
     assert config.web_host == "127.0.0.1" and config.web_port == 5000
     assert config.model_weights == "imagenet"
+    assert config.job_codec == "zstd"
     assert config.flask_debug is False
 
 
@@ -19,12 +20,14 @@ def test_values_are_parsed():
         env={
             "BATCH_SIZE": "8",
             "BATCH_WAIT_MS": "2.5",
+            "JOB_CODEC": "RAW",
             "MODEL_WEIGHTS": "None",
             "FLASK_DEBUG": "yes",
             "REDIS_URL": "rediss://:pw@example.com:6380/1",
         }
     )
     assert (config.batch_size, config.batch_wait_ms, config.model_weights) == (8, 2.5, "none")
+    assert config.job_codec == "raw"
     assert config.flask_debug is True
     assert config.redis_url_safe == "rediss://:***@example.com:6380/1"
 
@@ -44,6 +47,7 @@ def test_values_are_parsed():
         ("IMAGE_QUEUE", "bad name"),
         ("IMAGE_QUEUE", "queue*"),
         ("NOTIFICATIONS", "sometimes"),
+        ("JOB_CODEC", "png"),
         ("LOG_LEVEL", "loud"),
         ("FLASK_DEBUG", "maybe"),
         ("MAX_ATTEMPTS", "0"),
