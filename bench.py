@@ -533,6 +533,7 @@ def low_load(
             f"      {f['commands_per_request']:.2f} Redis commands/request: {_breakdown(m['commands'], f['requests'])}"
         )
     cpu_lines(report, usage)
+    report.say("   (bench.py's CPU in this phase includes the model-alone calls between the rounds)")
     return out
 
 
