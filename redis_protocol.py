@@ -22,6 +22,7 @@ worker whose heartbeat expired to the head of the queue.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 import uuid
@@ -228,16 +229,18 @@ end
 _REAP = (
     _RELEASE
     + """
-local requeued, buried, workers = 0, 0, 0
+local requeued, buried, workers, alive = 0, 0, 0, 0
 for _, worker in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   if redis.call('EXISTS', ARGV[1] .. worker) == 0 then
     local r = release(ARGV[2] .. worker, KEYS[2], KEYS[3], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]),
                       tonumber(ARGV[6]), worker, 1, 'worker ' .. worker .. ' stopped sending heartbeats')
     requeued, buried, workers = requeued + r[1], buried + r[2], workers + 1
     redis.call('SREM', KEYS[1], worker)
+  else
+    alive = alive + 1
   end
 end
-return {workers, requeued, buried}
+return {workers, requeued, buried, alive}
 """
 )
 
@@ -264,16 +267,13 @@ return jobs
 class JobQueue:
     """Queue operations for both sides. Thread-safe (redis-py pools its connections)."""
 
-    # A BLMOVE slower than this waited for its job (an answer from a non-empty queue takes well under
-    # a millisecond on one machine, a few across a network).
-    BLOCKED_AFTER = 0.005
-
     def __init__(self, client: redis.Redis, queue: str, result_ttl: int = 3600, max_attempts: int = 3) -> None:
         self.redis = client
         self.keys = Keys(queue)
         self.result_ttl = result_ttl
         self.max_attempts = max_attempts
         self._claim = client.register_script(_CLAIM)
+        self.workers_alive: int | None = None  # as the last reap() counted them
         self._reap = client.register_script(_REAP)
         self._release = client.register_script(_RELEASE_ONE)
 
@@ -376,17 +376,19 @@ class JobQueue:
         what arrived meanwhile. Every move is atomic, so concurrent workers never share a job.
         """
         plist = self.keys.processing(worker)
-        asked = time.monotonic()
+        asked = time.time()
         first = self.redis.blmove(self.keys.queue, plist, block, "RIGHT", "LEFT")
         if first is None:
             return []
-        arrived = time.monotonic()
-        until = arrived + wait
+        until = time.monotonic() + wait
         batch = [first]
-        # A BLMOVE that had to wait found the queue empty, so its job arrived alone: looking for
-        # company would cost a round trip and two commands (the low-load case). One that answered
-        # at once found jobs waiting: take the rest of the batch now.
-        if size > 1 and arrived - asked < self.BLOCKED_AFTER:
+        # BLMOVE takes the oldest job. If even that one was queued after this worker began to wait,
+        # the queue was empty and the job came alone: a lone worker does not look for company, which
+        # would cost a round trip and two commands per request at low load. With other workers the
+        # queue empties because they took the jobs, not for want of work; looking again found more
+        # jobs there (2 workers, 32 clients: mean batch 6.2 against 5.0, 5% more images/s).
+        alone = self.workers_alive == 1 and _enqueued_after(first, asked)
+        if size > 1 and not alone:
             batch += self._claim(keys=[self.keys.queue, plist], args=[size - 1])
         remaining = until - time.monotonic()
         if len(batch) < size and remaining > 0:
@@ -435,8 +437,10 @@ class JobQueue:
         return int(requeued), int(buried)
 
     def reap(self) -> tuple[int, int, int]:
-        """Release the jobs of every worker whose heartbeat expired; (workers, requeued, dead-lettered)."""
-        workers, requeued, buried = self._reap(
+        """Release the jobs of every worker whose heartbeat expired; (workers, requeued, dead-lettered).
+
+        Also counts the live workers (`workers_alive`), for claim_batch."""
+        workers, requeued, buried, alive = self._reap(
             keys=[self.keys.workers, self.keys.queue, self.keys.dead],
             args=[
                 self.keys.heartbeat_prefix,
@@ -447,7 +451,20 @@ class JobQueue:
                 time.time(),
             ],
         )
+        self.workers_alive = int(alive)
         return int(workers), int(requeued), int(buried)
+
+
+_ENQUEUED_AT = re.compile(rb'"enqueued_at":\s*(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)')
+
+
+def _enqueued_after(raw: bytes, moment: float) -> bool:
+    """Whether a queued job says it was enqueued after `moment` (Unix time, the web server's clock).
+
+    Reads only the JSON's head, where Job.to_json puts the field; False when it is not there.
+    """
+    match = _ENQUEUED_AT.search(raw, 0, 512)
+    return match is not None and float(match.group(1)) > moment
 
 
 def _text(raw: bytes | str) -> str:

@@ -98,19 +98,53 @@ def test_claim_is_fifo_and_moves_into_processing_list(queue, redis_client):
     assert queue.depth() == 2
 
 
-def test_a_job_arriving_at_an_idle_worker_is_taken_alone_without_the_claim_script(queue, redis_client):
-    # While BLMOVE blocks on the empty queue, three jobs arrive in one LPUSH: the worker's BLMOVE
-    # had to wait, so it does not look for company (the low-load case: one command to claim).
-    jobs = [make_job() for _ in range(3)]
-    threading.Timer(0.2, lambda: redis_client.lpush(queue.keys.queue, *(job.to_json() for job in jobs))).start()
-    scripts_before = redis_client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
-    batch = queue.claim_batch("w", size=8, wait=0, block=2)
-    assert [Job.from_json(raw).id for raw in batch] == [jobs[0].id]
-    assert redis_client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0) == scripts_before
-    # The next claim answers at once (jobs are waiting), so it takes the rest in the same call.
-    assert sorted(Job.from_json(raw).id for raw in queue.claim_batch("w2", size=8, wait=0, block=2)) == sorted(
-        job.id for job in jobs[1:]
-    )
+def scripts_run(redis_client) -> int:
+    return redis_client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+
+
+def claim_while_jobs_arrive(queue: JobQueue, redis_client, worker: str) -> tuple[list[Job], list[bytes], int]:
+    """Three jobs made and pushed while the worker's BLMOVE blocks on the empty queue: (jobs, batch, scripts run)."""
+    jobs: list[Job] = []
+
+    def push() -> None:
+        jobs.extend(make_job() for _ in range(3))
+        redis_client.lpush(queue.keys.queue, *(job.to_json() for job in jobs))
+
+    threading.Timer(0.2, push).start()
+    scripts_before = scripts_run(redis_client)
+    batch = queue.claim_batch(worker, size=8, wait=0, block=2)
+    return jobs, batch, scripts_run(redis_client) - scripts_before
+
+
+def test_a_lone_worker_takes_a_job_queued_after_it_began_waiting_alone(queue, redis_client):
+    queue.register("w", heartbeat_ttl=10)
+    queue.reap()
+    assert queue.workers_alive == 1
+    jobs, batch, scripts = claim_while_jobs_arrive(queue, redis_client, "w")
+    assert [Job.from_json(raw).id for raw in batch] == [jobs[0].id] and scripts == 0
+    # The two others were waiting before the next claim began, so it takes both in one call.
+    scripts_before = scripts_run(redis_client)
+    again = queue.claim_batch("w", size=8, wait=0, block=2)
+    assert sorted(Job.from_json(raw).id for raw in again) == sorted(job.id for job in jobs[1:])
+    assert scripts_run(redis_client) == scripts_before + 1
+
+
+def test_with_other_workers_alive_a_worker_looks_for_company_anyway(queue, redis_client):
+    queue.register("w", heartbeat_ttl=10)
+    queue.register("other", heartbeat_ttl=10)
+    queue.reap()
+    assert queue.workers_alive == 2
+    jobs, batch, scripts = claim_while_jobs_arrive(queue, redis_client, "w")
+    assert sorted(Job.from_json(raw).id for raw in batch) == sorted(job.id for job in jobs) and scripts == 1
+
+
+def test_jobs_that_do_not_say_when_they_were_queued_are_still_claimed_as_a_batch(queue, redis_client):
+    # Another producer's jobs (fields in another order, or no enqueued_at) get the batch claim.
+    queue.register("w", heartbeat_ttl=10)
+    queue.reap()
+    raws = [json.dumps({"id": str(i), "image": "x" * 600, "enqueued_at": time.time() + 60}) for i in range(3)]
+    redis_client.lpush(queue.keys.queue, *raws)
+    assert len(queue.claim_batch("w", size=8, wait=0, block=1)) == 3
 
 
 def test_claim_waits_for_more_jobs_up_to_batch_wait(queue):
