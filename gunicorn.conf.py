@@ -17,6 +17,18 @@ def child_exit(server, worker) -> None:
         multiprocess.mark_process_dead(worker.pid)
 
 
+def post_fork(server, worker) -> None:
+    """Lower this web process's CPU priority by WEB_NICE; the threads it starts later inherit it."""
+    import settings
+
+    try:
+        nice = settings.load().web_nice
+    except settings.SettingsError:
+        return  # the app factory loads the settings next and reports the bad one
+    if nice:
+        os.nice(nice)
+
+
 # gunicorn 27 gives every instance the same control socket in ~/.gunicorn: several gunicorns on one
 # machine (tests, `make bench`, `make run`) would unlink each other's. Nothing here uses it.
 control_socket_disable = True

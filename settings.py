@@ -36,6 +36,7 @@ class Settings:
     web_port: int = 5000
     web_processes: int = 1
     web_threads: int = 64
+    web_nice: int = 10
     max_attempts: int = 3
     max_queue: int = 1000
     max_upload_bytes: int = 16 * 1024 * 1024
@@ -159,6 +160,7 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "web_port": _int(1, 65535),
     "web_processes": _int(1, 64),
     "web_threads": _int(1, 1024),
+    "web_nice": _int(0, 19),
     "max_attempts": _int(1),
     "max_queue": _int(1),
     "max_upload_bytes": _int(1),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import uuid
 from collections import Counter
@@ -19,6 +20,7 @@ from tests.processes import (
     published_ids,
     sample_image_bytes,
     server_env,
+    start_web,
     start_worker,
 )
 
@@ -105,3 +107,17 @@ def test_imagenet_weights_without_network_exit_with_clear_message(redis_server, 
     log = child.log
     assert "could not get the ImageNet weights" in log
     assert "MODEL_WEIGHTS" in log and "Traceback" not in log
+
+
+def test_gunicorn_web_processes_run_at_lower_priority_by_web_nice(redis_server):
+    from bench import with_children
+
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    web = start_web(server_env(redis_server.url, "nice", WEB_NICE=7), gunicorn=True, processes=2)
+    try:
+        master, *workers = with_children(web.process.pid)
+        assert len(workers) == 2
+        assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in workers] == [min(base + 7, 19)] * 2
+        assert os.getpriority(os.PRIO_PROCESS, master) == base  # only the processes that serve requests
+    finally:
+        web.stop()

@@ -12,6 +12,7 @@ def test_defaults():
     assert config.web_host == "127.0.0.1" and config.web_port == 5000
     assert config.model_weights == "imagenet"
     assert config.job_codec == "zstd"
+    assert config.web_nice == 10
     assert config.flask_debug is False
 
 
@@ -48,6 +49,7 @@ def test_values_are_parsed():
         ("IMAGE_QUEUE", "queue*"),
         ("NOTIFICATIONS", "sometimes"),
         ("JOB_CODEC", "png"),
+        ("WEB_NICE", "20"),
         ("LOG_LEVEL", "loud"),
         ("FLASK_DEBUG", "maybe"),
         ("MAX_ATTEMPTS", "0"),
