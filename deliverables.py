@@ -156,7 +156,7 @@ def bench_figures() -> dict[str, str]:
     """The whole benchmark report, and its notifications-vs-polling phase on its own."""
     OUT.mkdir(exist_ok=True)
     target = OUT / "bench.md"
-    args = [PY, "bench.py", "--markdown", str(target), "--sweep", "JOB_CODEC=raw,zstd"]
+    args = [PY, "bench.py", "--markdown", str(target), "--sweep", "JOB_CODEC=raw,zstd", "--sweep", "WEB_NICE=0,10"]
     output = run(args)
     body = target.read_text() if target.exists() else f"bench.py wrote no report:\n```\n{output}\n```"
     stamp = time.strftime("%Y-%m-%d %H:%M %Z")
