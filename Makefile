@@ -24,7 +24,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# The model alone vs the whole serving path, in one run (~5 min here; `bench.py --quick` ~2.5 min; --help for flags).
+# The model alone vs the whole serving path, in one run (~9 min here; `bench.py --quick` ~3 min; --help for flags).
 bench: $(STAMP)
 	$(BIN)/python bench.py
 

@@ -1064,7 +1064,7 @@ def null_worker() -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="shorter phases (about 2.5 minutes) for development")
+    parser.add_argument("--quick", action="store_true", help="shorter phases (about 3 minutes) for development")
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     parser.add_argument("--markdown", type=Path, help="also write the goals table and the output to this file")
     parser.add_argument(
