@@ -13,10 +13,12 @@ Keys, all under the prefix IMAGE_QUEUE (default `image_queue`, written `{q}` bel
     {q}:result:{origin}:{id}    STRING  result JSON for job `id` sent by web process `origin`;
                                         TTL RESULT_TTL; the web server takes it with GETDEL.
 
-A job is always in exactly one list: the queue, one worker's processing list or the
-dead-letter list. Every move between lists is one atomic server-side step (BLMOVE or a Lua
-script), so a crash at any point loses nothing: the reaper returns the processing list of a
-worker whose heartbeat expired to the head of the queue.
+A job is in the queue, in one worker's processing list or in the dead-letter list. Every move
+between the queue and a processing list is one atomic server-side step (BLMOVE or a Lua script),
+and a batch leaves its processing list only after its results and dead letters are written, so a
+crash at any point loses nothing: the reaper returns the processing list of a worker whose
+heartbeat expired to the head of the queue. (A crash between writing a dead letter and that DEL
+leaves the job in both lists; it is delivered again and dead-lettered a second time.)
 """
 
 from __future__ import annotations
@@ -40,7 +42,13 @@ from helpers import IMAGE_DTYPE, IMAGE_SHAPE, PayloadError, decode_image, encode
 
 log = logger.get(__name__)
 
-RedisUnavailable = (redis.ConnectionError, redis.TimeoutError)
+# Redis cannot be reached, or refuses writes for now (maxmemory reached; a replica after a failover).
+RedisUnavailable = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+)
 NOTIFY_FLAGS = "K$"  # keyspace events for string commands: enough to see SET on a result key
 
 
@@ -267,6 +275,8 @@ return jobs
 class JobQueue:
     """Queue operations for both sides. Thread-safe (redis-py pools its connections)."""
 
+    BLOCKED_AFTER = 0.005  # s; a BLMOVE that answers from a non-empty queue on one machine takes under 1 ms
+
     def __init__(self, client: redis.Redis, queue: str, result_ttl: int = 3600, max_attempts: int = 3) -> None:
         self.redis = client
         self.keys = Keys(queue)
@@ -371,23 +381,26 @@ class JobQueue:
     def claim_batch(self, worker: str, size: int, wait: float, block: float) -> list[bytes]:
         """Move up to `size` jobs from the queue's head to this worker's processing list.
 
-        Blocks up to `block` seconds for the first job and takes every job already waiting;
-        if the batch is not full, sleeps until `wait` seconds after the first job and takes
-        what arrived meanwhile. Every move is atomic, so concurrent workers never share a job.
+        Blocks up to `block` seconds for the first job and, unless it came alone to a lone idle
+        worker, takes every job already waiting; if the batch is not full, sleeps until `wait`
+        seconds after the first job and takes what arrived meanwhile. Every move is atomic, so
+        concurrent workers never share a job.
         """
         plist = self.keys.processing(worker)
-        asked = time.time()
+        asked, asked_wall = time.monotonic(), time.time()
         first = self.redis.blmove(self.keys.queue, plist, block, "RIGHT", "LEFT")
         if first is None:
             return []
-        until = time.monotonic() + wait
+        arrived = time.monotonic()
+        until = arrived + wait
         batch = [first]
-        # BLMOVE takes the oldest job. If even that one was queued after this worker began to wait,
-        # the queue was empty and the job came alone: a lone worker does not look for company, which
-        # would cost a round trip and two commands per request at low load. With other workers the
-        # queue empties because they took the jobs, not for want of work, and looking again finds
-        # more (measured with 2 workers: see commit 31b7d06).
-        alone = self.workers_alive == 1 and _enqueued_after(first, asked)
+        # A job that came alone to an empty queue need not look for company, which would cost a round
+        # trip and two commands per request at low load. It came alone when all of these agree: BLMOVE
+        # had to wait; the job it returned, the oldest, was queued after this worker asked (the web
+        # server's clock); and this worker is the only one. Each guards the others: a slow link makes
+        # any BLMOVE slow, skewed clocks misdate jobs, and with other workers the queue empties because
+        # they took the jobs, not for want of work (looking again found more: commit 31b7d06).
+        alone = self.workers_alive == 1 and arrived - asked > self.BLOCKED_AFTER and _enqueued_after(first, asked_wall)
         if size > 1 and not alone:
             batch += self._claim(keys=[self.keys.queue, plist], args=[size - 1])
         remaining = until - time.monotonic()
@@ -399,11 +412,13 @@ class JobQueue:
         return batch
 
     def finish_batch(self, worker: str, results: list[tuple[Job, dict]], dead: list[DeadLetter]) -> int:
-        """Write dead letters and results (with TTL), then acknowledge the whole batch, in one round trip.
+        """Write dead letters and results (with TTL) in one round trip; then acknowledge the batch.
 
-        The acknowledgement (DEL of the processing list) goes last in the pipeline: if the worker dies
-        before Redis ran it, the reaper requeues the batch and it is answered again (at least once;
-        a client keeps whichever answer it reads first). Returns the number of result keys written.
+        The acknowledgement (DEL of the processing list) is sent only once every write succeeded: when
+        Redis refuses one (maxmemory), the error is raised and the batch stays claimed, to be published
+        again or requeued. If the worker dies in between, the reaper requeues the batch and it is answered
+        again (at least once; a client keeps whichever answer it reads first). Returns the number of
+        result keys written.
         """
         now = time.time()
         letters = [json.dumps({"reason": d.reason, "worker": worker, "at": now, "job": _text(d.raw)}) for d in dead]
@@ -416,8 +431,8 @@ class JobQueue:
                 pipe.lpush(self.keys.dead, text)
             for key, payload in answered:
                 pipe.set(key, json.dumps(payload), ex=self.result_ttl)
-            pipe.delete(self.keys.processing(worker))
-            pipe.execute()
+            pipe.execute()  # raises the first error; a pipeline runs every command, hence the DEL apart
+        self.redis.delete(self.keys.processing(worker))
         return len(answered)
 
     def release(self, worker: str, reason: str, count_attempt: bool = True) -> tuple[int, int]:

@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from redis_protocol import DeadLetter, Job, JobQueue, ResultListener, ResultTimeout, connect
+from redis_protocol import DeadLetter, Job, JobQueue, RedisUnavailable, ResultListener, ResultTimeout, connect
 
 PIXELS = np.zeros((224, 224, 3), np.uint8)
 
@@ -129,6 +129,18 @@ def test_a_lone_worker_takes_a_job_queued_after_it_began_waiting_alone(queue, re
     assert scripts_run(redis_client) == scripts_before + 1
 
 
+def test_a_lone_worker_whose_clock_lags_the_web_servers_still_takes_a_waiting_backlog(queue, redis_client):
+    # The jobs claim to be queued a minute from now (a web server whose clock runs ahead), but they
+    # were waiting when the worker asked: BLMOVE answered at once, so the worker takes them all.
+    queue.register("w", heartbeat_ttl=10)
+    queue.reap()
+    jobs = [make_job() for _ in range(3)]
+    for job in jobs:
+        job.enqueued_at += 60
+    redis_client.lpush(queue.keys.queue, *(job.to_json() for job in jobs))
+    assert len(queue.claim_batch("w", size=8, wait=0, block=2)) == 3
+
+
 def test_with_other_workers_alive_a_worker_looks_for_company_anyway(queue, redis_client):
     queue.register("w", heartbeat_ttl=10)
     queue.register("other", heartbeat_ttl=10)
@@ -164,6 +176,23 @@ def test_results_carry_ttl_and_are_taken_once(queue, redis_client):
     assert redis_client.llen(queue.keys.processing("w")) == 0
     assert queue.take_result(job.origin, job.id) == {"success": True, "predictions": []}
     assert queue.take_result(job.origin, job.id) is None
+
+
+def test_a_write_refused_by_a_full_redis_leaves_the_batch_claimed(queue, redis_client):
+    job = make_job()
+    queue.enqueue(job, 100)
+    queue.claim_batch("w", 1, 0, 1)
+    answer = {"success": True, "predictions": []}
+    redis_client.config_set("maxmemory", 1)  # below what is in use: Redis refuses writes (noeviction)
+    try:
+        with pytest.raises(RedisUnavailable):  # the worker retries it, as for a lost connection
+            queue.finish_batch("w", [(job, answer)], [DeadLetter(b"{", "bad JSON")])
+        assert redis_client.llen(queue.keys.processing("w")) == 1, "the batch is still claimed"
+    finally:
+        redis_client.config_set("maxmemory", 0)
+    queue.finish_batch("w", [(job, answer)], [])
+    assert redis_client.llen(queue.keys.processing("w")) == 0
+    assert queue.take_result(job.origin, job.id) == answer
 
 
 def test_bad_job_is_dead_lettered_and_its_client_answered(queue):
