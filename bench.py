@@ -895,7 +895,7 @@ def run(args: argparse.Namespace) -> Report:
     )
     report.say(
         f"BATCH_SIZE={config.batch_size}, BATCH_WAIT_MS={config.batch_wait_ms:g}, JOB_CODEC={config.job_codec}, "
-        "MODEL_WEIGHTS=none (random weights); "
+        f"WEB_NICE={config.web_nice}, MODEL_WEIGHTS=none (random weights); "
         f"uploads: {source}, {len(image):,} bytes"
     )
     report.say("Other work on this machine disturbs every figure: the CPU lines show how much it took.")
@@ -903,6 +903,7 @@ def run(args: argparse.Namespace) -> Report:
         "batch_size": config.batch_size,
         "batch_wait_ms": config.batch_wait_ms,
         "job_codec": config.job_codec,
+        "web_nice": config.web_nice,
         "image": source,
         "image_bytes": len(image),
         "cores": os.cpu_count(),
@@ -919,6 +920,7 @@ def run(args: argparse.Namespace) -> Report:
             BATCH_SIZE=config.batch_size,
             BATCH_WAIT_MS=config.batch_wait_ms,
             JOB_CODEC=config.job_codec,
+            WEB_NICE=config.web_nice,
             LOG_LEVEL="DEBUG",
             PYTHONPATH=str(Path(__file__).resolve().parent),
         )
