@@ -4,6 +4,7 @@
     web_requests_in_progress                      requests being handled right now
     web_predict_seconds                           histogram of /predict latency, all outcomes
     web_queue_depth                               jobs waiting in the Redis queue, read at scrape time
+    web_dead_letters                              dead letters kept in Redis, read at scrape time
 
 Under gunicorn (several processes) set PROMETHEUS_MULTIPROC_DIR to an empty directory: every
 process then writes its values there and /metrics, whichever process answers, sums them all
@@ -24,7 +25,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 import logger
-from redis_protocol import JobQueue, RedisUnavailable
+from redis_protocol import REDIS_UNAVAILABLE, JobQueue
 
 log = logger.get(__name__)
 
@@ -56,10 +57,14 @@ class QueueDepthCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         try:
             depth = self.queue.depth()
-        except RedisUnavailable as exc:
+            dead_letters = self.queue.dead_letter_count()
+        except REDIS_UNAVAILABLE as exc:
             log.debug("queue depth not available for /metrics: %s", exc)
             return
         yield GaugeMetricFamily("web_queue_depth", "Jobs waiting in the Redis queue", value=depth)
+        yield GaugeMetricFamily(
+            "web_dead_letters", "Dead letters kept in Redis (at most DEAD_LETTER_MAX)", value=dead_letters
+        )
 
 
 def multiprocess_dir() -> str | None:

@@ -21,7 +21,7 @@ from prometheus_client import Counter, Histogram, start_http_server
 
 import logger
 import settings as settings_module
-from redis_protocol import DeadLetter, Job, JobError, JobQueue, RedisUnavailable, connect
+from redis_protocol import REDIS_UNAVAILABLE, DeadLetter, Job, JobError, JobQueue
 
 # Outcomes: done (result published), expired (deadline passed before inference, dropped), failed (inference
 # raised; the job goes back to the queue), requeued (returned to the queue after a failure, or from a dead
@@ -47,6 +47,7 @@ class Worker:
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.stopping = threading.Event()
         self._finished = threading.Event()  # the heartbeat outlives `stopping` until the last batch is done
+        self._resume = False  # the last claim failed: the next one takes back what is in the slot
 
     def run(self) -> None:
         """Serve until `stop()`; survives Redis outages by retrying with backoff."""
@@ -68,8 +69,15 @@ class Worker:
         self.stopping.set()
 
     def _claim(self) -> list[bytes]:
+        """Claim a batch; after a failed claim, start with what that claim may have moved into the slot."""
         wait = self.settings.batch_wait_ms / 1000
-        return self.queue.claim_batch(self.id, self.settings.batch_size, wait, block=1.0)
+        try:
+            batch = self.queue.claim_batch(self.id, self.settings.batch_size, wait, block=1.0, resume=self._resume)
+        except REDIS_UNAVAILABLE:
+            self._resume = True
+            raise
+        self._resume = False
+        return batch
 
     def process(self, raws: list[bytes]) -> None:
         """Run one claimed batch through the model, then publish every outcome and acknowledge the batch."""
@@ -78,14 +86,9 @@ class Worker:
         now = time.time()
         for raw in raws:
             try:
-                job = Job.from_json(raw)
+                job, image = self._read(raw)
             except JobError as exc:
-                dead.append(DeadLetter(raw, str(exc)))
-                continue
-            try:
-                image = job.pixels()
-            except JobError as exc:
-                dead.append(DeadLetter(raw, str(exc)))
+                dead.append(DeadLetter(raw, str(exc), self.settings.max_job_bytes))
                 continue
             if job.deadline < now:
                 JOBS.labels("expired").inc()
@@ -103,6 +106,21 @@ class Worker:
         for letter in dead:
             log.warning("dead-lettered a job: %s", letter.reason)
         log.debug("batch done: %d jobs: %s", len(results), " ".join(job.id for job, _ in results))
+
+    def _read(self, raw: bytes) -> tuple[Job, np.ndarray]:
+        """A queued element as a job and its pixels; JobError for anything that is not a valid job.
+
+        Queued elements are untrusted: an error this code did not foresee must cost one dead letter,
+        never the worker.
+        """
+        try:
+            job = Job.from_json(raw, self.settings.max_job_bytes)
+            return job, job.pixels()
+        except JobError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            log.exception("unexpected error reading a job")
+            raise JobError(f"unreadable job ({type(exc).__name__})") from None
 
     def _predict(self, jobs: list[Job], pixels: list[np.ndarray]) -> list[tuple[Job, dict]] | None:
         started = time.perf_counter()
@@ -128,11 +146,14 @@ class Worker:
                 self.queue.heartbeat(self.id, self.settings.heartbeat_ttl)
                 if time.monotonic() >= next_reap:
                     next_reap = time.monotonic() + self.settings.reap_interval
-                    workers, requeued, buried = self.queue.reap()
-                    count_released(requeued, buried)
+                    workers, requeued, dead_lettered = self.queue.reap()
+                    count_released(requeued, dead_lettered)
                     if workers:
                         log.warning(
-                            "reaped %d dead worker(s): %d job(s) requeued, %d dead-lettered", workers, requeued, buried
+                            "reaped %d dead worker(s): %d job(s) requeued, %d dead-lettered",
+                            workers,
+                            requeued,
+                            dead_lettered,
                         )
             except Exception as exc:  # noqa: BLE001 - this thread must outlive any error, or a live worker gets reaped
                 log.warning("heartbeat or reaper failed (%s: %s); retrying", type(exc).__name__, exc)
@@ -143,7 +164,7 @@ class Worker:
         while True:
             try:
                 return action()
-            except RedisUnavailable as exc:
+            except REDIS_UNAVAILABLE as exc:
                 elapsed = time.monotonic() - started
                 if give_up_after is not None and elapsed > give_up_after:
                     log.error("could not %s for %.0f s (%s); giving up", what, elapsed, exc)
@@ -155,10 +176,10 @@ class Worker:
                 delay = min(delay * 2, 5.0)
 
 
-def count_released(requeued: int, buried: int) -> None:
+def count_released(requeued: int, dead_lettered: int) -> None:
     """Count jobs this worker moved out of a processing list: back to the queue or to the dead letters."""
     JOBS.labels("requeued").inc(requeued)
-    JOBS.labels("dead_lettered").inc(buried)
+    JOBS.labels("dead_lettered").inc(dead_lettered)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -202,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info("metrics on http://%s:%d/metrics", config.web_host, config.metrics_port)
         except OSError as exc:
             log.warning("metrics port %d unavailable (%s); this worker serves no metrics", config.metrics_port, exc)
-    queue = JobQueue(connect(config.redis_url), config.image_queue, config.result_ttl, config.max_attempts)
+    queue = JobQueue.from_settings(config)
     worker = Worker(config, queue, classifier)
     signal.signal(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, worker.stop)

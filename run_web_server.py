@@ -19,7 +19,7 @@ import logger
 import metrics
 import settings as settings_module
 from helpers import ImageError, prepare_image
-from redis_protocol import Job, JobQueue, RedisUnavailable, ResultListener, ResultTimeout, connect
+from redis_protocol import REDIS_UNAVAILABLE, Job, JobQueue, ResultListener, ResultTimeout
 
 log = logger.get("web")
 
@@ -30,7 +30,7 @@ class Service:
     def __init__(self, config: settings_module.Settings) -> None:
         self.config = config
         self.origin = uuid.uuid4().hex[:12]
-        self.queue = JobQueue(connect(config.redis_url), config.image_queue, config.result_ttl, config.max_attempts)
+        self.queue = JobQueue.from_settings(config)
         self.listener = ResultListener(self.queue, self.origin, config.notifications != "off")
 
 
@@ -93,10 +93,11 @@ def predict():
             if not service.queue.enqueue(job, service.config.max_queue):
                 return error(503, "the server is busy (queue full); try again shortly", retry_after=1)
             result = service.listener.wait(job.id, job.deadline)
-        except RedisUnavailable as exc:
+        except REDIS_UNAVAILABLE as exc:
             log.warning("Redis unavailable for job %s: %s", job.id, exc)
             return error(503, "the job queue (Redis) is unavailable; try again shortly", retry_after=1)
         except ResultTimeout:
+            _give_up(service.queue, job)
             return error(504, f"no result within {service.config.request_timeout:g} s (REQUEST_TIMEOUT)")
     elapsed_ms = (time.time() - job.enqueued_at) * 1000
     if not result.get("success"):
@@ -104,6 +105,19 @@ def predict():
         return error(int(result.get("status", 500)), result.get("error", "the job failed"))
     log.info("job %s answered in %.0f ms", job.id, elapsed_ms)
     return jsonify(result)
+
+
+def _give_up(queue: JobQueue, job: Job) -> None:
+    """Take a timed-out job out of the queue, so that no worker runs it for a client that is gone.
+
+    A job a worker holds already is dropped by the worker once past its deadline, and a late result
+    expires seconds after it.
+    """
+    try:
+        if queue.cancel(job):
+            log.info("job %s cancelled: no result within its deadline, still queued", job.id)
+    except REDIS_UNAVAILABLE as exc:
+        log.warning("could not cancel job %s: %s", job.id, exc)
 
 
 def healthz():
@@ -117,7 +131,7 @@ def readyz():
     try:
         depth = service.queue.depth()
         workers = service.queue.live_workers()
-    except RedisUnavailable as exc:
+    except REDIS_UNAVAILABLE as exc:
         return jsonify(ready=False, redis=False, error=str(exc)), 503
     ready = workers > 0
     body = dict(ready=ready, redis=True, workers=workers, queue_depth=depth, wait_mode=service.listener.mode)

@@ -39,6 +39,8 @@ class Settings:
     web_nice: int = 10
     max_attempts: int = 3
     max_queue: int = 1000
+    max_job_bytes: int = 1_048_576
+    dead_letter_max: int = 1000
     max_upload_bytes: int = 16 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     heartbeat_ttl: float = 10.0
@@ -163,6 +165,8 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "web_nice": _int(0, 19),
     "max_attempts": _int(1),
     "max_queue": _int(1),
+    "max_job_bytes": _int(1024),
+    "dead_letter_max": _int(1),
     "max_upload_bytes": _int(1),
     "max_image_pixels": _int(1),
     "heartbeat_ttl": _float(1.0),

@@ -1,0 +1,51 @@
+"""The Redis protocol between web servers and model workers: keys, job format, scripts, operations.
+
+The servers call this package and never spell a Redis key. One concern per module:
+
+    keys.py        every key name (declared once) and what each key holds
+    connection.py  the client, which never resends a command, and REDIS_UNAVAILABLE
+    job.py         the job's wire format (JSON), parsed as untrusted input; dead-letter metadata
+    scripts.py     the Lua scripts, each documenting its KEYS and ARGV
+    queue.py       JobQueue: the operations of both sides
+    listener.py    ResultListener: how a waiting request learns that its result is there
+
+The rule that loses nothing: a job is in the queue, in one batch slot (processing list) of one worker,
+or in the dead letters. Every move between the queue and a processing list is one atomic server-side
+step (BLMOVE or a Lua script). A batch leaves its processing list only after its results are written,
+so a crash at any point loses nothing: the reaper returns the processing lists of a worker whose
+heartbeat expired to the head of the queue.
+
+Replays. A command whose reply is lost may have run. The client never resends by itself; each
+operation on the job path is either idempotent, and then retried once, or recovers another way:
+
+    command                          idempotent   after a lost reply
+    LPUSH job (enqueue)              no           pushed again in MULTI with an LREM of the first copy
+    BLMOVE, CLAIM script (claim)     no           not resent; the next claim takes back the slot's jobs
+    SET result EX (publish)          yes          resent: the same value again
+    ACK script (acknowledge)         yes          resent: does nothing once the slot is gone
+    RELEASE, REAP scripts            yes          resent: find nothing left to move
+    GETEX result PX (take result)    yes          resent: the same value, kept 2 s after the first read
+    LREM job (cancel)                yes          resent
+    SET heartbeat PX + SADD          yes          resent
+"""
+
+from .connection import REDIS_UNAVAILABLE, connect
+from .job import DeadLetter, Job, JobError, error_result, job_metadata
+from .keys import SLOTS, Keys
+from .listener import ResultListener, ResultTimeout
+from .queue import JobQueue
+
+__all__ = [
+    "REDIS_UNAVAILABLE",
+    "SLOTS",
+    "DeadLetter",
+    "Job",
+    "JobError",
+    "JobQueue",
+    "Keys",
+    "ResultListener",
+    "ResultTimeout",
+    "connect",
+    "error_result",
+    "job_metadata",
+]

@@ -1,0 +1,201 @@
+"""A job as it travels on the queue (JSON, never pickle), parsed as untrusted input.
+
+Anything can be pushed onto a Redis list, so a worker reads every queued element as input from a
+stranger: its size is checked before it is parsed, every field's type and range after. Whatever fails
+becomes a JobError, whose message is the dead-letter reason.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+
+from helpers import IMAGE_DTYPE, IMAGE_SHAPE, PayloadError, decode_image, encode_image
+
+DEFAULT_MAX_JOB_BYTES = 1_048_576  # a 224x224x3 job is about 200 KB raw, less with zstd
+MAX_NAME_CHARS = 200  # ids, origins, dtype and codec names are short; longer ones are not ours
+
+
+class JobError(ValueError):
+    """A queued job that cannot be processed; the message is the dead-letter reason."""
+
+
+@dataclass
+class Job:
+    """One image to classify, with where to send its result and until when it is wanted."""
+
+    id: str
+    origin: str
+    image: str
+    shape: list[int]
+    dtype: str
+    enqueued_at: float
+    deadline: float
+    attempts: int = 0
+    codec: str = "raw"  # how `image` packs the pixels: helpers.encode_image
+    # True when `image` is base64 text made by Job.new: it needs no JSON escaping, so to_json can
+    # splice it in instead of having json.dumps scan 200 KB of it.
+    _image_is_base64: bool = field(default=False, init=False, repr=False, compare=False)
+
+    @classmethod
+    def new(cls, pixels: np.ndarray, origin: str, timeout: float, codec: str = "raw") -> Job:
+        """A job for `pixels`, packed with `codec` (JOB_CODEC), due `timeout` seconds from now."""
+        image, codec = encode_image(pixels, codec)
+        now = time.time()
+        job = cls(
+            id=uuid.uuid4().hex,
+            origin=origin,
+            image=image,
+            shape=list(pixels.shape),
+            dtype=str(pixels.dtype),
+            enqueued_at=now,
+            deadline=now + timeout,
+            codec=codec,
+        )
+        job._image_is_base64 = True
+        return job
+
+    def to_json(self) -> bytes:
+        """The job as queued: compact JSON, UTF-8, with `id` first and `image` last."""
+        wire = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+        if not self._image_is_base64:
+            return json.dumps(wire, separators=(",", ":")).encode()
+        del wire["image"]
+        head = json.dumps(wire, separators=(",", ":"))
+        return b"".join((head[:-1].encode(), b',"image":"', self.image.encode("ascii"), b'"}'))
+
+    @classmethod
+    def from_json(cls, raw: bytes | str, max_bytes: int = DEFAULT_MAX_JOB_BYTES) -> Job:
+        """Parse a queued job; raises JobError naming what is wrong."""
+        data = parse_object(raw, max_bytes)
+        missing = [name for name in ("id", "origin", "image", "shape", "dtype", "deadline") if name not in data]
+        if missing:
+            raise JobError(f"job lacks field(s): {', '.join(missing)}")
+        return cls(
+            id=_name(data, "id"),
+            origin=_name(data, "origin"),
+            image=_typed(data, "image", str),
+            shape=_shape(data["shape"]),
+            dtype=_name(data, "dtype"),
+            enqueued_at=_finite(data.get("enqueued_at", 0.0), "enqueued_at"),
+            deadline=_finite(data["deadline"], "deadline"),
+            attempts=_count(data.get("attempts", 0), "attempts"),
+            codec=_name({"codec": data.get("codec", "raw")}, "codec"),
+        )
+
+    def pixels(self) -> np.ndarray:
+        """The decoded (224, 224, 3) uint8 image; raises JobError if it is anything else."""
+        if self.dtype != IMAGE_DTYPE or tuple(self.shape) != IMAGE_SHAPE:
+            raise JobError(f"image must be {IMAGE_DTYPE} {IMAGE_SHAPE}, got {self.dtype} {tuple(self.shape)}")
+        try:
+            return decode_image(self.image, self.codec, self.dtype, self.shape)
+        except PayloadError as exc:
+            raise JobError(str(exc)) from None
+
+
+def parse_object(raw: bytes | str, max_bytes: int) -> dict:
+    """A queued element parsed as a JSON object, its size checked first; JobError otherwise."""
+    if len(raw) > max_bytes:
+        raise JobError(f"job is {len(raw):,} bytes; the limit is {max_bytes:,} (MAX_JOB_BYTES)")
+    try:
+        data = json.loads(raw, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as exc:  # RecursionError: nesting too deep for the parser
+        raise JobError(f"job is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise JobError("job is not a JSON object")
+    return data
+
+
+_WRONG = "job has a field of the wrong type:"
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _typed(data: dict, name: str, kind: type) -> object:
+    value = data[name]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise JobError(f"{_WRONG} {name!r} must be a {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _name(data: dict, name: str) -> str:
+    value = _typed(data, name, str)
+    if not value or len(value) > MAX_NAME_CHARS:
+        raise JobError(f"{_WRONG} {name!r} must have 1 to {MAX_NAME_CHARS} characters, got {len(value)}")
+    return value
+
+
+def _shape(value: object) -> list[int]:
+    if not isinstance(value, list) or len(value) > 8 or not all(_is_int(n) and n >= 0 for n in value):
+        raise JobError(f"{_WRONG} 'shape' must be a list of at most 8 whole numbers >= 0")
+    return value
+
+
+def _finite(value: object, name: str) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        raise JobError(f"{_WRONG} {name!r} must be a finite number")
+    return float(value)
+
+
+def _count(value: object, name: str) -> int:
+    # cjson (the Lua scripts) writes whole numbers as 2, but may write 2.0 after arithmetic.
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if not _is_int(value) or value < 0:
+        raise JobError(f"{_WRONG} {name!r} must be a whole number >= 0")
+    return value
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def job_metadata(raw: bytes | str, max_bytes: int = DEFAULT_MAX_JOB_BYTES) -> dict:
+    """What a dead letter keeps of a job: its identity and timing, never its image.
+
+    Only well-typed fields are kept, so a forged job cannot smuggle odd values into the dead letters.
+    """
+    meta: dict = {"bytes": len(raw)}
+    try:
+        data = parse_object(raw, max_bytes)
+    except JobError:
+        return meta
+    for name, check in (("id", str), ("origin", str), ("codec", str)):
+        if isinstance(data.get(name), check) and len(data[name]) <= MAX_NAME_CHARS:
+            meta[name] = data[name]
+    for name in ("enqueued_at", "deadline", "attempts"):
+        value = data.get(name)
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            meta[name] = value
+    return meta
+
+
+def error_result(message: str, status: int = 500) -> dict:
+    """The result a client receives when its job failed."""
+    return {"success": False, "error": message, "status": status}
+
+
+@dataclass
+class DeadLetter:
+    """A job the worker gives up on, with the reason."""
+
+    raw: bytes | str
+    reason: str
+    max_bytes: int = DEFAULT_MAX_JOB_BYTES
+
+    @property
+    def metadata(self) -> dict:
+        return job_metadata(self.raw, self.max_bytes)
+
+    @property
+    def reply_to(self) -> tuple[str, str] | None:
+        """(origin, id) when the job names them readably, so that its client can be told at once."""
+        meta = self.metadata
+        return (meta["origin"], meta["id"]) if "origin" in meta and "id" in meta else None

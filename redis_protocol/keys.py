@@ -1,0 +1,52 @@
+"""Every Redis key name of the protocol, declared once (`{q}` is IMAGE_QUEUE, default `image_queue`).
+
+{q}                               LIST    pending jobs (JSON). The web server LPUSHes; workers take from
+                                          the right, so the list is FIFO and its right end is the head.
+{q}:processing:{worker}:{slot}    LIST    one claimed batch of one worker, until it is acknowledged.
+                                          A worker has SLOTS batch slots; a serial worker uses slot 0.
+{q}:heartbeat:{worker}            STRING  "alive"; TTL HEARTBEAT_TTL, renewed by the worker.
+{q}:workers                       SET     ids of workers that may own processing lists.
+{q}:dead                          LIST    dead letters, newest first, at most DEAD_LETTER_MAX:
+                                          {"reason", "worker", "at", "job": metadata}, never the image.
+{q}:result:{origin}:{id}          STRING  result JSON for job `id` sent by web process `origin`; expires
+                                          a few seconds after the job's deadline (RESULT_TTL at most).
+"""
+
+from __future__ import annotations
+
+# Batch slots per worker: each claimed batch has a processing list of its own, so acknowledging a batch
+# deletes exactly that batch's jobs while the worker may hold other batches in its other slots.
+SLOTS = 4
+
+# Keyspace events for string commands: enough to see the SET of a result key.
+NOTIFY_FLAGS = "K$"
+
+
+class Keys:
+    """The key names of one queue."""
+
+    def __init__(self, queue: str) -> None:
+        self.queue = queue
+        self.workers = f"{queue}:workers"
+        self.dead = f"{queue}:dead"
+        self.processing_prefix = f"{queue}:processing:"
+        self.heartbeat_prefix = f"{queue}:heartbeat:"
+        self.result_prefix = f"{queue}:result:"
+
+    def processing(self, worker: str, slot: int = 0) -> str:
+        """The processing list of one of a worker's batch slots."""
+        return f"{self.processing_prefix}{worker}:{slot}"
+
+    def processing_lists(self, worker: str) -> list[str]:
+        """Every processing list a worker may own."""
+        return [self.processing(worker, slot) for slot in range(SLOTS)]
+
+    def heartbeat(self, worker: str) -> str:
+        return self.heartbeat_prefix + worker
+
+    def result(self, origin: str, job_id: str) -> str:
+        return f"{self.result_prefix}{origin}:{job_id}"
+
+    def result_channel_pattern(self, db: int, origin: str) -> str:
+        """The keyspace-notification channels of every result key of one web process."""
+        return f"__keyspace@{db}__:{self.result_prefix}{origin}:*"

@@ -1,0 +1,308 @@
+"""Queue operations for both sides: the web server enqueues and takes results; workers claim,
+publish, acknowledge, heartbeat, release and reap. Thread-safe (redis-py pools its connections)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from typing import TYPE_CHECKING
+
+import redis
+
+from . import scripts
+from .connection import REPLY_LOST, connect, retry_once
+from .job import DEFAULT_MAX_JOB_BYTES, DeadLetter, Job, error_result
+from .keys import NOTIFY_FLAGS, SLOTS, Keys
+
+if TYPE_CHECKING:
+    from settings import Settings
+
+# A result lives this long after its job's deadline: long enough for the web server that waits until
+# the deadline to read it, short enough that a result nobody waits for anymore does not linger.
+RESULT_GRACE = 5
+# A result the web server took lives this long more, so that reading it again after a lost reply
+# finds it still there.
+TAKEN_RESULT_TTL_MS = 2000
+
+
+class JobQueue:
+    """One queue's operations."""
+
+    BLOCKED_AFTER = 0.005  # s; a BLMOVE that answers from a non-empty queue on one machine takes under 1 ms
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        queue: str,
+        result_ttl: int = 3600,
+        max_attempts: int = 3,
+        max_job_bytes: int = DEFAULT_MAX_JOB_BYTES,
+        dead_letter_max: int = 1000,
+    ) -> None:
+        self.redis = client
+        self.keys = Keys(queue)
+        self.result_ttl = result_ttl
+        self.max_attempts = max_attempts
+        self.max_job_bytes = max_job_bytes
+        self.dead_letter_max = dead_letter_max
+        self.workers_alive: int | None = None  # as the last reap() counted them
+        self._claim = client.register_script(scripts.CLAIM)
+        self._ack = client.register_script(scripts.ACK)
+        self._reap = client.register_script(scripts.REAP)
+        self._release = client.register_script(scripts.RELEASE)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> JobQueue:
+        """The queue that REDIS_URL, IMAGE_QUEUE and the limits in `settings` describe."""
+        return cls(
+            connect(settings.redis_url),
+            settings.image_queue,
+            settings.result_ttl,
+            settings.max_attempts,
+            settings.max_job_bytes,
+            settings.dead_letter_max,
+        )
+
+    # ---- web side -------------------------------------------------------------------------
+
+    def enqueue(self, job: Job, max_queue: int) -> bool:
+        """Push a job; False (and nothing queued) when the queue already held `max_queue` jobs.
+
+        LPUSH is not idempotent, so after a lost reply the job is pushed again in a transaction that
+        first removes the copy the lost LPUSH may have queued.
+        """
+        raw = job.to_json()
+        try:
+            depth = self.redis.lpush(self.keys.queue, raw)
+        except REPLY_LOST:
+            with self.redis.pipeline(transaction=True) as pipe:
+                pipe.lrem(self.keys.queue, 1, raw)
+                pipe.lpush(self.keys.queue, raw)
+                depth = pipe.execute()[1]
+        # Over the limit: take it back. If a worker claimed it meanwhile, it is accepted after all.
+        return depth <= max_queue or not self._withdraw(raw)
+
+    def cancel(self, job: Job) -> bool:
+        """Take a job out of the queue if no worker has claimed it yet; True if it was still queued.
+
+        Idempotent. A job already claimed cannot be taken back: once its deadline has passed, the
+        worker drops it instead of running it.
+        """
+        return self._withdraw(job.to_json())
+
+    def _withdraw(self, raw: bytes) -> bool:
+        return retry_once(lambda: self.redis.lrem(self.keys.queue, 1, raw)) == 1
+
+    def take_result(self, origin: str, job_id: str) -> dict | None:
+        """A job's result, or None if it is not there yet. The key then expires within seconds.
+
+        GETEX rather than GETDEL: read twice (a retry after a lost reply), it answers the same.
+        """
+        key = self.keys.result(origin, job_id)
+        raw = retry_once(lambda: self.redis.getex(key, px=TAKEN_RESULT_TTL_MS))
+        return None if raw is None else json.loads(raw)
+
+    def depth(self) -> int:
+        """Number of jobs waiting in the queue."""
+        return int(retry_once(lambda: self.redis.llen(self.keys.queue)))
+
+    def dead_letter_count(self) -> int:
+        """Number of dead letters kept (at most DEAD_LETTER_MAX)."""
+        return int(retry_once(lambda: self.redis.llen(self.keys.dead)))
+
+    def peek(self) -> bytes | None:
+        """The job at the queue's head exactly as stored, without claiming it; None if the queue is empty."""
+        return retry_once(lambda: self.redis.lindex(self.keys.queue, -1))
+
+    def live_workers(self) -> int:
+        """Number of registered workers whose heartbeat has not expired."""
+        workers = [w.decode() for w in retry_once(lambda: self.redis.smembers(self.keys.workers))]
+        if not workers:
+            return 0
+        return int(retry_once(lambda: self.redis.exists(*(self.keys.heartbeat(w) for w in workers))))
+
+    def dead_letters(self, limit: int = 100) -> list[dict]:
+        """The newest dead letters, parsed."""
+        raws = retry_once(lambda: self.redis.lrange(self.keys.dead, 0, limit - 1))
+        return [json.loads(raw.decode("utf-8", "replace")) for raw in raws]
+
+    def enable_notifications(self) -> bool:
+        """Make sure keyspace events for SET are on, adding only the flags we need.
+
+        Returns False when they are off and CONFIG is not allowed (managed Redis): then the
+        caller polls.
+        """
+        try:
+            current = self.notification_flags()
+        except redis.ResponseError:
+            return False
+        flags = set(current)
+        if "K" in flags and ("$" in flags or "A" in flags):
+            return True
+        try:
+            self.redis.config_set("notify-keyspace-events", "".join(sorted(flags | set(NOTIFY_FLAGS))))
+        except redis.ResponseError:
+            return False
+        return True
+
+    def notification_flags(self) -> str:
+        """The server's notify-keyspace-events flags (raises ResponseError where CONFIG is denied)."""
+        value = next(iter(self.redis.config_get("notify-keyspace-events").values()), "")
+        return value.decode() if isinstance(value, bytes) else value
+
+    def probe_notifications(self, origin: str, probe_id: str) -> None:
+        """Write a short-lived key under `origin`'s result pattern, to see whether its event arrives."""
+        self.redis.set(self.keys.result(origin, probe_id), b"probe", px=5000)
+
+    def result_channel_pattern(self, origin: str) -> str:
+        db = int(self.redis.connection_pool.connection_kwargs.get("db", 0))
+        return self.keys.result_channel_pattern(db, origin)
+
+    # ---- worker side ----------------------------------------------------------------------
+
+    def register(self, worker: str, heartbeat_ttl: float) -> None:
+        """Announce a worker: heartbeat first, so the reaper never sees it registered but dead."""
+        self.heartbeat(worker, heartbeat_ttl)
+
+    def heartbeat(self, worker: str, ttl: float) -> None:
+        """Renew the heartbeat, then (re)join the worker set, in one round trip. Idempotent.
+
+        Rejoining matters: a worker reaped while paused or cut off from Redis, or forgotten by a
+        restarted Redis, would otherwise never be reaped again, and a later crash would lose its jobs.
+        """
+
+        def beat() -> None:
+            with self.redis.pipeline(transaction=False) as pipe:  # in this order, so no MULTI needed
+                pipe.set(self.keys.heartbeat(worker), b"alive", px=int(ttl * 1000))
+                pipe.sadd(self.keys.workers, worker)
+                pipe.execute()
+
+        retry_once(beat)
+
+    def unregister(self, worker: str) -> None:
+        """Clean exit: return anything still claimed to the queue (no attempt counted), then leave."""
+        for slot in range(SLOTS):
+            self.release(worker, "worker shut down", count_attempt=False, slot=slot)
+        retry_once(lambda: self.redis.delete(self.keys.heartbeat(worker)))
+        retry_once(lambda: self.redis.srem(self.keys.workers, worker))
+
+    def claim_batch(
+        self, worker: str, size: int, wait: float, block: float, slot: int = 0, resume: bool = False
+    ) -> list[bytes]:
+        """Move up to `size` jobs from the queue's head into one of this worker's batch slots.
+
+        Blocks up to `block` seconds for the first job and, unless it came alone to a lone idle
+        worker, takes every job already waiting; if the batch is not full, sleeps until `wait`
+        seconds after the first job and takes what arrived meanwhile. Every move is atomic, so
+        concurrent workers never share a job.
+
+        The moves are not idempotent, so nothing resends them. `resume=True` after a failed claim:
+        the batch then starts with whatever the slot already holds, the jobs a move whose reply was
+        lost put there.
+        """
+        plist = self.keys.processing(worker, slot)
+        batch = retry_once(lambda: self.redis.lrange(plist, 0, -1)) if resume else []
+        alone = False
+        if not batch:
+            asked, asked_wall = time.monotonic(), time.time()
+            first = self.redis.blmove(self.keys.queue, plist, block, "RIGHT", "RIGHT")
+            if first is None:
+                return []
+            batch = [first]
+            alone = self._came_alone(first, time.monotonic() - asked, asked_wall)
+        until = time.monotonic() + wait
+        if len(batch) < size and not alone:
+            batch += self._claim(keys=[self.keys.queue, plist], args=[size - len(batch)])
+        remaining = until - time.monotonic()
+        if len(batch) < size and remaining > 0:
+            # The wait is client-side: Redis times a blocking command out only on its clock tick
+            # (100 ms at the default hz 10), and Redis 6 blocks forever on a timeout under 1 ms.
+            time.sleep(remaining)
+            batch += self._claim(keys=[self.keys.queue, plist], args=[size - len(batch)])
+        return batch
+
+    def _came_alone(self, first: bytes, waited: float, asked_wall: float) -> bool:
+        """Whether a job came alone to an empty queue, so that looking for company would only cost a
+        round trip. All three must agree, each guarding the others: BLMOVE had to wait (but a slow link
+        makes any BLMOVE slow); the job was queued after this worker asked (but skewed clocks misdate
+        jobs); and this worker is the only one (with others, the queue empties because they took the
+        jobs, not for want of work)."""
+        return self.workers_alive == 1 and waited > self.BLOCKED_AFTER and _enqueued_after(first, asked_wall)
+
+    def finish_batch(self, worker: str, results: list[tuple[Job, dict]], dead: list[DeadLetter], slot: int = 0) -> int:
+        """Publish a batch's results, then acknowledge it (its dead letters written in the same step).
+
+        Both steps are idempotent, so the caller may repeat the whole call after any failure. The
+        acknowledgement is sent only once every result is written: when Redis refuses one (maxmemory)
+        the error is raised and the batch stays claimed. A worker that dies in between has its batch
+        requeued and answered again (at least once; a client keeps the first answer it reads).
+        Returns the number of result keys written.
+        """
+        now = time.time()
+        answered = [(self.keys.result(job.origin, job.id), payload, job.deadline) for job, payload in results]
+        for letter in dead:
+            meta = letter.metadata
+            if reply_to := letter.reply_to:
+                error = error_result(f"bad job: {letter.reason}", 400)
+                answered.append((self.keys.result(*reply_to), error, meta.get("deadline")))
+        letters = [json.dumps({"reason": d.reason, "worker": worker, "at": now, "job": d.metadata}) for d in dead]
+
+        def publish() -> None:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for key, payload, deadline in answered:
+                    pipe.set(key, json.dumps(payload), ex=self._result_ttl(deadline, now))
+                pipe.execute()  # raises the first error; the acknowledgement must not follow it
+
+        retry_once(publish)
+        plist = self.keys.processing(worker, slot)
+        retry_once(lambda: self._ack(keys=[plist, self.keys.dead], args=[self.dead_letter_max, *letters]))
+        return len(answered)
+
+    def _result_ttl(self, deadline: float | None, now: float) -> int:
+        """Seconds a result is kept: until RESULT_GRACE after its job's deadline, RESULT_TTL at most."""
+        if deadline is None or not math.isfinite(deadline):
+            return self.result_ttl
+        return max(1, min(self.result_ttl, math.floor(deadline - now) + RESULT_GRACE))
+
+    def release(self, worker: str, reason: str, count_attempt: bool = True, slot: int = 0) -> tuple[int, int]:
+        """Return one batch slot's jobs to the queue's head; (requeued, dead-lettered). Idempotent."""
+        keys = [self.keys.processing(worker, slot), self.keys.queue, self.keys.dead]
+        args = [*self._release_args(), worker, int(count_attempt), reason]
+        requeued, dead_lettered = retry_once(lambda: self._release(keys=keys, args=args))
+        return int(requeued), int(dead_lettered)
+
+    def reap(self) -> tuple[int, int, int]:
+        """Release the jobs of every worker whose heartbeat expired; (workers, requeued, dead-lettered).
+
+        Also counts the live workers (`workers_alive`), for claim_batch. Idempotent."""
+        keys = [self.keys.workers, self.keys.queue, self.keys.dead]
+        args = [*self._release_args(), self.keys.heartbeat_prefix, self.keys.processing_prefix, SLOTS]
+        workers, requeued, dead_lettered, alive = retry_once(lambda: self._reap(keys=keys, args=args))
+        self.workers_alive = int(alive)
+        return int(workers), int(requeued), int(dead_lettered)
+
+    def _release_args(self) -> list[object]:
+        """ARGV[1..7] of the release and reap scripts (see scripts.py)."""
+        return [
+            self.keys.result_prefix,
+            self.max_attempts,
+            self.result_ttl,
+            RESULT_GRACE,
+            self.max_job_bytes,
+            self.dead_letter_max,
+            time.time(),
+        ]
+
+
+_ENQUEUED_AT = re.compile(rb'"enqueued_at":\s*(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)')
+
+
+def _enqueued_after(raw: bytes, moment: float) -> bool:
+    """Whether a queued job says it was enqueued after `moment` (Unix time, the web server's clock).
+
+    Reads only the JSON's head, where Job.to_json puts the field; False when it is not there.
+    """
+    match = _ENQUEUED_AT.search(raw, 0, 512)
+    return match is not None and float(match.group(1)) > moment

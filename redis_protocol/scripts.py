@@ -1,0 +1,158 @@
+"""The Lua scripts of the protocol. Each runs atomically inside Redis; each documents its KEYS and ARGV.
+
+No script fails halfway: Redis does not roll back a script that raises, so whatever could raise (cjson
+on an element anyone may have pushed) runs under pcall, and an element it cannot handle is dead-lettered.
+"""
+
+from __future__ import annotations
+
+# Moves up to n jobs from the head of the queue to the end of a processing list, and returns them.
+#   KEYS[1]  the queue
+#   KEYS[2]  the processing list (one batch slot of one worker)
+#   ARGV[1]  n, the most jobs to move
+# Not idempotent (run twice, it moves twice as many): after a lost reply the worker takes back what
+# the processing list holds (JobQueue.claim_batch with resume=True).
+CLAIM = """
+local jobs = redis.call('LRANGE', KEYS[1], -tonumber(ARGV[1]), -1)
+if #jobs == 0 then return jobs end
+redis.call('LTRIM', KEYS[1], 0, -#jobs - 1)
+redis.call('RPUSH', KEYS[2], unpack(jobs))
+return jobs
+"""
+
+# Acknowledges a finished batch: writes its dead letters, keeps the newest DEAD_LETTER_MAX, and
+# deletes the batch's processing list. Does nothing when that list is gone, so it is idempotent: a
+# replay after a lost reply, or a batch the reaper already took back from a worker it thought dead.
+#   KEYS[1]  the batch's processing list
+#   KEYS[2]  the dead-letter list
+#   ARGV[1]  DEAD_LETTER_MAX
+#   ARGV[2:] the batch's dead letters (JSON), if any
+# Returns 1 when the batch was acknowledged, 0 when there was nothing to acknowledge.
+ACK = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if #ARGV > 1 then
+  redis.call('LPUSH', KEYS[2], unpack(ARGV, 2))
+  redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[1]) - 1)
+end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+# The part shared by REAP and RELEASE: `release` moves a processing list back to the head of the
+# queue. A job out of attempts, too large, or unreadable goes to the dead letters instead (metadata
+# and reason, never the image), and its client gets an error result when the job names it.
+# Both scripts take the same first seven ARGV:
+#   ARGV[1] result key prefix   ARGV[2] MAX_ATTEMPTS    ARGV[3] RESULT_TTL   ARGV[4] seconds a result
+#   outlives its job's deadline  ARGV[5] MAX_JOB_BYTES  ARGV[6] DEAD_LETTER_MAX  ARGV[7] now (Unix time)
+_RELEASE = """
+local result_prefix, max_attempts, result_ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local grace, max_bytes, dead_max, now = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+
+local function finite(v)
+  return type(v) == 'number' and v == v and v ~= math.huge and v ~= -math.huge
+end
+
+local function metadata(raw, job)
+  local meta = {bytes = #raw}
+  if type(job) ~= 'table' then return meta end
+  for _, k in ipairs({'id', 'origin', 'codec'}) do
+    if type(job[k]) == 'string' and #job[k] <= 200 then meta[k] = job[k] end
+  end
+  for _, k in ipairs({'enqueued_at', 'deadline', 'attempts'}) do
+    if finite(job[k]) then meta[k] = job[k] end
+  end
+  return meta
+end
+
+local function answer(job, reason)
+  if type(job) ~= 'table' or type(job.id) ~= 'string' or type(job.origin) ~= 'string' then return end
+  local ttl = result_ttl
+  if finite(job.deadline) then ttl = math.max(1, math.min(result_ttl, math.floor(job.deadline - now) + grace)) end
+  local msg = cjson.encode({success = false, status = 500, error = 'job failed: ' .. reason})
+  redis.call('SET', result_prefix .. job.origin .. ':' .. job.id, msg, 'EX', ttl)
+end
+
+local function read(raw)
+  if #raw > max_bytes then
+    return nil, 'job is ' .. #raw .. ' bytes; the limit is ' .. max_bytes .. ' (MAX_JOB_BYTES)'
+  end
+  local ok, job = pcall(cjson.decode, raw)
+  if ok and type(job) == 'table' and type(job.id) == 'string' then return job, nil end
+  return nil, 'unreadable job in a released processing list'
+end
+
+-- Returns the job re-encoded for the queue, or nil and why it goes to the dead letters instead.
+local function requeue(job, count_attempt, why)
+  local attempts = tonumber(job.attempts) or 0
+  if attempts ~= attempts then attempts = math.huge end
+  if count_attempt == 1 then attempts = attempts + 1 end
+  if attempts >= max_attempts then
+    return nil, why .. '; delivered ' .. attempts .. ' times (MAX_ATTEMPTS=' .. max_attempts .. ')'
+  end
+  job.attempts = attempts
+  local ok, encoded = pcall(cjson.encode, job)
+  if ok then return encoded, nil end
+  return nil, 'the job cannot be written back to the queue (' .. tostring(encoded) .. ')'
+end
+
+local function release(plist, queue, dead, worker, count_attempt, why)
+  local requeued, dead_lettered = 0, 0
+  for _, raw in ipairs(redis.call('LRANGE', plist, 0, -1)) do
+    local job, reason = read(raw)
+    local encoded
+    if job then encoded, reason = requeue(job, count_attempt, why) end
+    if encoded then
+      redis.call('RPUSH', queue, encoded)
+      requeued = requeued + 1
+    else
+      redis.call('LPUSH', dead, cjson.encode({reason = reason, worker = worker, at = now, job = metadata(raw, job)}))
+      answer(job, reason)
+      dead_lettered = dead_lettered + 1
+    end
+  end
+  if dead_lettered > 0 then redis.call('LTRIM', dead, 0, dead_max - 1) end
+  redis.call('DEL', plist)
+  return {requeued, dead_lettered}
+end
+"""
+
+# Takes back the jobs of every worker whose heartbeat expired, counting an attempt, and forgets
+# those workers. Idempotent: a replay finds nothing left to take.
+#   KEYS[1]  the workers set     KEYS[2]  the queue     KEYS[3]  the dead-letter list
+#   ARGV[1..7] as for release (above)
+#   ARGV[8]  heartbeat key prefix   ARGV[9]  processing list prefix   ARGV[10]  batch slots per worker
+# Returns {workers reaped, jobs requeued, jobs dead-lettered, workers alive}.
+REAP = (
+    _RELEASE
+    + """
+local requeued, dead_lettered, reaped, alive = 0, 0, 0, 0
+for _, worker in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if redis.call('EXISTS', ARGV[8] .. worker) == 0 then
+    for slot = 0, tonumber(ARGV[10]) - 1 do
+      local r = release(ARGV[9] .. worker .. ':' .. slot, KEYS[2], KEYS[3], worker, 1,
+                        'worker ' .. worker .. ' stopped sending heartbeats')
+      requeued, dead_lettered = requeued + r[1], dead_lettered + r[2]
+    end
+    redis.call('SREM', KEYS[1], worker)
+    reaped = reaped + 1
+  else
+    alive = alive + 1
+  end
+end
+return {reaped, requeued, dead_lettered, alive}
+"""
+)
+
+# Returns one processing list to the head of the queue. Idempotent: a replay finds the list gone.
+#   KEYS[1]  the processing list   KEYS[2]  the queue   KEYS[3]  the dead-letter list
+#   ARGV[1..7] as for release (above)
+#   ARGV[8]  the worker's id (for the dead letters)
+#   ARGV[9]  1 to count a delivery attempt (the batch failed), 0 not to (a clean shutdown)
+#   ARGV[10] the reason, for jobs that run out of attempts
+# Returns {jobs requeued, jobs dead-lettered}.
+RELEASE = (
+    _RELEASE
+    + """
+return release(KEYS[1], KEYS[2], KEYS[3], ARGV[8], tonumber(ARGV[9]), ARGV[10])
+"""
+)

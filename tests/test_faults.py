@@ -1,0 +1,234 @@
+"""Lose nothing, for real: a command or its reply lost at each step of the job path, malformed jobs in
+Redis, and the dead-letter bound.
+
+The project's own Worker runs in-process against a real Redis, through a TCP proxy that drops a
+connection at the chosen moment (tests/fault_proxy.py). The model is a stand-in that labels each image
+by the number written into its pixels and counts the images it saw, so the tests can tell that each
+job was run exactly once and answered with its own result.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter
+
+import numpy as np
+import pytest
+from prometheus_client import REGISTRY
+
+import settings
+from redis_protocol import SLOTS, Job, JobQueue, connect
+from run_model_server import Worker
+from tests.fault_proxy import FaultProxy
+from tests.processes import wait_until
+
+
+class NumberedModel:
+    """Labels an image `image-N`, N read from its first two pixels; counts what it ran."""
+
+    def __init__(self) -> None:
+        self.seen: Counter[int] = Counter()
+        self.failures = 0  # batches to fail before working
+
+    def classify(self, images: np.ndarray) -> list[list[dict]]:
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("injected inference failure")
+        numbers = [int(image[0, 0, 0]) * 256 + int(image[0, 0, 1]) for image in images]
+        self.seen.update(numbers)
+        return [[{"label": f"image-{n}", "probability": 1.0}] for n in numbers]
+
+
+def numbered_job(n: int, timeout: float = 60) -> Job:
+    pixels = np.zeros((224, 224, 3), np.uint8)
+    pixels[0, 0, :2] = divmod(n, 256)
+    return Job.new(pixels, "test-web", timeout, codec="zstd")
+
+
+def worker_settings(redis_url: str, queue: str, **extra: object) -> settings.Settings:
+    env = dict(REDIS_URL=redis_url, IMAGE_QUEUE=queue, BATCH_SIZE="4", HEARTBEAT_TTL="5", REAP_INTERVAL="1")
+    return settings.load(env={**env, **{k.upper(): str(v) for k, v in extra.items()}}, dotenv=False)
+
+
+class RunningWorker:
+    """A Worker on its own thread, for the duration of a `with` block."""
+
+    def __init__(self, config: settings.Settings, model: NumberedModel) -> None:
+        self.queue = JobQueue.from_settings(config)
+        self.worker = Worker(config, self.queue, model)
+        self.thread = threading.Thread(target=self.worker.run, daemon=True)
+
+    def __enter__(self) -> RunningWorker:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.worker.stop()
+        self.thread.join(30)
+        assert not self.thread.is_alive(), "the worker stopped"
+
+
+@pytest.fixture
+def proxy(redis_server):
+    proxy = FaultProxy(redis_server.port)
+    yield proxy
+    proxy.close()
+
+
+def results(queue: JobQueue, jobs: list[Job]) -> list[dict | None]:
+    raws = queue.redis.mget([queue.keys.result(job.origin, job.id) for job in jobs])
+    return [None if raw is None else json.loads(raw) for raw in raws]
+
+
+def assert_all_answered_once(queue: JobQueue, jobs: list[Job], model: NumberedModel) -> None:
+    """Every job ran exactly once, got its own result, and nothing is left claimed or dead."""
+    assert model.seen == Counter(range(len(jobs))), "each job ran exactly once"
+    labels = [result["predictions"][0]["label"] for result in results(queue, jobs)]
+    assert labels == [f"image-{n}" for n in range(len(jobs))]
+    assert queue.depth() == 0
+    assert not any(queue.redis.exists(key) for key in queue.keys.processing_lists("any")), "sanity"
+    assert queue.dead_letters() == []
+
+
+def script_token(queue: JobQueue, name: str) -> bytes:
+    return getattr(queue, name).sha.encode()
+
+
+# (what is lost, the bytes that identify its command on the wire)
+WORKER_STEPS = {
+    "claim: BLMOVE": lambda q: b"BLMOVE",
+    "claim: CLAIM script": lambda q: script_token(q, "_claim"),
+    "publish: SET results": lambda q: q.keys.result_prefix.encode(),
+    "acknowledge: ACK script": lambda q: script_token(q, "_ack"),
+}
+
+
+@pytest.mark.parametrize("phase", ["before", "after", "mid"])
+@pytest.mark.parametrize("step", list(WORKER_STEPS))
+def test_a_connection_lost_at_any_step_of_a_batch_loses_no_job_and_runs_none_twice(
+    redis_server, proxy, queue_name, step, phase
+):
+    direct = JobQueue(connect(redis_server.url), queue_name)
+    jobs = [numbered_job(n) for n in range(10)]
+    for job in jobs:
+        assert direct.enqueue(job, 100)
+    model = NumberedModel()
+    with RunningWorker(worker_settings(proxy.url, queue_name), model) as running:
+        proxy.arm(WORKER_STEPS[step](running.queue), phase)
+        wait_until(lambda: all(results(direct, jobs)), 30, "a result for every job")
+        assert proxy.fired.is_set(), "the fault was injected"
+        worker_id = running.worker.id
+    assert_all_answered_once(direct, jobs, model)
+    assert not any(direct.redis.exists(key) for key in direct.keys.processing_lists(worker_id))
+
+
+@pytest.mark.parametrize("phase", ["before", "after", "mid"])
+def test_a_lost_reply_while_requeueing_a_failed_batch_loses_no_job(redis_server, proxy, queue_name, phase):
+    direct = JobQueue(connect(redis_server.url), queue_name)
+    jobs = [numbered_job(n) for n in range(6)]
+    for job in jobs:
+        direct.enqueue(job, 100)
+    model = NumberedModel()
+    model.failures = 1
+    config = worker_settings(proxy.url, queue_name)
+    running = RunningWorker(config, model)
+    proxy.arm(script_token(running.queue, "_release"), phase)
+    with running:
+        wait_until(lambda: all(results(direct, jobs)), 30, "a result for every job")
+    assert proxy.fired.is_set()
+    assert_all_answered_once(direct, jobs, model)
+
+
+@pytest.mark.parametrize("phase", ["before", "after", "mid"])
+def test_a_lost_reply_to_lpush_queues_the_job_exactly_once(redis_server, proxy, queue_name, phase):
+    through_proxy = JobQueue(connect(proxy.url), queue_name)
+    job = numbered_job(1)
+    proxy.arm(b"LPUSH", phase)
+    assert through_proxy.enqueue(job, 100)
+    assert proxy.fired.is_set()
+    assert connect(redis_server.url).lrange(through_proxy.keys.queue, 0, -1) == [job.to_json()]
+
+
+@pytest.mark.parametrize("phase", ["before", "after", "mid"])
+def test_a_lost_reply_to_taking_a_result_still_returns_it(redis_server, proxy, queue_name, phase):
+    through_proxy = JobQueue(connect(proxy.url), queue_name)
+    key = through_proxy.keys.result("web", "job1")
+    connect(redis_server.url).set(key, json.dumps({"success": True}), ex=60)
+    proxy.arm(b"GETEX", phase)
+    assert through_proxy.take_result("web", "job1") == {"success": True}
+    assert proxy.fired.is_set()
+
+
+# ---- malformed jobs -----------------------------------------------------------------------------
+
+
+def good_wire(**changes: object) -> dict:
+    wire = json.loads(numbered_job(0).to_json())
+    wire.update(changes)
+    return wire
+
+
+MALFORMED = {
+    "infinite attempts": json.dumps(good_wire(attempts=1e999)).replace("Infinity", "1e999"),
+    "NaN deadline": json.dumps(good_wire(deadline=float("nan"))),
+    "deadline as text": json.dumps(good_wire(deadline="soon")),
+    "attempts as a fraction": json.dumps(good_wire(attempts=1.5)),
+    "shape as text": json.dumps(good_wire(shape="224x224x3")),
+    "id as a number": json.dumps(good_wire(id=5)),
+    "image as a list": json.dumps(good_wire(image=[1, 2])),
+    "a list, not an object": "[1, 2, 3]",
+    "nesting too deep": "[" * 100_000 + "]" * 100_000,
+    "larger than MAX_JOB_BYTES": json.dumps(good_wire(padding="x" * 300_000)),
+}
+
+
+def test_malformed_jobs_are_dead_lettered_without_their_image_and_the_worker_goes_on(
+    redis_server, queue_name, redis_client
+):
+    direct = JobQueue(redis_client, queue_name)
+    redis_client.lpush(direct.keys.queue, *MALFORMED.values())
+    good = [numbered_job(n) for n in range(2)]
+    for job in good:
+        direct.enqueue(job, 100)
+    model = NumberedModel()
+    config = worker_settings(redis_server.url, queue_name, MAX_JOB_BYTES=262_144)
+    before = REGISTRY.get_sample_value("worker_jobs_total", {"outcome": "dead_lettered"})
+    with RunningWorker(config, model):
+        wait_until(lambda: all(results(direct, good)), 30, "the good jobs' results")
+        wait_until(lambda: direct.dead_letter_count() == len(MALFORMED), 10, "every bad job dead-lettered")
+    after = REGISTRY.get_sample_value("worker_jobs_total", {"outcome": "dead_lettered"})
+    assert after - before == len(MALFORMED)
+    letters = direct.dead_letters()
+    assert all(set(letter) == {"reason", "worker", "at", "job"} for letter in letters)
+    assert all("image" not in letter["job"] and letter["job"]["bytes"] > 0 for letter in letters)
+    reasons = " | ".join(letter["reason"] for letter in letters)
+    for expected in ("finite number", "'shape'", "'id'", "'image'", "not a JSON object", "MAX_JOB_BYTES", "'attempts'"):
+        assert expected in reasons, (expected, reasons)
+    assert model.seen == Counter({0: 1, 1: 1})
+
+
+def test_the_reaper_dead_letters_what_it_cannot_requeue_and_forgets_the_dead_worker(queue, redis_client):
+    good = [numbered_job(n) for n in range(2)]
+    poison = [MALFORMED["infinite attempts"], '{"id": "nan", "attempts": NaN}', "x" * 2_000_000]
+    redis_client.sadd(queue.keys.workers, "ghost")  # registered, no heartbeat: dead
+    redis_client.rpush(queue.keys.processing("ghost", 0), good[0].to_json(), *poison[:2])
+    redis_client.rpush(queue.keys.processing("ghost", SLOTS - 1), poison[2], good[1].to_json())
+    assert queue.reap() == (1, 2, 3)
+    for _ in range(2):
+        assert queue.reap() == (0, 0, 0)
+    assert queue.depth() == 2 and not redis_client.sismember(queue.keys.workers, "ghost")
+    assert not any(redis_client.exists(key) for key in queue.keys.processing_lists("ghost"))
+    assert {Job.from_json(raw).id for raw in redis_client.lrange(queue.keys.queue, 0, -1)} == {j.id for j in good}
+    assert len(queue.dead_letters()) == 3
+
+
+def test_dead_letters_are_bounded_by_dead_letter_max(redis_server, queue_name, redis_client):
+    direct = JobQueue(redis_client, queue_name)
+    redis_client.lpush(direct.keys.queue, *(b"not json %d" % n for n in range(12)))
+    sentinel = numbered_job(0)
+    direct.enqueue(sentinel, 100)  # queued last: answered once every bad job before it was handled
+    with RunningWorker(worker_settings(redis_server.url, queue_name, DEAD_LETTER_MAX=5), NumberedModel()):
+        wait_until(lambda: all(results(direct, [sentinel])), 30, "the sentinel's result")
+    assert direct.dead_letter_count() == 5
+    assert all("not valid JSON" in letter["reason"] for letter in direct.dead_letters())
