@@ -110,7 +110,7 @@ def key_examples(stack: Stack) -> str:
             json.dumps(job, indent=2),
             "json",
         )
-        + "\n\nA result, as the web server took it (`GETDEL`) and returned it:\n\n"
+        + "\n\nA result, as the web server took it (`GETEX`) and returned it:\n\n"
         + block(shown(args), result, "json")
     )
 
