@@ -8,6 +8,7 @@ Settings come from the environment / `.env` (see settings.py); flags override th
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import socket
@@ -15,13 +16,15 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass, field
+from queue import Queue
 
 import numpy as np
 from prometheus_client import Counter, Histogram, start_http_server
 
 import logger
 import settings as settings_module
-from redis_protocol import REDIS_UNAVAILABLE, DeadLetter, Job, JobError, JobQueue
+from redis_protocol import REDIS_UNAVAILABLE, SLOTS, DeadLetter, Job, JobError, JobQueue
 
 # Outcomes: done (result published), expired (deadline passed before inference, dropped), failed (inference
 # raised; the job goes back to the queue), requeued (returned to the queue after a failure, or from a dead
@@ -37,8 +40,25 @@ INFERENCE = Histogram("worker_inference_seconds", "Model time per batch", bucket
 log = logger.get("worker")
 
 
+@dataclass
+class Batch:
+    """One claimed batch on its way through the worker: decoded, run through the model, published."""
+
+    slot: int  # the batch slot (processing list) that holds its jobs in Redis until it is acknowledged
+    jobs: list[Job] = field(default_factory=list)  # the jobs to run
+    images: object = None  # their pixels, stacked, or what the classifier's prepare() made of them
+    dead: list[DeadLetter] = field(default_factory=list)
+    results: list[tuple[Job, dict]] | None = None  # None after a failed inference
+
+
 class Worker:
-    """Claim, predict, publish, acknowledge; plus a heartbeat thread that also runs the reaper."""
+    """Three stages on three threads, so that the model never waits for Redis: the feeder claims and
+    decodes batch k+1 while the model runs batch k and the publisher writes batch k-1's results.
+
+    Every batch lives in its own batch slot (processing list) in Redis from its claim to its
+    acknowledgement, so a crash at any moment loses nothing: the reaper returns every slot of a dead
+    worker. A heartbeat thread also runs the reaper.
+    """
 
     def __init__(self, settings: settings_module.Settings, queue: JobQueue, classifier) -> None:
         self.settings = settings
@@ -48,64 +68,106 @@ class Worker:
         self.stopping = threading.Event()
         self._finished = threading.Event()  # the heartbeat outlives `stopping` until the last batch is done
         self._resume = False  # the last claim failed: the next one takes back what is in the slot
+        self.failed = False  # a stage died of an error no retry could mend; run() then raises
+        self._free_slots: Queue[int] = Queue()
+        for slot in range(SLOTS):
+            self._free_slots.put(slot)
+        self._ready: Queue[Batch | None] = Queue(maxsize=settings.prefetch_batches)  # decoded, for the model
+        self._done: Queue[Batch | None] = Queue()  # through the model, for the publisher
 
     def run(self) -> None:
         """Serve until `stop()`; survives Redis outages by retrying with backoff."""
         self._retry(lambda: self.queue.register(self.id, self.settings.heartbeat_ttl), "register")
-        beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
-        beat.start()
+        threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
+        publisher = threading.Thread(target=self._publish_loop, name="publisher")
+        publisher.start()
+        threading.Thread(target=self._feed, name="feeder", daemon=True).start()
         log.info("worker %s waiting for jobs on %r", self.id, self.queue.keys.queue)
-        while not self.stopping.is_set():
-            batch = self._retry(self._claim, "claim a batch")
-            if batch:
-                self.process(batch)
-        self._finished.set()
-        self._retry(lambda: self.queue.unregister(self.id), "unregister", give_up_after=10)
+        try:
+            self._model_loop()
+        finally:
+            self._done.put(None)
+            publisher.join()
+            self._finished.set()
+            self._retry(lambda: self.queue.unregister(self.id), "unregister", give_up_after=10)
+        if self.failed:
+            raise RuntimeError("the worker stopped after an unexpected error (logged above)")
         log.info("worker %s stopped", self.id)
 
     def stop(self, *_: object) -> None:
         if not self.stopping.is_set():
-            log.info("stop requested: finishing the current batch, then exiting")
+            log.info("stop requested: finishing the batches in hand, then exiting")
         self.stopping.set()
 
-    def _claim(self) -> list[bytes]:
+    def process(self, raws: list[bytes], slot: int = 0) -> None:
+        """Decode, run and publish one batch claimed into `slot`, on this thread."""
+        self._publish(self._infer(self._decode(slot, raws)))
+
+    # ---- the three stages -----------------------------------------------------------------
+
+    def _feed(self) -> None:
+        """Claim and decode batches into free slots until stopping; then tell the model loop."""
+        try:
+            slot = self._free_slots.get()
+            while not self.stopping.is_set():
+                raws = self._retry(functools.partial(self._claim, slot), "claim a batch")
+                if raws:
+                    self._ready.put(self._decode(slot, raws))
+                    slot = self._free_slots.get()
+        except Exception:
+            log.exception("the feeder failed; stopping")
+            self.failed = True
+            self.stopping.set()
+        finally:
+            self._ready.put(None)
+
+    def _model_loop(self) -> None:
+        while (batch := self._ready.get()) is not None:
+            self._done.put(self._infer(batch))
+
+    def _publish_loop(self) -> None:
+        while (batch := self._done.get()) is not None:
+            try:
+                self._publish(batch)
+            except Exception:  # noqa: BLE001 - the slot stays claimed; the reaper or unregister returns it
+                log.exception("publishing a batch failed")
+            self._free_slots.put(batch.slot)
+
+    # ---- what each stage does -------------------------------------------------------------
+
+    def _claim(self, slot: int) -> list[bytes]:
         """Claim a batch; after a failed claim, start with what that claim may have moved into the slot."""
         wait = self.settings.batch_wait_ms / 1000
         try:
-            batch = self.queue.claim_batch(self.id, self.settings.batch_size, wait, block=1.0, resume=self._resume)
+            raws = self.queue.claim_batch(
+                self.id, self.settings.batch_size, wait, block=1.0, slot=slot, resume=self._resume
+            )
         except REDIS_UNAVAILABLE:
             self._resume = True
             raise
         self._resume = False
-        return batch
+        return raws
 
-    def process(self, raws: list[bytes]) -> None:
-        """Run one claimed batch through the model, then publish every outcome and acknowledge the batch."""
+    def _decode(self, slot: int, raws: list[bytes]) -> Batch:
+        """Parse and decode a claimed batch: runnable jobs and their images, dead letters; expired jobs dropped."""
         BATCH_SIZE.observe(len(raws))
-        jobs, pixels, dead = [], [], []
-        now = time.time()
+        batch, pixels, now = Batch(slot), [], time.time()
         for raw in raws:
             try:
                 job, image = self._read(raw)
             except JobError as exc:
-                dead.append(DeadLetter(raw, str(exc), self.settings.max_job_bytes))
+                batch.dead.append(DeadLetter(raw, str(exc), self.settings.max_job_bytes))
                 continue
             if job.deadline < now:
                 JOBS.labels("expired").inc()
                 log.info("dropped expired job %s (%.1f s past its deadline)", job.id, now - job.deadline)
                 continue
-            jobs.append(job)
+            batch.jobs.append(job)
             pixels.append(image)
-        results = self._predict(jobs, pixels) if jobs else []
-        if results is None:
-            return
-        if self._retry(lambda: self.queue.finish_batch(self.id, results, dead), "publish results") is None:
-            return  # stopping during an outage: the batch stays claimed and unregister() requeues it
-        JOBS.labels("done").inc(len(results))
-        JOBS.labels("dead_lettered").inc(len(dead))
-        for letter in dead:
-            log.warning("dead-lettered a job: %s", letter.reason)
-        log.debug("batch done: %d jobs: %s", len(results), " ".join(job.id for job, _ in results))
+        if pixels:
+            prepare = getattr(self.classifier, "prepare", None)  # e.g. the copy to a GPU, off the model's thread
+            batch.images = prepare(np.stack(pixels)) if prepare else np.stack(pixels)
+        return batch
 
     def _read(self, raw: bytes) -> tuple[Job, np.ndarray]:
         """A queued element as a job and its pixels; JobError for anything that is not a valid job.
@@ -122,21 +184,43 @@ class Worker:
             log.exception("unexpected error reading a job")
             raise JobError(f"unreadable job ({type(exc).__name__})") from None
 
-    def _predict(self, jobs: list[Job], pixels: list[np.ndarray]) -> list[tuple[Job, dict]] | None:
+    def _infer(self, batch: Batch) -> Batch:
+        """Run the batch's jobs through the model; `results` stays None if inference failed."""
+        if not batch.jobs:
+            batch.results = []
+            return batch
         started = time.perf_counter()
         try:
-            top5 = self.classifier.classify(np.stack(pixels))
+            top5 = self.classifier.classify(batch.images)
         except Exception:
-            log.exception("inference failed for a batch of %d; returning it to the queue", len(jobs))
-            JOBS.labels("failed").inc(len(jobs))
-            released = self._retry(lambda: self.queue.release(self.id, "inference failed"), "requeue a failed batch")
-            if released:
-                count_released(*released)
-            return None
+            log.exception("inference failed for a batch of %d; returning it to the queue", len(batch.jobs))
+            JOBS.labels("failed").inc(len(batch.jobs))
+            return batch
         seconds = time.perf_counter() - started
         INFERENCE.observe(seconds)
-        log.info("predicted a batch of %d in %.0f ms", len(jobs), seconds * 1000)
-        return [(job, {"success": True, "predictions": preds}) for job, preds in zip(jobs, top5, strict=True)]
+        log.info("predicted a batch of %d in %.0f ms", len(batch.jobs), seconds * 1000)
+        batch.results = [
+            (job, {"success": True, "predictions": preds}) for job, preds in zip(batch.jobs, top5, strict=True)
+        ]
+        return batch
+
+    def _publish(self, batch: Batch) -> None:
+        """Write the batch's results and dead letters, then acknowledge it; or requeue it if inference failed."""
+        if batch.results is None:
+            released = self._retry(
+                lambda: self.queue.release(self.id, "inference failed", slot=batch.slot), "requeue a failed batch"
+            )
+            if released:
+                count_released(*released)
+            return
+        finish = lambda: self.queue.finish_batch(self.id, batch.results, batch.dead, slot=batch.slot)  # noqa: E731
+        if self._retry(finish, "publish results") is None:
+            return  # stopping during an outage: the batch stays claimed and unregister() requeues it
+        JOBS.labels("done").inc(len(batch.results))
+        JOBS.labels("dead_lettered").inc(len(batch.dead))
+        for letter in batch.dead:
+            log.warning("dead-lettered a job: %s", letter.reason)
+        log.debug("batch done: %d jobs: %s", len(batch.results), " ".join(job.id for job, _ in batch.results))
 
     def _heartbeat_loop(self) -> None:
         interval = self.settings.heartbeat_ttl / 3

@@ -28,6 +28,7 @@ class Settings:
     image_queue: str = "image_queue"
     batch_size: int = 32
     batch_wait_ms: float = 0.0
+    prefetch_batches: int = 1
     job_codec: str = "zstd"
     result_ttl: int = 3600
     request_timeout: float = 30.0
@@ -154,6 +155,7 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "image_queue": _queue_name,
     "batch_size": _int(1, 1024),
     "batch_wait_ms": _float(0.0),
+    "prefetch_batches": _int(1, 4),
     "job_codec": _choice("raw", "zstd"),
     "result_ttl": _int(1),
     "request_timeout": _float(0.0, strict=True),

@@ -11,7 +11,7 @@ The servers call this package and never spell a Redis key. One concern per modul
 
 The rule that loses nothing: a job is in the queue, in one batch slot (processing list) of one worker,
 or in the dead letters. Every move between the queue and a processing list is one atomic server-side
-step (BLMOVE or a Lua script). A batch leaves its processing list only after its results are written,
+step (BLMOVE, LMOVE or a Lua script). A batch leaves its processing list only after its results are written,
 so a crash at any point loses nothing: the reaper returns the processing lists of a worker whose
 heartbeat expired to the head of the queue.
 
@@ -20,7 +20,7 @@ operation on the job path is either idempotent, and then retried once, or recove
 
     command                          idempotent   after a lost reply
     LPUSH job (enqueue)              no           pushed again in MULTI with an LREM of the first copy
-    BLMOVE, CLAIM script (claim)     no           not resent; the next claim takes back the slot's jobs
+    BLMOVE + LLEN, LMOVE (claim)     no           not resent; the next claim takes back the slot's jobs
     SET result EX (publish)          yes          resent: the same value again
     ACK script (acknowledge)         yes          resent: does nothing once the slot is gone
     RELEASE, REAP scripts            yes          resent: find nothing left to move

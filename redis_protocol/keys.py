@@ -15,8 +15,9 @@
 from __future__ import annotations
 
 # Batch slots per worker: each claimed batch has a processing list of its own, so acknowledging a batch
-# deletes exactly that batch's jobs while the worker may hold other batches in its other slots.
-SLOTS = 4
+# deletes exactly that batch's jobs while the worker holds others (one being decoded, PREFETCH_BATCHES
+# waiting, one in the model, some being published) in its other slots.
+SLOTS = 8
 
 # Keyspace events for string commands: enough to see the SET of a result key.
 NOTIFY_FLAGS = "K$"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from typing import TYPE_CHECKING
 
@@ -30,8 +29,6 @@ TAKEN_RESULT_TTL_MS = 2000
 class JobQueue:
     """One queue's operations."""
 
-    BLOCKED_AFTER = 0.005  # s; a BLMOVE that answers from a non-empty queue on one machine takes under 1 ms
-
     def __init__(
         self,
         client: redis.Redis,
@@ -47,8 +44,6 @@ class JobQueue:
         self.max_attempts = max_attempts
         self.max_job_bytes = max_job_bytes
         self.dead_letter_max = dead_letter_max
-        self.workers_alive: int | None = None  # as the last reap() counted them
-        self._claim = client.register_script(scripts.CLAIM)
         self._ack = client.register_script(scripts.ACK)
         self._reap = client.register_script(scripts.REAP)
         self._release = client.register_script(scripts.RELEASE)
@@ -123,6 +118,17 @@ class JobQueue:
             return 0
         return int(retry_once(lambda: self.redis.exists(*(self.keys.heartbeat(w) for w in workers))))
 
+    def claimed(self, worker: str) -> list[bytes]:
+        """Every job a worker holds claimed and unacknowledged, in all its batch slots."""
+
+        def read() -> list[list[bytes]]:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for key in self.keys.processing_lists(worker):
+                    pipe.lrange(key, 0, -1)
+                return pipe.execute()
+
+        return [raw for slot in retry_once(read) for raw in slot]
+
     def dead_letters(self, limit: int = 100) -> list[dict]:
         """The newest dead letters, parsed."""
         raws = retry_once(lambda: self.redis.lrange(self.keys.dead, 0, limit - 1))
@@ -193,10 +199,10 @@ class JobQueue:
     ) -> list[bytes]:
         """Move up to `size` jobs from the queue's head into one of this worker's batch slots.
 
-        Blocks up to `block` seconds for the first job and, unless it came alone to a lone idle
-        worker, takes every job already waiting; if the batch is not full, sleeps until `wait`
-        seconds after the first job and takes what arrived meanwhile. Every move is atomic, so
-        concurrent workers never share a job.
+        Blocks up to `block` seconds for the first job, learning in the same round trip how many more
+        are waiting, and takes those (LMOVE, one per job: each moves one job atomically, so concurrent
+        workers never share a job, and no job is copied through Lua). If the batch is not full, sleeps
+        until `wait` seconds after the first job and takes what arrived meanwhile.
 
         The moves are not idempotent, so nothing resends them. `resume=True` after a failed claim:
         the batch then starts with whatever the slot already holds, the jobs a move whose reply was
@@ -204,32 +210,33 @@ class JobQueue:
         """
         plist = self.keys.processing(worker, slot)
         batch = retry_once(lambda: self.redis.lrange(plist, 0, -1)) if resume else []
-        alone = False
+        waiting = size
         if not batch:
-            asked, asked_wall = time.monotonic(), time.time()
-            first = self.redis.blmove(self.keys.queue, plist, block, "RIGHT", "RIGHT")
+            with self.redis.pipeline(transaction=False) as pipe:
+                pipe.blmove(self.keys.queue, plist, block, "RIGHT", "RIGHT")
+                pipe.llen(self.keys.queue)
+                first, waiting = pipe.execute()
             if first is None:
                 return []
             batch = [first]
-            alone = self._came_alone(first, time.monotonic() - asked, asked_wall)
         until = time.monotonic() + wait
-        if len(batch) < size and not alone:
-            batch += self._claim(keys=[self.keys.queue, plist], args=[size - len(batch)])
+        batch += self._move(plist, min(size - len(batch), waiting))
         remaining = until - time.monotonic()
         if len(batch) < size and remaining > 0:
             # The wait is client-side: Redis times a blocking command out only on its clock tick
             # (100 ms at the default hz 10), and Redis 6 blocks forever on a timeout under 1 ms.
             time.sleep(remaining)
-            batch += self._claim(keys=[self.keys.queue, plist], args=[size - len(batch)])
+            batch += self._move(plist, min(size - len(batch), self.redis.llen(self.keys.queue)))
         return batch
 
-    def _came_alone(self, first: bytes, waited: float, asked_wall: float) -> bool:
-        """Whether a job came alone to an empty queue, so that looking for company would only cost a
-        round trip. All three must agree, each guarding the others: BLMOVE had to wait (but a slow link
-        makes any BLMOVE slow); the job was queued after this worker asked (but skewed clocks misdate
-        jobs); and this worker is the only one (with others, the queue empties because they took the
-        jobs, not for want of work)."""
-        return self.workers_alive == 1 and waited > self.BLOCKED_AFTER and _enqueued_after(first, asked_wall)
+    def _move(self, plist: str, count: int) -> list[bytes]:
+        """Move up to `count` jobs from the queue's head to the end of `plist`, in one round trip."""
+        if count <= 0:
+            return []
+        with self.redis.pipeline(transaction=False) as pipe:
+            for _ in range(count):
+                pipe.lmove(self.keys.queue, plist, "RIGHT", "RIGHT")
+            return [raw for raw in pipe.execute() if raw is not None]
 
     def finish_batch(self, worker: str, results: list[tuple[Job, dict]], dead: list[DeadLetter], slot: int = 0) -> int:
         """Publish a batch's results, then acknowledge it (its dead letters written in the same step).
@@ -276,11 +283,10 @@ class JobQueue:
     def reap(self) -> tuple[int, int, int]:
         """Release the jobs of every worker whose heartbeat expired; (workers, requeued, dead-lettered).
 
-        Also counts the live workers (`workers_alive`), for claim_batch. Idempotent."""
+        Idempotent."""
         keys = [self.keys.workers, self.keys.queue, self.keys.dead]
         args = [*self._release_args(), self.keys.heartbeat_prefix, self.keys.processing_prefix, SLOTS]
-        workers, requeued, dead_lettered, alive = retry_once(lambda: self._reap(keys=keys, args=args))
-        self.workers_alive = int(alive)
+        workers, requeued, dead_lettered = retry_once(lambda: self._reap(keys=keys, args=args))
         return int(workers), int(requeued), int(dead_lettered)
 
     def _release_args(self) -> list[object]:
@@ -294,15 +300,3 @@ class JobQueue:
             self.dead_letter_max,
             time.time(),
         ]
-
-
-_ENQUEUED_AT = re.compile(rb'"enqueued_at":\s*(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)')
-
-
-def _enqueued_after(raw: bytes, moment: float) -> bool:
-    """Whether a queued job says it was enqueued after `moment` (Unix time, the web server's clock).
-
-    Reads only the JSON's head, where Job.to_json puts the field; False when it is not there.
-    """
-    match = _ENQUEUED_AT.search(raw, 0, 512)
-    return match is not None and float(match.group(1)) > moment

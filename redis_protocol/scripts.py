@@ -6,20 +6,6 @@ on an element anyone may have pushed) runs under pcall, and an element it cannot
 
 from __future__ import annotations
 
-# Moves up to n jobs from the head of the queue to the end of a processing list, and returns them.
-#   KEYS[1]  the queue
-#   KEYS[2]  the processing list (one batch slot of one worker)
-#   ARGV[1]  n, the most jobs to move
-# Not idempotent (run twice, it moves twice as many): after a lost reply the worker takes back what
-# the processing list holds (JobQueue.claim_batch with resume=True).
-CLAIM = """
-local jobs = redis.call('LRANGE', KEYS[1], -tonumber(ARGV[1]), -1)
-if #jobs == 0 then return jobs end
-redis.call('LTRIM', KEYS[1], 0, -#jobs - 1)
-redis.call('RPUSH', KEYS[2], unpack(jobs))
-return jobs
-"""
-
 # Acknowledges a finished batch: writes its dead letters, keeps the newest DEAD_LETTER_MAX, and
 # deletes the batch's processing list. Does nothing when that list is gone, so it is idempotent: a
 # replay after a lost reply, or a batch the reaper already took back from a worker it thought dead.
@@ -121,11 +107,11 @@ end
 #   KEYS[1]  the workers set     KEYS[2]  the queue     KEYS[3]  the dead-letter list
 #   ARGV[1..7] as for release (above)
 #   ARGV[8]  heartbeat key prefix   ARGV[9]  processing list prefix   ARGV[10]  batch slots per worker
-# Returns {workers reaped, jobs requeued, jobs dead-lettered, workers alive}.
+# Returns {workers reaped, jobs requeued, jobs dead-lettered}.
 REAP = (
     _RELEASE
     + """
-local requeued, dead_lettered, reaped, alive = 0, 0, 0, 0
+local requeued, dead_lettered, reaped = 0, 0, 0
 for _, worker in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   if redis.call('EXISTS', ARGV[8] .. worker) == 0 then
     for slot = 0, tonumber(ARGV[10]) - 1 do
@@ -135,11 +121,9 @@ for _, worker in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     end
     redis.call('SREM', KEYS[1], worker)
     reaped = reaped + 1
-  else
-    alive = alive + 1
   end
 end
-return {reaped, requeued, dead_lettered, alive}
+return {reaped, requeued, dead_lettered}
 """
 )
 

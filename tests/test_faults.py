@@ -98,7 +98,7 @@ def script_token(queue: JobQueue, name: str) -> bytes:
 # (what is lost, the bytes that identify its command on the wire)
 WORKER_STEPS = {
     "claim: BLMOVE": lambda q: b"BLMOVE",
-    "claim: CLAIM script": lambda q: script_token(q, "_claim"),
+    "claim: LMOVE": lambda q: b"$5\r\nLMOVE\r\n",  # the framing keeps BLMOVE from matching
     "publish: SET results": lambda q: q.keys.result_prefix.encode(),
     "acknowledge: ACK script": lambda q: script_token(q, "_ack"),
 }

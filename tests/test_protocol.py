@@ -98,62 +98,27 @@ def test_claim_is_fifo_and_moves_into_processing_list(queue, redis_client):
     assert queue.depth() == 2
 
 
-def scripts_run(redis_client) -> int:
-    return redis_client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+def command_calls(redis_client, command: str) -> int:
+    return redis_client.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0)
 
 
-def claim_while_jobs_arrive(queue: JobQueue, redis_client, worker: str) -> tuple[list[Job], list[bytes], int]:
-    """Three jobs made and pushed while the worker's BLMOVE blocks on the empty queue: (jobs, batch, scripts run)."""
-    jobs: list[Job] = []
-
-    def push() -> None:
-        jobs.extend(make_job() for _ in range(3))
-        redis_client.lpush(queue.keys.queue, *(job.to_json() for job in jobs))
-
-    threading.Timer(0.2, push).start()
-    scripts_before = scripts_run(redis_client)
-    batch = queue.claim_batch(worker, size=8, wait=0, block=2)
-    return jobs, batch, scripts_run(redis_client) - scripts_before
-
-
-def test_a_lone_worker_takes_a_job_queued_after_it_began_waiting_alone(queue, redis_client):
-    queue.register("w", heartbeat_ttl=10)
-    queue.reap()
-    assert queue.workers_alive == 1
-    jobs, batch, scripts = claim_while_jobs_arrive(queue, redis_client, "w")
-    assert [Job.from_json(raw).id for raw in batch] == [jobs[0].id] and scripts == 0
-    # The two others were waiting before the next claim began, so it takes both in one call.
-    scripts_before = scripts_run(redis_client)
-    again = queue.claim_batch("w", size=8, wait=0, block=2)
-    assert sorted(Job.from_json(raw).id for raw in again) == sorted(job.id for job in jobs[1:])
-    assert scripts_run(redis_client) == scripts_before + 1
-
-
-def test_a_lone_worker_whose_clock_lags_the_web_servers_still_takes_a_waiting_backlog(queue, redis_client):
-    # The jobs claim to be queued a minute from now (a web server whose clock runs ahead), but they
-    # were waiting when the worker asked: BLMOVE answered at once, so the worker takes them all.
-    queue.register("w", heartbeat_ttl=10)
-    queue.reap()
+def test_a_job_that_comes_alone_is_claimed_in_one_round_trip_and_a_backlog_in_two(queue, redis_client):
+    """BLMOVE learns, in the same round trip, how many more jobs wait (LLEN): none, no second trip."""
     jobs = [make_job() for _ in range(3)]
-    for job in jobs:
-        job.enqueued_at += 60
-    redis_client.lpush(queue.keys.queue, *(job.to_json() for job in jobs))
-    assert len(queue.claim_batch("w", size=8, wait=0, block=2)) == 3
+    threading.Timer(0.2, lambda: queue.enqueue(jobs[0], 100)).start()
+    moves_before = command_calls(redis_client, "lmove")
+    batch = queue.claim_batch("w", size=8, wait=0, block=2)
+    assert [Job.from_json(raw).id for raw in batch] == [jobs[0].id]
+    assert command_calls(redis_client, "lmove") == moves_before, "no LMOVE for a job that came alone"
+    for job in jobs[1:]:
+        queue.enqueue(job, 100)
+    batch = queue.claim_batch("w", size=8, wait=0, block=2)
+    assert [Job.from_json(raw).id for raw in batch] == [job.id for job in jobs[1:]], "oldest first"
+    assert command_calls(redis_client, "lmove") == moves_before + 1, "one LMOVE per job waiting behind the first"
 
 
-def test_with_other_workers_alive_a_worker_looks_for_company_anyway(queue, redis_client):
-    queue.register("w", heartbeat_ttl=10)
-    queue.register("other", heartbeat_ttl=10)
-    queue.reap()
-    assert queue.workers_alive == 2
-    jobs, batch, scripts = claim_while_jobs_arrive(queue, redis_client, "w")
-    assert sorted(Job.from_json(raw).id for raw in batch) == sorted(job.id for job in jobs) and scripts == 1
-
-
-def test_jobs_that_do_not_say_when_they_were_queued_are_still_claimed_as_a_batch(queue, redis_client):
-    # Another producer's jobs (fields in another order, or no enqueued_at) get the batch claim.
-    queue.register("w", heartbeat_ttl=10)
-    queue.reap()
+def test_jobs_of_another_producer_are_claimed_as_a_batch(queue, redis_client):
+    # Another producer's jobs (fields in another order) are claimed as ours are.
     raws = [json.dumps({"id": str(i), "image": "x" * 600, "enqueued_at": time.time() + 60}) for i in range(3)]
     redis_client.lpush(queue.keys.queue, *raws)
     assert len(queue.claim_batch("w", size=8, wait=0, block=1)) == 3
@@ -342,3 +307,21 @@ def test_without_config_command_the_listener_probes_for_events(flags, expected):
                 assert listener.wait(job.id, time.time() + 10) == {"success": True, "n": 1}
         finally:
             listener.stop()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"id":"a","origin":"o","shape":[1],"dtype":"uint8","deadline":1,"image":"AAAA"}',
+        '{"id":"a","origin":"o","shape":[1],"dtype":"uint8","deadline":1,"image":"AA\\"AA"}',
+        '{"id":"a","origin":"o","shape":[1],"dtype":"uint8","deadline":1,"image":"AA\\u0041A"}',
+        '{"image":"first","id":"a","origin":"o","shape":[1],"dtype":"uint8","deadline":1,"image":"last"}',
+        '{"id":"a","origin":"o","shape":[1],"dtype":"uint8","deadline":1,"x":{"image":"nested"},"image":"top"}',
+        '{"id":"a","origin":"o","shape":[1],"dtype":"uint8","deadline":1,"note":",\\"image\\":\\"x","image":"y"}',
+        '{"id":"a","origin":"o","shape":[1],"dtype":"uint8","image":"AAAA","deadline":1}',
+    ],
+)
+def test_the_image_last_shortcut_reads_every_job_as_json_loads_does(text):
+    expected = json.loads(text)
+    job = Job.from_json(text.encode())
+    assert (job.id, job.image, job.deadline) == (expected["id"], expected["image"], expected["deadline"])

@@ -87,12 +87,12 @@ def freeze(child: Child) -> None:
 
 def freeze_holding_jobs(child: Child, queue: JobQueue, timeout: float = 120) -> list[Job]:
     """Freeze a worker at a moment when it holds claimed, unacknowledged jobs; return those jobs."""
-    plist = queue.keys.processing(worker_id(child))
+    worker = worker_id(child)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if queue.redis.llen(plist):
+        if queue.claimed(worker):
             freeze(child)
-            held = queue.redis.lrange(plist, 0, -1)
+            held = queue.claimed(worker)
             if held:
                 return [Job.from_json(raw) for raw in held]
             os.kill(child.process.pid, signal.SIGCONT)  # it acknowledged in between: try again
@@ -255,7 +255,7 @@ def test_job_that_kills_every_worker_is_dead_lettered_and_its_client_answered(re
                 delivered.append(job.id)
                 assert job.attempts == delivery - 1 and len(set(delivered)) == 1
                 freeze(holder)
-                assert queue.redis.llen(queue.keys.processing(worker_id(holder))) == 1, "still unacknowledged"
+                assert len(queue.claimed(worker_id(holder))) == 1, "still unacknowledged"
                 holder.process.kill()
                 holder.process.wait(30)
                 victims.append(holder)
@@ -279,7 +279,7 @@ def holding(children: list[Child], queue: JobQueue, exclude: list[Child]) -> tup
     for child in children:
         if child in exclude:
             continue
-        held = queue.redis.lrange(queue.keys.processing(worker_id(child)), 0, -1)
+        held = queue.claimed(worker_id(child))
         if held:
             return child, [Job.from_json(raw) for raw in held]
     return None
@@ -375,7 +375,7 @@ def test_expired_jobs_are_dropped_without_running_the_model_and_counted(stack):
     for job in jobs:
         assert queue.enqueue(job, 100)
     wait_until(lambda: metric(port, "worker_jobs_total", outcome="expired") >= expired_before + 3, 60, "expired count")
-    wait_until(lambda: queue.redis.llen(queue.keys.processing(worker_id(stack.worker))) == 0, 30, "acknowledgement")
+    wait_until(lambda: not queue.claimed(worker_id(stack.worker)), 30, "acknowledgement")
     assert metric(port, "worker_jobs_total", outcome="expired") == expired_before + 3
     assert metric(port, "worker_inference_seconds_count") == inference_before, "the model did not run"
     assert all(queue.take_result(job.origin, job.id) is None for job in jobs), "no result was written"
@@ -549,8 +549,7 @@ def test_redis_outage_fails_fast_and_everything_resumes_without_restarts():
         with ThreadPoolExecutor(10) as pool:
             freeze(worker)  # let requests pile up, so that some are waiting when Redis goes away
             waiting = [pool.submit(post_image, web.url, data, timeout=50) for _ in range(10)]
-            wait_until(lambda: queue.depth() + queue.redis.llen(queue.keys.processing(worker_id(worker))) == 10, 30,
-                       "ten queued jobs")  # fmt: skip
+            wait_until(lambda: queue.depth() + len(queue.claimed(worker_id(worker))) == 10, 30, "ten queued jobs")
             redis_server.stop()
             os.kill(worker.process.pid, signal.SIGCONT)
             for future in waiting:

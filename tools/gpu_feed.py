@@ -1,0 +1,210 @@
+"""Can one worker feed a GPU? The real Worker drains a prefilled queue with a stand-in model that sleeps for
+a GPU's time per batch (the GIL is free, as during a real kernel).
+
+    python -m tools.gpu_feed [--jobs 3000] [--ms-per-batch 7.1] [--per 32] [--batch-size 32] [--codec zstd]
+
+Prints jobs/s, the ratio to the stand-in's own rate, the fraction of the time the stand-in was busy,
+worker CPU per job (everything but the model) and Redis CPU per job. Defaults: an H100 running ResNet50
+fp32 at 7.1 ms per batch of 32 (4,507 images/s); `--ms-per-batch 21.1 --per 256 --batch-size 256` is
+the bf16 H100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import redis
+
+import logger
+import settings
+from helpers import prepare_image
+from local_redis import LocalRedis
+from model import keras_labels, top_k
+from redis_protocol import Job, JobQueue, connect
+
+PROJECT = Path(__file__).resolve().parent.parent
+CASTLE = PROJECT.parent / "shared" / "images" / "castle_image.jpg"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+STATS_ENV = "GPU_FEED_STATS"  # where the stand-in worker writes its model's busy time when it stops
+
+
+class SleepingModel:
+    """A stand-in for model.Classifier that sleeps `seconds_per_image` x batch size, then answers top-5
+    lists in the real format (so the worker does all its real work but the model's)."""
+
+    device = "stand-in (sleeps)"
+
+    def __init__(self, seconds_per_image: float) -> None:
+        self.seconds_per_image = seconds_per_image
+        self.labels = keras_labels()
+        self.busy = 0.0
+        self.images = 0
+
+    def classify(self, images: np.ndarray) -> list[list[dict]]:
+        started = time.perf_counter()
+        time.sleep(self.seconds_per_image * len(images))
+        self.busy += time.perf_counter() - started
+        self.images += len(images)
+        return top_k(np.zeros((len(images), 1000), np.float32), self.labels)
+
+
+def run_worker(seconds_per_image: float) -> int:
+    """The real run_model_server.Worker with a SleepingModel, until SIGTERM; writes the model's stats."""
+    from run_model_server import Worker
+
+    config = settings.load()
+    logger.setup("model-standin", config.log_level)
+    model = SleepingModel(seconds_per_image)
+    worker = Worker(config, JobQueue.from_settings(config), model)
+    signal.signal(signal.SIGTERM, worker.stop)
+    worker.run()
+    Path(os.environ[STATS_ENV]).write_text(json.dumps({"busy_s": model.busy, "images": model.images}))
+    return 0
+
+
+@dataclass
+class Feed:
+    jobs: int
+    seconds: float
+    jobs_per_s: float
+    standin_rate: float
+    ratio: float
+    busy_fraction: float
+    worker_cpu_ms_per_job: float
+    redis_cpu_ms_per_job: float
+    batch_size: int
+    codec: str
+    job_bytes: int
+
+
+def castle_pixels() -> np.ndarray:
+    """The castle photo prepared as the web server prepares it; a generated photo-like image without it."""
+    if CASTLE.exists():
+        return prepare_image(CASTLE.read_bytes())
+    y, x = np.mgrid[0:224, 0:224]
+    noise = np.random.default_rng(0).integers(0, 8, (224, 224, 3))
+    return (np.stack([x, y, (x + y) // 2], axis=-1) + noise).astype(np.uint8)
+
+
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def redis_cpu(client: redis.Redis) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def measure(jobs: int, seconds_per_image: float, batch_size: int, codec: str, timeout: float = 300) -> Feed:
+    """One drain of `jobs` prefilled castle jobs by one stand-in worker, on a Redis of its own."""
+    pixels = castle_pixels()
+    with LocalRedis() as server, tempfile.TemporaryDirectory() as tmp:
+        client = connect(server.url)
+        queue = JobQueue(client, "gpufeed")
+        staging = queue.keys.queue + ":staging"  # filled first, then renamed onto the queue in one step
+        raws = [Job.new(pixels, "bench", 3600, codec).to_json() for _ in range(jobs)]
+        for start in range(0, jobs, 500):
+            client.lpush(staging, *raws[start : start + 500])
+        env = dict(
+            os.environ,
+            REDIS_URL=server.url,
+            IMAGE_QUEUE="gpufeed",
+            BATCH_SIZE=str(batch_size),
+            METRICS_PORT="0",
+            LOG_LEVEL="WARNING",
+            **{STATS_ENV: f"{tmp}/stats.json"},
+        )
+        args = [sys.executable, "-m", "tools.gpu_feed", "--worker", "--seconds-per-image", repr(seconds_per_image)]
+        worker = subprocess.Popen(args, cwd=PROJECT, env=env)
+        try:
+            _wait(lambda: client.scard(queue.keys.workers) == 1, 60, "the worker to register")
+            time.sleep(0.5)  # until it blocks on the empty queue
+            cpu0, redis0, t0 = process_cpu(worker.pid), redis_cpu(client), time.perf_counter()
+            client.rename(staging, queue.keys.queue)
+            _wait(lambda: _drained(queue, client), timeout, "the queue to drain", interval=0.005)
+            seconds = time.perf_counter() - t0
+            cpu1, redis1 = process_cpu(worker.pid), redis_cpu(client)
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(60)
+        stats = json.loads(Path(f"{tmp}/stats.json").read_text())
+        results = sum(1 for _ in client.scan_iter(match=queue.keys.result_prefix + "*", count=1000))
+        if results != jobs:
+            raise RuntimeError(f"{results} results for {jobs} jobs")
+    standin_rate = 1 / seconds_per_image
+    return Feed(
+        jobs=jobs,
+        seconds=seconds,
+        jobs_per_s=jobs / seconds,
+        standin_rate=standin_rate,
+        ratio=jobs / seconds / standin_rate,
+        busy_fraction=stats["busy_s"] / seconds,
+        worker_cpu_ms_per_job=(cpu1 - cpu0) / jobs * 1000,
+        redis_cpu_ms_per_job=(redis1 - redis0) / jobs * 1000,
+        batch_size=batch_size,
+        codec=codec,
+        job_bytes=len(raws[0]),
+    )
+
+
+def _drained(queue: JobQueue, client: redis.Redis) -> bool:
+    keys = [queue.keys.queue, *(k.decode() for k in client.keys(queue.keys.processing_prefix + "*"))]
+    return client.exists(*keys) == 0
+
+
+def _wait(condition, timeout: float, what: str, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def describe(feed: Feed) -> str:
+    return (
+        f"{feed.jobs} jobs ({feed.codec}, {feed.job_bytes:,} bytes each), BATCH_SIZE={feed.batch_size}: "
+        f"{feed.jobs_per_s:,.0f} jobs/s = {feed.ratio:.2f} of the stand-in's {feed.standin_rate:,.0f} images/s; "
+        f"stand-in busy {feed.busy_fraction:.0%}; worker CPU {feed.worker_cpu_ms_per_job:.3f} ms/job; "
+        f"Redis CPU {feed.redis_cpu_ms_per_job:.3f} ms/job"
+    )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=3000)
+    parser.add_argument("--ms-per-batch", type=float, default=7.1, help="the stand-in's time per --per images")
+    parser.add_argument("--per", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--codec", default="zstd")
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--seconds-per-image", type=float, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        return run_worker(args.seconds_per_image)
+    per_image = args.ms_per_batch / 1000 / args.per
+    for _ in range(args.repeat):
+        feed = measure(args.jobs, per_image, args.batch_size, args.codec)
+        print(json.dumps(asdict(feed)) if args.json else describe(feed), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
