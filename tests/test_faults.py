@@ -10,6 +10,7 @@ job was run exactly once and answered with its own result.
 from __future__ import annotations
 
 import json
+import sys
 import threading
 from collections import Counter
 
@@ -21,7 +22,7 @@ import settings
 from redis_protocol import SLOTS, Job, JobQueue, connect
 from run_model_server import Worker
 from tests.fault_proxy import FaultProxy
-from tests.processes import wait_until
+from tests.processes import Child, server_env, wait_until
 
 
 class NumberedModel:
@@ -232,3 +233,28 @@ def test_dead_letters_are_bounded_by_dead_letter_max(redis_server, queue_name, r
         wait_until(lambda: all(results(direct, [sentinel])), 30, "the sentinel's result")
     assert direct.dead_letter_count() == 5
     assert all("not valid JSON" in letter["reason"] for letter in direct.dead_letters())
+
+
+def test_kill_9_while_a_prefetched_batch_waits_loses_nothing(redis_server, queue_name, tmp_path):
+    """A worker whose model is busy with one batch while the next waits, decoded, in its own slot."""
+    direct = JobQueue(connect(redis_server.url), queue_name)
+    jobs = [numbered_job(n) for n in range(6)]
+    for job in jobs:
+        direct.enqueue(job, 100)
+    env = server_env(
+        redis_server.url, queue_name, BATCH_SIZE=2, HEARTBEAT_TTL=2, GPU_FEED_STATS=tmp_path / "stats.json"
+    )
+    slow = Child([sys.executable, "-m", "tools.gpu_feed", "--worker", "--seconds-per-image", "30"], env)
+    try:
+        worker = wait_until(lambda: [w.decode() for w in direct.redis.smembers(direct.keys.workers)], 60, "a worker")
+        wait_until(lambda: len(direct.claimed(worker[0])) == 4, 30, "one batch in the model and one prefetched")
+        assert direct.depth() == 2, "no more than PREFETCH_BATCHES=1 batch waits for the model"
+        slow.process.kill()
+        slow.process.wait(30)
+    finally:
+        slow.stop()
+    model = NumberedModel()
+    with RunningWorker(worker_settings(redis_server.url, queue_name, HEARTBEAT_TTL=2, REAP_INTERVAL=0.5), model):
+        wait_until(lambda: all(results(direct, jobs)), 30, "a result for every job")
+    assert_all_answered_once(direct, jobs, model)
+    assert direct.claimed(worker[0]) == [] and not direct.redis.sismember(direct.keys.workers, worker[0])
