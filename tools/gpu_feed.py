@@ -181,6 +181,75 @@ def describe(feed: Feed) -> str:
     )
 
 
+def step_costs(repeats: int = 300) -> dict[str, float]:
+    """Milliseconds per castle job of each per-job step, the old way beside the new one, in this process."""
+    import base64
+    import timeit
+
+    import zstandard
+
+    from helpers import _undo_row_deltas
+
+    pixels = castle_pixels()
+    zstd_raw = Job.new(pixels, "bench", 60, "zstd").to_json()
+    raw_raw = Job.new(pixels, "bench", 60, "raw").to_json()
+    image = Job.from_json(zstd_raw).image
+    packed = base64.b64decode(image)
+    deltas = np.frombuffer(zstandard.ZstdDecompressor().decompress(packed), np.uint8).reshape(224, 224, 3)
+
+    def ms(call) -> float:
+        return min(timeit.repeat(call, number=repeats, repeat=3)) / repeats * 1000
+
+    return {
+        "base64 decode, zstd image: stdlib": ms(lambda: base64.b64decode(image, validate=True)),
+        "base64 decode, zstd image: pybase64": ms(lambda: __import__("pybase64").b64decode(image, validate=True)),
+        "row deltas undone: np.cumsum": ms(lambda: np.cumsum(deltas, axis=0, dtype=np.uint8)),
+        "row deltas undone: log-step prefix sum": ms(lambda: _undo_row_deltas(deltas)),
+        "parse zstd job: json.loads": ms(lambda: json.loads(zstd_raw)),
+        "parse zstd job: Job.from_json (image last)": ms(lambda: Job.from_json(zstd_raw)),
+        "zstd decompress": ms(lambda: zstandard.ZstdDecompressor().decompress(packed)),
+        "whole decode, zstd job: Job.from_json + pixels": ms(lambda: Job.from_json(zstd_raw).pixels()),
+        "whole decode, raw job: Job.from_json + pixels": ms(lambda: Job.from_json(raw_raw).pixels()),
+    }
+
+
+def claim_costs(jobs: int = 2000, batch: int = 32) -> dict[str, float]:
+    """Redis CPU ms per job to claim castle jobs: the old CLAIM Lua script (LRANGE, LTRIM, RPUSH, return)
+    beside BLMOVE + LLEN and pipelined LMOVEs (JobQueue.claim_batch), on a Redis of its own."""
+    lua_claim = """
+    local jobs = redis.call('LRANGE', KEYS[1], -tonumber(ARGV[1]), -1)
+    if #jobs == 0 then return jobs end
+    redis.call('LTRIM', KEYS[1], 0, -#jobs - 1)
+    redis.call('RPUSH', KEYS[2], unpack(jobs))
+    return jobs
+    """
+    pixels = castle_pixels()
+    raws = [Job.new(pixels, "bench", 3600, "zstd").to_json() for _ in range(jobs)]
+    out = {}
+    with LocalRedis() as server:
+        client = connect(server.url)
+        queue = JobQueue(client, "claims")
+        script = client.register_script(lua_claim)
+        plist = queue.keys.processing("w", 0)
+
+        def lua() -> int:
+            first = client.blmove(queue.keys.queue, plist, 1, "RIGHT", "RIGHT")
+            return 0 if first is None else 1 + len(script(keys=[queue.keys.queue, plist], args=[batch - 1]))
+
+        def lmove() -> int:
+            return len(queue.claim_batch("w", batch, 0, 1))
+
+        for name, claim in (("old: BLMOVE + CLAIM Lua script", lua), ("new: BLMOVE + LLEN, LMOVE pipeline", lmove)):
+            for start in range(0, jobs, 500):
+                client.lpush(queue.keys.queue, *raws[start : start + 500])
+            before, moved = redis_cpu(client), 0
+            while queue.depth():
+                moved += claim()
+                client.delete(plist)
+            out[name] = (redis_cpu(client) - before) / moved * 1000
+    return out
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=3000)
@@ -190,6 +259,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--codec", default="zstd")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--steps", action="store_true", help="also print each per-job step's cost, old beside new")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--seconds-per-image", type=float, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -199,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
         return run_worker(args.seconds_per_image)
+    if args.steps:
+        for name, ms in (step_costs() | claim_costs()).items():
+            print(f"{name:55s} {ms:.4f} ms/job")
     per_image = args.ms_per_batch / 1000 / args.per
     for _ in range(args.repeat):
         feed = measure(args.jobs, per_image, args.batch_size, args.codec)
