@@ -15,6 +15,7 @@ weights, the same compute as the real ones) and prints, each against its goal:
  6. throughput with 1 and 2 model workers
  7. low-load latency and commands with NOTIFICATIONS=auto vs off, interleaved
  8. Redis alone: its CPU per request for our command mix, so how many requests one Redis core carries
+ 9. GPU feed: one worker and a stand-in model that sleeps for an H100's time per batch (tools/gpu_feed.py)
 
 Clients, web server, Redis and workers all share this machine's cores; the output says how much
 CPU each used, and how much other processes took meanwhile.
@@ -932,6 +933,7 @@ def run(args: argparse.Namespace) -> Report:
         measure_stack(report, plan, client, env, counter, queue, (model, classifier), stack, server.url)
         report.results["ceiling"] = ceiling(report, plan, client, env, counter)
         report.results["redis_alone"] = redis_alone(report, plan.redis_window, image, server.url, config.job_codec)
+    report.results["gpu_feed"] = gpu_feed(report, plan, config.job_codec)
     verdicts(report)
     return report
 
@@ -985,6 +987,28 @@ def measure_stack(
         web.stop()
 
 
+# Stand-ins for a GPU: (name, ms per batch, images per batch). PyTorch ResNet50 on an H100, host-to-device
+# copy and preprocessing included: fp32 7.1 ms per 32 images, bf16 21.1 ms per 256.
+GPU_STANDINS = (("H100 fp32", 7.1, 32), ("H100 bf16", 21.1, 256))
+
+
+def gpu_feed(report: Report, plan: Plan, codec: str) -> dict:
+    """(9) One real worker draining a prefilled queue for a stand-in model that sleeps for a GPU's time."""
+    from tools.gpu_feed import describe, measure
+
+    report.section("9. GPU feed: one worker, a stand-in model that sleeps for an H100's time per batch")
+    report.say("   the real Worker and Redis, prefilled with castle jobs; the stand-in sleeps, so the GIL is free")
+    out: dict = {}
+    jobs = 1500 if plan is QUICK else 4000
+    for name, ms, per in GPU_STANDINS:
+        for job_codec in dict.fromkeys((codec, "raw")):
+            feeds = [measure(jobs * per // 32, ms / 1000 / per, per, job_codec) for _ in range(3)]
+            feed = sorted(feeds, key=lambda f: f.ratio)[1]  # the median of three drains
+            out[f"{name}, {job_codec}"] = feed.__dict__
+            report.say(f"   {name}, median of 3: {describe(feed)}")
+    return out
+
+
 def verdicts(report: Report) -> None:
     """Every figure against its goal."""
     r = report.results
@@ -1030,6 +1054,13 @@ def verdicts(report: Report) -> None:
     report.goal(
         "serving ceiling, no model (requests/s)", best, ">= 500", best >= 500, f"{best:.0f} (clients on the same cores)"
     )
+    for key, feed in r["gpu_feed"].items():
+        if key.startswith("H100 fp32"):
+            ratio, cpu, redis_ms = feed["ratio"], feed["worker_cpu_ms_per_job"], feed["redis_cpu_ms_per_job"]
+            report.goal(f"GPU-feed ratio, {key}", ratio, ">= 0.90", ratio >= 0.90, f"{ratio:.2f}")
+            report.goal(f"worker CPU per job, {key}", cpu, "<= 0.15 ms", cpu <= 0.15, f"{cpu:.3f} ms")
+            report.goal(f"Redis CPU per job (worker side), {key}", redis_ms, "<= 0.05 ms", redis_ms <= 0.05,
+                        f"{redis_ms:.3f} ms")  # fmt: skip
     report.say("These figures are only as quiet as the machine was: re-run `make bench` on an otherwise idle machine.")
 
 
