@@ -999,10 +999,10 @@ def gpu_feed(report: Report, plan: Plan, codec: str) -> dict:
     report.section("9. GPU feed: one worker, a stand-in model that sleeps for an H100's time per batch")
     report.say("   the real Worker and Redis, prefilled with castle jobs; the stand-in sleeps, so the GIL is free")
     out: dict = {}
-    jobs = 1500 if plan is QUICK else 4000
     for name, ms, per in GPU_STANDINS:
+        jobs = (1500 if plan is QUICK else 4000) * (2 if per > 32 else 1)  # a few hundred batches, or 30 big ones
         for job_codec in dict.fromkeys((codec, "raw")):
-            feeds = [measure(jobs * per // 32, ms / 1000 / per, per, job_codec) for _ in range(3)]
+            feeds = [measure(jobs, ms / 1000 / per, per, job_codec) for _ in range(3)]
             feed = sorted(feeds, key=lambda f: f.ratio)[1]  # the median of three drains
             out[f"{name}, {job_codec}"] = feed.__dict__
             report.say(f"   {name}, median of 3: {describe(feed)}")
