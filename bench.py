@@ -16,6 +16,7 @@ weights, the same compute as the real ones) and prints, each against its goal:
  7. low-load latency and commands with NOTIFICATIONS=auto vs off, interleaved
  8. Redis alone: its CPU per request for our command mix, so how many requests one Redis core carries
  9. GPU feed: one worker and a stand-in model that sleeps for an H100's time per batch (tools/gpu_feed.py)
+10. preparing one upload (castle, a 48 MP JPEG, 4096x4096 RGBA and 6300x6300 PNGs): CPU and peak memory
 
 Clients, web server, Redis and workers all share this machine's cores; the output says how much
 CPU each used, and how much other processes took meanwhile.
@@ -934,6 +935,7 @@ def run(args: argparse.Namespace) -> Report:
         report.results["ceiling"] = ceiling(report, plan, client, env, counter)
         report.results["redis_alone"] = redis_alone(report, plan.redis_window, image, server.url, config.job_codec)
     report.results["gpu_feed"] = gpu_feed(report, plan, config.job_codec)
+    report.results["decode_cost"] = decode_cost(report)
     verdicts(report)
     return report
 
@@ -1007,6 +1009,17 @@ def gpu_feed(report: Report, plan: Plan, codec: str) -> dict:
             out[f"{name}, {job_codec}"] = feed.__dict__
             report.say(f"   {name}, median of 3: {describe(feed)}")
     return out
+
+
+def decode_cost(report: Report) -> list[dict]:
+    """(10) CPU and peak memory of preparing one upload, the old way beside the new (tools/decode_cost.py)."""
+    from tools import decode_cost as tool
+
+    report.section("10. Preparing one upload: CPU and peak memory, old way and new, each in a fresh process")
+    rows = tool.run()
+    for row in rows:
+        report.say("   " + tool.describe(row))
+    return rows
 
 
 def verdicts(report: Report) -> None:

@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import binascii
 import io
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import pybase64
 import zstandard
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
+
+# Pillow allocates a decoded image in blocks (16 MiB by default), which glibc keeps in the allocating
+# thread's arena once freed: a web process of 64 threads that decoded large uploads kept hundreds of MB
+# it no longer used (tests/test_decode_budget.py). In one block up to 256 MiB, a large image gets memory
+# of its own (glibc maps anything over 32 MiB separately) and returns it to the system when it is freed.
+PILLOW_BLOCK_SIZE = 256 * 1024 * 1024
+if "PILLOW_BLOCK_SIZE" not in os.environ:  # Pillow's own setting wins
+    Image.core.set_block_size(PILLOW_BLOCK_SIZE)
 
 IMAGE_SIZE = (224, 224)
 IMAGE_SHAPE = (224, 224, 3)
@@ -118,31 +130,114 @@ def _unbase64(data: str) -> bytes:
         raise PayloadError(f"image is not valid base64: {exc}") from None
 
 
-def prepare_image(data: bytes, max_pixels: int = 40_000_000) -> np.ndarray:
+class DecodeBusy(Exception):
+    """The web process's decode budget stayed full for as long as an upload may wait (DECODE_WAIT)."""
+
+
+class DecodeBudget:
+    """Bytes of decoded pixels the uploads of one web process may hold at once (DECODE_BUDGET_BYTES).
+
+    An upload reserves what its decoding will cost before any pixel is decoded, and gives it back when
+    its pixels are ready; one that cannot get its share within `wait` seconds gets DecodeBusy (a 503).
+    """
+
+    def __init__(self, capacity: int, wait: float) -> None:
+        self.capacity = capacity
+        self.wait = wait
+        self.in_use = 0
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def hold(self, cost: int) -> Iterator[None]:
+        """Reserve `cost` bytes for the block; DecodeBusy if they are not free within `wait` seconds."""
+        with self._changed:
+            # Alone, an upload may always go: the per-image limit is checked against the budget at start-up.
+            fits = lambda: self.in_use == 0 or self.in_use + cost <= self.capacity  # noqa: E731
+            if not self._changed.wait_for(fits, timeout=self.wait):
+                raise DecodeBusy(f"{self.in_use:,} of {self.capacity:,} bytes (DECODE_BUDGET_BYTES) are decoding")
+            self.in_use += cost
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.in_use -= cost
+                self._changed.notify_all()
+
+
+def prepare_image(
+    data: bytes,
+    max_pixels: int = 100_000_000,
+    max_decode_bytes: int = 150_000_000,
+    budget: DecodeBudget | None = None,
+) -> np.ndarray:
     """Decode an uploaded file into a (224, 224, 3) uint8 RGB array.
 
-    Applies the EXIF orientation, flattens transparency onto white, scales 16-bit images
-    to 8 bits, and refuses images larger than `max_pixels` before decoding their pixels.
+    Reads the header first: refuses images over `max_pixels`, and images whose decoding would hold
+    more than `max_decode_bytes` (decode_cost) even at the smallest scale their format decodes at;
+    then decodes within `budget`. A large image is reduced in its own mode before it is converted
+    (to RGB, 8 bits, transparency flattened onto white) and turned by its EXIF orientation.
     """
     if not data:
         raise ImageError("the uploaded file is empty")
-    image = _open(data, max_pixels)
-    image = _to_rgb(image)
-    image = image.resize(IMAGE_SIZE, Image.Resampling.BILINEAR)
-    return np.asarray(image, dtype=np.uint8)
+    with _as_image_error(max_pixels):
+        image = _open(data, max_pixels)
+        cost = decode_cost(image)
+        if cost > max_decode_bytes:
+            raise ImageError(
+                f"decoding this {image.width}x{image.height} {image.format} image ({image.mode}) would take "
+                f"{cost:,} bytes of memory; the limit is {max_decode_bytes:,} (MAX_DECODE_BYTES): "
+                f"send it smaller, or as a JPEG, which decodes at a reduced scale"
+            )
+        with budget.hold(cost) if budget else nullcontext():
+            image.load()
+            orientation = _orientation(image)
+            peak = _sixteen_bit_peak(image)
+            image = _to_rgb(_reduce(image), peak)
+            if orientation in _TRANSPOSE:
+                image = image.transpose(_TRANSPOSE[orientation])
+            image = image.resize(IMAGE_SIZE, Image.Resampling.BILINEAR)
+            return np.asarray(image, dtype=np.uint8)
 
 
-def _open(data: bytes, max_pixels: int) -> Image.Image:
+# Bytes per pixel as Pillow stores a decoded image: one for 1, L and P; two for 16-bit; four for the rest
+# (RGB too: Pillow keeps RGB in 32-bit pixels).
+_STORED_BYTES = {"1": 1, "L": 1, "P": 1} | dict.fromkeys(_SIXTEEN_BIT_MODES - {"I"}, 2)
+# Bytes per pixel that reducing a large image adds at full size: modes converted first (a palette cannot be
+# averaged, so it becomes RGB with its transparency flattened; 1-bit becomes L), and modes with alpha, which
+# Pillow averages premultiplied, in a full-size copy.
+_REDUCE_EXTRA = {"1": 1, "P": 4, "PA": 8, "LA": 4, "RGBA": 4}
+# Bytes per pixel, at most, that converting and resizing a reduced image holds (16-bit: numpy in int64).
+_REDUCED_WORK = 40
+_REDUCED_SIDE = 2 * IMAGE_SIZE[0]  # reduce large images to no less than this, then resize to IMAGE_SIZE
+_TRANSPOSE = {  # EXIF orientation -> the transpose that undoes it, as ImageOps.exif_transpose does
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def decode_cost(image: Image.Image) -> int:
+    """Bytes that decoding and preparing an opened (not yet loaded) image holds at its peak, from its
+    header: the decoded pixels at the scale it will decode at, any full-size conversion, the reduced copy."""
+    width, height = image.size
+    factor = _reduce_factor(image.size)
+    stored = _STORED_BYTES.get(image.mode, 4) + (_REDUCE_EXTRA.get(image.mode, 0) if factor > 1 else 0)
+    return width * height * stored + (width // factor) * (height // factor) * _REDUCED_WORK
+
+
+def _reduce_factor(size: tuple[int, int]) -> int:
+    return max(1, min(size) // _REDUCED_SIDE)
+
+
+@contextmanager
+def _as_image_error(max_pixels: int) -> Iterator[None]:
+    """Every way Pillow refuses a file, as an ImageError for its sender."""
     try:
-        image = Image.open(io.BytesIO(data))
-        width, height = image.size
-        if width * height > max_pixels:
-            raise ImageError(f"the image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}")
-        if image.mode not in _SUPPORTED_MODES:
-            raise ImageError(f"images in mode {image.mode} are not supported; send an RGB or grayscale image")
-        image.draft("RGB", IMAGE_SIZE)  # JPEG only: decode at a reduced scale, much faster
-        image.load()
-        return ImageOps.exif_transpose(image)
+        yield
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -153,10 +248,71 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageError(f"the image is damaged or truncated ({exc})") from None
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in _SIXTEEN_BIT_MODES:
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """The image with only its header read, set to decode at the smallest scale its format allows."""
+    image = Image.open(io.BytesIO(data))
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageError(f"the image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}")
+    if image.mode not in _SUPPORTED_MODES:
+        raise ImageError(f"images in mode {image.mode} are not supported; send an RGB or grayscale image")
+    # JPEG decodes at 1/2, 1/4 or 1/8 scale (in the DCT), no smaller than asked. Of the other formats
+    # Pillow reads, only JPEG 2000 has a reduced decode (resolution levels), and it is not needed here.
+    image.draft("RGB", IMAGE_SIZE)
+    return image
+
+
+def _orientation(image: Image.Image) -> int | None:
+    """The EXIF orientation (2 to 8) when the image has a valid one; ImageError when its EXIF cannot be read."""
+    try:
+        orientation = image.getexif().get(0x0112)
+    except Exception as exc:  # noqa: BLE001 - Pillow raises struct.error, TypeError ... on damaged EXIF
+        raise ImageError(f"the image's EXIF data is damaged ({type(exc).__name__})") from None
+    return orientation if isinstance(orientation, int) and orientation in _TRANSPOSE else None
+
+
+def _sixteen_bit_peak(image: Image.Image) -> int | None:
+    """For a 16-bit image, the value that maps to white: 65535, or 255 for 32-bit "I" data that stays
+    below 256; None for other modes."""
+    if image.mode not in _SIXTEEN_BIT_MODES:
+        return None
+    return 65535 if image.mode != "I" or image.getextrema()[1] > 255 else 255
+
+
+def _reduce(image: Image.Image) -> Image.Image:
+    """A large image averaged down in boxes, in its own mode, to no less than twice the model's input."""
+    factor = _reduce_factor(image.size)
+    if factor < 2:
+        return image
+    if image.mode == "P":
+        image = _flattened_palette(image).convert("RGB")
+    elif image.mode in ("1", "PA"):
+        image = image.convert("L" if image.mode == "1" else "RGBA")
+    return image.resize((image.width // factor, image.height // factor), Image.Resampling.BOX)
+
+
+def _flattened_palette(image: Image.Image) -> Image.Image:
+    """A palette image with its transparency composited onto white, one palette entry at a time.
+
+    Exact, since a pixel's colour depends only on its index, and it needs no full-size RGBA copy.
+    """
+    transparency = image.info.pop("transparency", None)
+    if transparency is None:
+        return image
+    colours = image.getpalette("RGB") or []
+    alphas = [255] * (len(colours) // 3)
+    if isinstance(transparency, int) and transparency < len(alphas):
+        alphas[transparency] = 0
+    elif isinstance(transparency, bytes):
+        alphas[: len(transparency)] = transparency[: len(alphas)]
+    flat = [(c * a + 255 * (255 - a) + 127) // 255 for i, c in enumerate(colours) for a in (alphas[i // 3],)]
+    image.putpalette(flat, "RGB")
+    return image
+
+
+def _to_rgb(image: Image.Image, peak: int | None) -> Image.Image:
+    if peak is not None:
         wide = np.asarray(image, dtype=np.int64)
-        peak = 65535 if image.mode != "I" or wide.max(initial=0) > 255 else 255
         eight = (np.clip(wide, 0, peak) * 255 // peak).astype(np.uint8)
         return Image.fromarray(eight, "L").convert("RGB")
     if image.mode == "P" and "transparency" in image.info:

@@ -18,7 +18,7 @@ from werkzeug.exceptions import HTTPException
 import logger
 import metrics
 import settings as settings_module
-from helpers import ImageError, prepare_image
+from helpers import DecodeBudget, DecodeBusy, ImageError, prepare_image
 from redis_protocol import REDIS_UNAVAILABLE, Job, JobQueue, ResultListener, ResultTimeout
 
 log = logger.get("web")
@@ -31,6 +31,7 @@ class Service:
         self.config = config
         self.origin = uuid.uuid4().hex[:12]
         self.queue = JobQueue.from_settings(config)
+        self.decode_budget = DecodeBudget(config.decode_budget_bytes, config.decode_wait)
         self.listener = ResultListener(self.queue, self.origin, config.notifications != "off")
 
 
@@ -83,14 +84,17 @@ def predict():
     upload = request.files.get("image")
     if upload is None:
         return error(400, "send the image as a multipart form file field named 'image'")
+    config = service.config
     try:
-        pixels = prepare_image(upload.read(), service.config.max_image_pixels)
+        pixels = prepare_image(upload.read(), config.max_image_pixels, config.max_decode_bytes, service.decode_budget)
     except ImageError as exc:
         return error(400, str(exc))
-    job = Job.new(pixels, service.origin, service.config.request_timeout, service.config.job_codec)
+    except DecodeBusy:
+        return error(503, "the server is busy decoding other images; try again shortly", retry_after=1)
+    job = Job.new(pixels, service.origin, config.request_timeout, config.job_codec)
     with service.listener.expect(job.id):
         try:
-            if not service.queue.enqueue(job, service.config.max_queue):
+            if not service.queue.enqueue(job, config.max_queue):
                 return error(503, "the server is busy (queue full); try again shortly", retry_after=1)
             result = service.listener.wait(job.id, job.deadline)
         except REDIS_UNAVAILABLE as exc:
@@ -98,7 +102,7 @@ def predict():
             return error(503, "the job queue (Redis) is unavailable; try again shortly", retry_after=1)
         except ResultTimeout:
             _give_up(service.queue, job)
-            return error(504, f"no result within {service.config.request_timeout:g} s (REQUEST_TIMEOUT)")
+            return error(504, f"no result within {config.request_timeout:g} s (REQUEST_TIMEOUT)")
     elapsed_ms = (time.time() - job.enqueued_at) * 1000
     if not result.get("success"):
         log.warning("job %s failed after %.0f ms: %s", job.id, elapsed_ms, result.get("error"))

@@ -43,7 +43,10 @@ class Settings:
     max_job_bytes: int = 1_048_576
     dead_letter_max: int = 1000
     max_upload_bytes: int = 16 * 1024 * 1024
-    max_image_pixels: int = 40_000_000
+    max_image_pixels: int = 100_000_000
+    max_decode_bytes: int = 150_000_000
+    decode_budget_bytes: int = 512 * 1024 * 1024
+    decode_wait: float = 1.0
     heartbeat_ttl: float = 10.0
     reap_interval: float = 5.0
     notifications: str = "auto"
@@ -171,6 +174,9 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "dead_letter_max": _int(1),
     "max_upload_bytes": _int(1),
     "max_image_pixels": _int(1),
+    "max_decode_bytes": _int(1),
+    "decode_budget_bytes": _int(1),
+    "decode_wait": _float(0.0),
     "heartbeat_ttl": _float(1.0),
     "reap_interval": _float(0.0, strict=True),
     "notifications": _choice("auto", "off"),
@@ -197,4 +203,14 @@ def load(env: Mapping[str, str] | None = None, dotenv: bool = True, **overrides:
         raw = env.get(name) if raw is None else str(raw)
         if raw is not None and raw != "":
             values[field.name] = _PARSERS[field.name](name, raw)
-    return Settings(**values)
+    return _checked(Settings(**values))
+
+
+def _checked(settings: Settings) -> Settings:
+    """Rules between settings."""
+    if settings.max_decode_bytes > settings.decode_budget_bytes:
+        raise SettingsError(
+            f"MAX_DECODE_BYTES ({settings.max_decode_bytes:,}) must not exceed DECODE_BUDGET_BYTES "
+            f"({settings.decode_budget_bytes:,}): one image must fit in the web process's decode budget"
+        )
+    return settings

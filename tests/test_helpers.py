@@ -1,11 +1,24 @@
 import base64
 import io
+import threading
+import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import ImageError, PayloadError, decode_array, decode_image, encode_array, encode_image, prepare_image
+from helpers import (
+    DecodeBudget,
+    DecodeBusy,
+    ImageError,
+    PayloadError,
+    decode_array,
+    decode_cost,
+    decode_image,
+    encode_array,
+    encode_image,
+    prepare_image,
+)
 
 
 def image_bytes(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
@@ -165,3 +178,127 @@ def test_unsupported_mode_is_refused():
     data = image_bytes(Image.new("F", (10, 10)), "TIFF")
     with pytest.raises(ImageError, match="mode F"):
         prepare_image(data)
+
+
+# ---- decoding within memory limits (decode amplification) ----------------------------------------
+
+
+def old_prepare(data: bytes) -> np.ndarray:
+    """The preparation of an RGB image before large images were reduced first: all at full size."""
+    from PIL import ImageOps
+
+    image = Image.open(io.BytesIO(data))
+    image.draft("RGB", (224, 224))
+    image = ImageOps.exif_transpose(image)
+    return np.asarray(image.convert("RGB").resize((224, 224), Image.Resampling.BILINEAR))
+
+
+def photo(width: int, height: int) -> Image.Image:
+    """Smooth colour gradients: what resizing a photo looks like, at any size, made quickly."""
+    return Image.merge(
+        "RGB",
+        [
+            Image.linear_gradient("L").resize((width, height)),
+            Image.linear_gradient("L").rotate(90).resize((width, height)),
+            Image.radial_gradient("L").resize((width, height)),
+        ],
+    )
+
+
+def test_a_48_megapixel_phone_jpeg_is_decoded_at_an_eighth_of_its_size():
+    data = image_bytes(photo(8000, 6000), "JPEG", quality=80)
+    opened = Image.open(io.BytesIO(data))
+    opened.draft("RGB", (224, 224))
+    assert opened.size == (1000, 750)
+    assert decode_cost(opened) < 40_000_000, "a few MB, not the 192 MB of full-size pixels"
+    check_prepared(prepare_image(data))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "P", "L", "I;16"])
+def test_a_4096_square_png_succeeds_with_the_default_limits(mode):
+    image = photo(4096, 4096).convert("RGBA" if mode == "RGBA" else "RGB")
+    if mode == "P":
+        image = image.convert("P")
+        image.info["transparency"] = 0
+    elif mode in ("L", "I;16"):
+        image = image.convert("L")
+        if mode == "I;16":
+            image = Image.fromarray(np.asarray(image).astype(np.uint16) * 257)
+    assert decode_cost(Image.open(io.BytesIO(image_bytes(image)))) <= 150_000_000
+    check_prepared(prepare_image(image_bytes(image)))
+
+
+def test_an_image_too_costly_to_decode_is_refused_naming_the_limit():
+    data = image_bytes(Image.new("RGB", (6300, 6300), (10, 120, 200)))  # a solid colour: about 130 KB of PNG
+    assert len(data) < 200_000
+    with pytest.raises(ImageError, match=r"would take [\d,]+ bytes of memory.*MAX_DECODE_BYTES") as refused:
+        prepare_image(data)
+    assert "150,000,000" in str(refused.value)
+    check_prepared(prepare_image(data, max_decode_bytes=200_000_000, budget=DecodeBudget(200_000_000, 1)))
+
+
+def test_a_large_image_reduced_first_looks_as_it_did_when_converted_at_full_size():
+    data = image_bytes(photo(3000, 2000))
+    difference = np.abs(prepare_image(data).astype(int) - old_prepare(data).astype(int))
+    assert difference.mean() < 1.0 and difference.max() <= 8
+
+
+def test_a_small_image_is_prepared_exactly_as_before():
+    data = image_bytes(photo(800, 480), "JPEG")
+    assert np.array_equal(prepare_image(data), old_prepare(data))
+
+
+def test_a_large_rotated_transparent_sixteen_bit_or_palette_image_keeps_its_meaning():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    rotated = Image.new("RGB", (2400, 1200), "white")
+    rotated.paste((0, 0, 0), (0, 0, 1200, 1200))
+    array = prepare_image(image_bytes(rotated, "JPEG", exif=exif.tobytes()))
+    assert array[:100].mean() < 40 and array[124:].mean() > 215
+    transparent = Image.new("P", (2000, 2000), 0)
+    transparent.info["transparency"] = 0
+    assert (prepare_image(image_bytes(transparent)) == 255).all()
+    wide = np.full((2000, 2000), 65535, dtype=np.uint16)
+    wide[:, :1000] = 0
+    array = prepare_image(image_bytes(Image.fromarray(wide)))
+    assert array[:, :100].max() == 0 and array[:, 130:].min() == 255
+
+
+@pytest.mark.parametrize("orientation", [0, 9, 65535])
+def test_an_orientation_exif_does_not_define_turns_nothing(orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = image_bytes(photo(300, 200), "JPEG", exif=exif.tobytes())
+    assert np.array_equal(prepare_image(data), prepare_image(image_bytes(photo(300, 200), "JPEG")))
+
+
+def test_the_decode_budget_lets_uploads_through_as_long_as_they_fit():
+    budget = DecodeBudget(capacity=100, wait=0.2)
+    with budget.hold(60):
+        with budget.hold(40):
+            assert budget.in_use == 100
+        started = time.monotonic()
+        with pytest.raises(DecodeBusy):
+            with budget.hold(41):
+                pass
+        assert time.monotonic() - started >= 0.2
+    assert budget.in_use == 0
+    with budget.hold(150):  # alone, even an image larger than the budget may go
+        assert budget.in_use == 150
+
+
+def test_an_upload_waiting_for_the_budget_goes_when_another_finishes():
+    budget = DecodeBudget(capacity=100, wait=5)
+    entered = threading.Event()
+    holder = threading.Thread(target=lambda: budget_hold_briefly(budget, entered))
+    holder.start()
+    entered.wait(5)
+    with budget.hold(80):
+        assert budget.in_use == 80, "it waited until the first upload gave its share back"
+    holder.join()
+
+
+def budget_hold_briefly(budget: DecodeBudget, entered: threading.Event) -> None:
+    with budget.hold(80):
+        entered.set()
+        time.sleep(0.2)

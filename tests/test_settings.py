@@ -88,3 +88,9 @@ def test_entry_point_exits_2_naming_the_variable(monkeypatch, capsys):
     monkeypatch.setenv("BATCH_SIZE", "zero")
     assert run_model_server.main([]) == 2
     assert "BATCH_SIZE" in capsys.readouterr().err
+
+
+def test_one_image_must_fit_in_the_decode_budget():
+    with pytest.raises(SettingsError, match="MAX_DECODE_BYTES .* must not exceed DECODE_BUDGET_BYTES"):
+        load(env={"MAX_DECODE_BYTES": "300000000", "DECODE_BUDGET_BYTES": "200000000"})
+    assert load(env={"DECODE_BUDGET_BYTES": "200000000"}).decode_budget_bytes == 200_000_000
