@@ -24,21 +24,22 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# The model alone vs the whole serving path, in one run (~9 min here; `bench.py --quick` ~3 min; --help for flags).
+# The model alone vs the whole serving path, in one run (~12 min here; `python -m tools.bench --quick` ~4 min;
+# --help for flags). The tools (benchmark, deliverables, report, process harness) live in tools/.
 bench: $(STAMP)
-	$(BIN)/python bench.py
+	$(BIN)/python -m tools.bench
 
 deliverables: $(STAMP)
-	$(BIN)/python deliverables.py
+	$(BIN)/python -m tools.deliverables
 
-# The mermaid npm package (report.py draws the diagrams with it in Chromium), as package-lock.json pins it.
-node_modules/.package-lock.json: package-lock.json
-	npm ci --no-audit --no-fund
+# The mermaid npm package (tools/report.py draws the diagrams with it in Chromium), as tools/package-lock.json pins it.
+tools/node_modules/.package-lock.json: tools/package-lock.json
+	cd tools && npm ci --no-audit --no-fund
 	touch $@
 
 # deliverables/report.pdf from the eight Markdown documents in deliverables/.
-report: $(STAMP) node_modules/.package-lock.json
-	$(BIN)/python report.py
+report: $(STAMP) tools/node_modules/.package-lock.json
+	$(BIN)/python -m tools.report
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -23,7 +23,7 @@ import numpy as np
 from prometheus_client import Counter, Histogram, start_http_server
 
 import logger
-import settings as settings_module
+import settings
 from redis_protocol import REDIS_UNAVAILABLE, SLOTS, DeadLetter, Job, JobError, JobQueue
 
 # Outcomes: done (result published), expired (deadline passed before inference, dropped), failed (inference
@@ -62,8 +62,8 @@ class Worker:
     worker. A heartbeat thread also runs the reaper.
     """
 
-    def __init__(self, settings: settings_module.Settings, queue: JobQueue, classifier) -> None:
-        self.settings = settings
+    def __init__(self, config: settings.Settings, queue: JobQueue, classifier) -> None:
+        self.config = config
         self.queue = queue
         self.classifier = classifier
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -77,16 +77,16 @@ class Worker:
         self._ready: Queue[Batch | None] = Queue()  # decoded, for the model
         # Claimed batches not yet in the model: at most PREFETCH_BATCHES, so a busy worker does not sit
         # on jobs another worker could run.
-        self._room = threading.Semaphore(settings.prefetch_batches)
+        self._room = threading.Semaphore(config.prefetch_batches)
         self._done: Queue[Batch | None] = Queue()  # through the model, for the publisher
 
     def run(self) -> None:
         """Serve until `stop()`; survives Redis outages by retrying with backoff."""
         # The model's thread must get the GIL back as soon as its kernel returns: with Python's default
-        # 5 ms switch interval, a feeder or publisher holding the GIL kept a GPU-speed model idle for a
-        # tenth of its time (tools/gpu_feed.py, 0.78 -> 0.88 of the stand-in's rate).
+        # 5 ms switch interval, a feeder or publisher holding the GIL keeps a GPU-speed model waiting
+        # after every batch.
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
-        self._retry(lambda: self.queue.register(self.id, self.settings.heartbeat_ttl), "register")
+        self._retry(lambda: self.queue.register(self.id, self.config.heartbeat_ttl), "register")
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
         publisher = threading.Thread(target=self._publish_loop, name="publisher")
         publisher.start()
@@ -151,10 +151,10 @@ class Worker:
 
     def _claim(self, slot: int) -> list[bytes]:
         """Claim a batch; after a failed claim, start with what that claim may have moved into the slot."""
-        wait = self.settings.batch_wait_ms / 1000
+        wait = self.config.batch_wait_ms / 1000
         try:
             raws = self.queue.claim_batch(
-                self.id, self.settings.batch_size, wait, block=1.0, slot=slot, resume=self._resume
+                self.id, self.config.batch_size, wait, block=1.0, slot=slot, resume=self._resume
             )
         except REDIS_UNAVAILABLE:
             self._resume = True
@@ -170,7 +170,7 @@ class Worker:
             try:
                 job, image = self._read(raw)
             except JobError as exc:
-                batch.dead.append(DeadLetter(raw, str(exc), self.settings.max_job_bytes))
+                batch.dead.append(DeadLetter(raw, str(exc), self.config.max_job_bytes))
                 continue
             if job.deadline < now:
                 JOBS.labels("expired").inc()
@@ -190,7 +190,7 @@ class Worker:
         never the worker.
         """
         try:
-            job = Job.from_json(raw, self.settings.max_job_bytes)
+            job = Job.from_json(raw, self.config.max_job_bytes)
             return job, job.pixels()
         except JobError:
             raise
@@ -237,13 +237,13 @@ class Worker:
         log.debug("batch done: %d jobs: %s", len(batch.results), " ".join(job.id for job, _ in batch.results))
 
     def _heartbeat_loop(self) -> None:
-        interval = self.settings.heartbeat_ttl / 3
+        interval = self.config.heartbeat_ttl / 3
         next_reap = 0.0
         while not self._finished.wait(0 if next_reap == 0 else interval):
             try:
-                self.queue.heartbeat(self.id, self.settings.heartbeat_ttl)
+                self.queue.heartbeat(self.id, self.config.heartbeat_ttl)
                 if time.monotonic() >= next_reap:
-                    next_reap = time.monotonic() + self.settings.reap_interval
+                    next_reap = time.monotonic() + self.config.reap_interval
                     workers, requeued, dead_lettered = self.queue.reap()
                     count_released(requeued, dead_lettered)
                     if workers:
@@ -295,8 +295,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        config = settings_module.load(**vars(args))
-    except settings_module.SettingsError as exc:
+        config = settings.load(**vars(args))
+    except settings.SettingsError as exc:
         print(f"run_model_server.py: configuration error: {exc}", file=sys.stderr)
         return 2
     logger.setup("model", config.log_level)

@@ -17,7 +17,7 @@ from werkzeug.exceptions import HTTPException
 
 import logger
 import metrics
-import settings as settings_module
+import settings
 from helpers import DecodeBudget, DecodeBusy, ImageError, prepare_image
 from redis_protocol import REDIS_UNAVAILABLE, Job, JobQueue, ResultListener, ResultTimeout
 
@@ -27,23 +27,28 @@ log = logger.get("web")
 class Service:
     """What the views need: settings, the queue and this process's result listener."""
 
-    def __init__(self, config: settings_module.Settings) -> None:
+    def __init__(self, config: settings.Settings, queue: JobQueue | None = None) -> None:
         self.config = config
         self.origin = uuid.uuid4().hex[:12]
-        self.queue = JobQueue.from_settings(config)
+        self.queue = queue or JobQueue.from_settings(config)
         self.decode_budget = DecodeBudget(config.decode_budget_bytes, config.decode_wait)
         self.listener = ResultListener(self.queue, self.origin, config.notifications != "off")
 
 
-def create_app(config: settings_module.Settings | None = None) -> Flask:
-    """Application factory: one Service (and one listener thread) per process."""
-    config = config or settings_module.load()
+def create_app(config: settings.Settings | None = None, queue: JobQueue | None = None) -> Flask:
+    """Application factory: one Service (and one listener thread) per process.
+
+    Tests may pass a stand-in `queue`: then nothing connects to Redis and no listener thread starts
+    (a waiting request polls the stand-in).
+    """
+    config = config or settings.load()
     logger.setup("web", config.log_level)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.max_upload_bytes
-    service = Service(config)
+    service = Service(config, queue)
     app.extensions["imgserve"] = service
-    service.listener.start()
+    if queue is None:
+        service.listener.start()
     app.register_error_handler(HTTPException, _http_error)
     app.add_url_rule("/predict", view_func=predict, methods=["POST"])
     app.add_url_rule("/healthz", view_func=healthz)
@@ -149,13 +154,13 @@ def index() -> Response:
 
 def openapi_document() -> Response:
     """GET /openapi.yaml: the OpenAPI description of this API."""
-    return send_from_directory(settings_module.PROJECT_DIR, "openapi.yaml", mimetype="application/yaml")
+    return send_from_directory(settings.PROJECT_DIR, "openapi.yaml", mimetype="application/yaml")
 
 
 def main() -> int:
     try:
-        config = settings_module.load()
-    except settings_module.SettingsError as exc:
+        config = settings.load()
+    except settings.SettingsError as exc:
         print(f"run_web_server.py: configuration error: {exc}", file=sys.stderr)
         return 2
     app = create_app(config)

@@ -15,33 +15,18 @@ import tempfile
 import threading
 
 import logger
-import settings as settings_module
+import settings
+import stack
 from local_redis import LocalRedis
-from settings import PROJECT_DIR
 
 LOCAL_REDIS_PORT = 6379
 log = logger.get("serve")
 
 
-def gunicorn_command(config: settings_module.Settings) -> list[str]:
-    """The production web server: gthread workers, one result listener per process."""
-    return [
-        sys.executable, "-m", "gunicorn",
-        "--worker-class", "gthread",
-        "--workers", str(config.web_processes),
-        "--threads", str(config.web_threads),
-        "--bind", f"{config.web_host}:{config.web_port}",
-        "--graceful-timeout", str(int(config.request_timeout) + 5),
-        "--log-level", "warning",
-        "--config", str(settings_module.PROJECT_DIR / "gunicorn.conf.py"),
-        "run_web_server:create_app()",
-    ]  # fmt: skip
-
-
 def main() -> int:
     try:
-        config = settings_module.load()
-    except settings_module.SettingsError as exc:
+        config = settings.load()
+    except settings.SettingsError as exc:
         print(f"serve.py: configuration error: {exc}", file=sys.stderr)
         return 2
     logger.setup("serve", config.log_level)
@@ -50,7 +35,6 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with contextlib.ExitStack() as cleanup:
         env = dict(os.environ)
-        env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # the worker keeps its own registry
         if not os.environ.get("REDIS_URL"):
             try:
                 redis_server = cleanup.enter_context(LocalRedis(port=LOCAL_REDIS_PORT))  # started on enter
@@ -61,32 +45,31 @@ def main() -> int:
             log.info("started a local Redis at %s (no persistence)", redis_server.url)
         # A fresh directory per run for the web processes' Prometheus values (stale files would add old counts).
         metrics_dir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="imgserve-metrics-"))
-        web_env = dict(env, PROMETHEUS_MULTIPROC_DIR=metrics_dir)
         # Own sessions: Ctrl-C reaches only this supervisor, which then stops the children in order.
-        children = []
+        children: dict[str, subprocess.Popen] = {}
         cleanup.callback(_stop_all, children, config.request_timeout + 10)
-        for args, child_env in ((gunicorn_command(config), web_env), ([sys.executable, "run_model_server.py"], env)):
-            children.append(subprocess.Popen(args, env=child_env, cwd=PROJECT_DIR, start_new_session=True))
+        children["the web server (gunicorn)"] = stack.start_web(env, metrics_dir, start_new_session=True)
+        children["the model worker"] = stack.start_worker(env, start_new_session=True)
         url = f"http://{config.web_host}:{config.web_port}"
         log.info("web server on %s; the worker needs a few seconds to load the model", url)
         log.info("try: curl -F image=@photo.jpg %s/predict    (Ctrl-C stops everything)", url)
         return _supervise(children, stop)
 
 
-def _supervise(children: list[subprocess.Popen], stop: threading.Event) -> int:
+def _supervise(children: dict[str, subprocess.Popen], stop: threading.Event) -> int:
     """Wait until Ctrl-C/SIGTERM or until a child exits; its exit code (0 when asked to stop)."""
     while not stop.wait(0.2):
-        exited = [child for child in children if child.poll() is not None]
-        if exited:
-            log.error("%s exited with code %s; stopping everything", exited[0].args[1:3], exited[0].returncode)
-            return exited[0].returncode or 1
+        for name, child in children.items():
+            if child.poll() is not None:
+                log.error("%s exited with code %s; stopping everything", name, child.returncode)
+                return child.returncode or 1
     return 0
 
 
-def _stop_all(children: list[subprocess.Popen], grace: float) -> None:
+def _stop_all(children: dict[str, subprocess.Popen], grace: float) -> None:
     """Stop the children one by one, in order: the web server first finishes its requests in flight
     while the worker still serves them; then the worker finishes its batch."""
-    for child in children:
+    for child in children.values():
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)
         try:

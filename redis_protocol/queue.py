@@ -49,15 +49,15 @@ class JobQueue:
         self._release = client.register_script(scripts.RELEASE)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> JobQueue:
-        """The queue that REDIS_URL, IMAGE_QUEUE and the limits in `settings` describe."""
+    def from_settings(cls, config: Settings) -> JobQueue:
+        """The queue that REDIS_URL, IMAGE_QUEUE and the limits in `config` describe."""
         return cls(
-            connect(settings.redis_url),
-            settings.image_queue,
-            settings.result_ttl,
-            settings.max_attempts,
-            settings.max_job_bytes,
-            settings.dead_letter_max,
+            connect(config.redis_url),
+            config.image_queue,
+            config.result_ttl,
+            config.max_attempts,
+            config.max_job_bytes,
+            config.dead_letter_max,
         )
 
     # ---- web side -------------------------------------------------------------------------

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-import report
 from local_redis import free_port
 from model import keras_labels
-from tests.processes import live_stack, sample_image_bytes, server_env, start_web
+from tools import report
+from tools.processes import live_stack, sample_image_bytes, server_env, start_web
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", *report.CHROMIUM_ARGS]

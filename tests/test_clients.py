@@ -17,7 +17,7 @@ import requests
 import stress_test
 from local_redis import free_port
 from model import keras_labels
-from tests.processes import PROJECT, live_stack, sample_image_bytes, server_env
+from tools.processes import PROJECT, live_stack, sample_image_bytes, server_env
 
 LABELS = set(keras_labels().tolist())
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import uuid
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 
+from local_redis import free_port
 from model import keras_labels
-from tests.processes import (
+from tools.processes import (
     Child,
+    PublishedResults,
     live_stack,
     post_image,
-    processed_job_ids,
-    published_ids,
     sample_image_bytes,
     server_env,
     start_web,
@@ -71,20 +71,21 @@ def test_fifty_concurrent_requests_all_succeed(stack):
 
 def test_two_workers_never_process_the_same_job(stack):
     env, web, first = stack
-    second = start_worker(env)
-    first_log_start = len(first.log)
+    metrics_port = free_port()
+    second = start_worker(dict(env, METRICS_PORT=str(metrics_port), WEB_HOST="127.0.0.1"))
     try:
         data = sample_image_bytes()
-        with ThreadPoolExecutor(24) as pool:
-            responses = list(pool.map(lambda _: post_image(web.url, data), range(60)))
-        assert [r.status_code for r in responses] == [200] * 60
+        with PublishedResults(env["REDIS_URL"], env["IMAGE_QUEUE"]) as published:
+            with ThreadPoolExecutor(24) as pool:
+                responses = list(pool.map(lambda _: post_image(web.url, data), range(60)))
+            counts = published.wait_for(60)
+        metrics = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
     finally:
         second.stop()
-    published_ids(lambda: [first.log[first_log_start:], second.log], 60)
-    ids_first, ids_second = processed_job_ids(first.log), processed_job_ids(second.log)
-    assert ids_second, "the second worker took part"
-    counts = Counter(ids_first + ids_second)
-    assert max(counts.values()) == 1
+    assert [r.status_code for r in responses] == [200] * 60
+    assert len(counts) == 60 and max(counts.values()) == 1, "no job was processed twice"
+    done = re.search(r'^worker_jobs_total\{outcome="done"\} (\S+)$', metrics, re.MULTILINE)
+    assert done and float(done.group(1)) > 0, "the second worker took part"
 
 
 def test_readyz_reports_worker_and_queue(stack):
@@ -111,7 +112,7 @@ def test_imagenet_weights_without_network_exit_with_clear_message(redis_server, 
 
 
 def test_gunicorn_web_processes_run_at_lower_priority_by_web_nice(redis_server):
-    from bench import with_children
+    from tools.bench import with_children
 
     base = os.getpriority(os.PRIO_PROCESS, 0)
     web = start_web(server_env(redis_server.url, "nice", WEB_NICE=7), gunicorn=True, processes=2)

@@ -22,7 +22,7 @@ import settings
 from redis_protocol import SLOTS, Job, JobQueue, connect
 from run_model_server import Worker
 from tests.fault_proxy import FaultProxy
-from tests.processes import Child, server_env, wait_until
+from tools.processes import Child, server_env, wait_until
 
 
 class NumberedModel:
@@ -47,7 +47,7 @@ def numbered_job(n: int, timeout: float = 60) -> Job:
     return Job.new(pixels, "test-web", timeout, codec="zstd")
 
 
-def worker_settings(redis_url: str, queue: str, **extra: object) -> settings.Settings:
+def worker_config(redis_url: str, queue: str, **extra: object) -> settings.Settings:
     env = dict(REDIS_URL=redis_url, IMAGE_QUEUE=queue, BATCH_SIZE="4", HEARTBEAT_TTL="5", REAP_INTERVAL="1")
     return settings.load(env={**env, **{k.upper(): str(v) for k, v in extra.items()}}, dotenv=False)
 
@@ -115,7 +115,7 @@ def test_a_connection_lost_at_any_step_of_a_batch_loses_no_job_and_runs_none_twi
     for job in jobs:
         assert direct.enqueue(job, 100)
     model = NumberedModel()
-    with RunningWorker(worker_settings(proxy.url, queue_name), model) as running:
+    with RunningWorker(worker_config(proxy.url, queue_name), model) as running:
         proxy.arm(WORKER_STEPS[step](running.queue), phase)
         wait_until(lambda: all(results(direct, jobs)), 30, "a result for every job")
         assert proxy.fired.is_set(), "the fault was injected"
@@ -132,7 +132,7 @@ def test_a_lost_reply_while_requeueing_a_failed_batch_loses_no_job(redis_server,
         direct.enqueue(job, 100)
     model = NumberedModel()
     model.failures = 1
-    config = worker_settings(proxy.url, queue_name)
+    config = worker_config(proxy.url, queue_name)
     running = RunningWorker(config, model)
     proxy.arm(script_token(running.queue, "_release"), phase)
     with running:
@@ -193,7 +193,7 @@ def test_malformed_jobs_are_dead_lettered_without_their_image_and_the_worker_goe
     for job in good:
         direct.enqueue(job, 100)
     model = NumberedModel()
-    config = worker_settings(redis_server.url, queue_name, MAX_JOB_BYTES=262_144)
+    config = worker_config(redis_server.url, queue_name, MAX_JOB_BYTES=262_144)
     before = REGISTRY.get_sample_value("worker_jobs_total", {"outcome": "dead_lettered"})
     with RunningWorker(config, model):
         wait_until(lambda: all(results(direct, good)), 30, "the good jobs' results")
@@ -229,22 +229,20 @@ def test_dead_letters_are_bounded_by_dead_letter_max(redis_server, queue_name, r
     redis_client.lpush(direct.keys.queue, *(b"not json %d" % n for n in range(12)))
     sentinel = numbered_job(0)
     direct.enqueue(sentinel, 100)  # queued last: answered once every bad job before it was handled
-    with RunningWorker(worker_settings(redis_server.url, queue_name, DEAD_LETTER_MAX=5), NumberedModel()):
+    with RunningWorker(worker_config(redis_server.url, queue_name, DEAD_LETTER_MAX=5), NumberedModel()):
         wait_until(lambda: all(results(direct, [sentinel])), 30, "the sentinel's result")
     assert direct.dead_letter_count() == 5
     assert all("not valid JSON" in letter["reason"] for letter in direct.dead_letters())
 
 
-def test_kill_9_while_a_prefetched_batch_waits_loses_nothing(redis_server, queue_name, tmp_path):
+def test_kill_9_while_a_prefetched_batch_waits_loses_nothing(redis_server, queue_name):
     """A worker whose model is busy with one batch while the next waits, decoded, in its own slot."""
     direct = JobQueue(connect(redis_server.url), queue_name)
     jobs = [numbered_job(n) for n in range(6)]
     for job in jobs:
         direct.enqueue(job, 100)
-    env = server_env(
-        redis_server.url, queue_name, BATCH_SIZE=2, HEARTBEAT_TTL=2, GPU_FEED_STATS=tmp_path / "stats.json"
-    )
-    slow = Child([sys.executable, "-m", "tools.gpu_feed", "--worker", "--seconds-per-image", "30"], env)
+    env = server_env(redis_server.url, queue_name, BATCH_SIZE=2, HEARTBEAT_TTL=2)
+    slow = Child([sys.executable, "-m", "tools.standin", "--seconds-per-image", "30"], env)
     try:
         worker = wait_until(lambda: [w.decode() for w in direct.redis.smembers(direct.keys.workers)], 60, "a worker")
         wait_until(lambda: len(direct.claimed(worker[0])) == 4, 30, "one batch in the model and one prefetched")
@@ -254,7 +252,7 @@ def test_kill_9_while_a_prefetched_batch_waits_loses_nothing(redis_server, queue
     finally:
         slow.stop()
     model = NumberedModel()
-    with RunningWorker(worker_settings(redis_server.url, queue_name, HEARTBEAT_TTL=2, REAP_INTERVAL=0.5), model):
+    with RunningWorker(worker_config(redis_server.url, queue_name, HEARTBEAT_TTL=2, REAP_INTERVAL=0.5), model):
         wait_until(lambda: all(results(direct, jobs)), 30, "a result for every job")
     assert_all_answered_once(direct, jobs, model)
     assert direct.claimed(worker[0]) == [] and not direct.redis.sismember(direct.keys.workers, worker[0])

@@ -20,7 +20,7 @@ import run_model_server
 import settings
 from local_redis import free_port
 from redis_protocol import Job, JobQueue, connect
-from tests.processes import live_stack, post_image, sample_image_bytes, server_env, start_web, wait_until
+from tools.processes import live_stack, post_image, sample_image_bytes, server_env, start_web, wait_until
 
 PREDICT_OK = {"endpoint": "/predict", "method": "POST", "status": "200"}
 HEALTHZ_OK = {"endpoint": "/healthz", "method": "GET", "status": "200"}

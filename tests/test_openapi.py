@@ -12,7 +12,7 @@ from schemathesis.checks import not_a_server_error
 
 from local_redis import free_port
 from settings import PROJECT_DIR
-from tests.processes import live_stack, sample_image_bytes, server_env, start_web
+from tools.processes import live_stack, sample_image_bytes, server_env, start_web
 
 SPEC = PROJECT_DIR / "openapi.yaml"
 REQUEST_TIMEOUT = 150  # seconds; generous, so a busy CPU does not turn into a 504

@@ -212,9 +212,9 @@ def test_job_is_dead_lettered_after_max_attempts_and_client_gets_error(queue):
         queue.register(f"crashy{attempt}", heartbeat_ttl=0.05)
         assert len(queue.claim_batch(f"crashy{attempt}", 1, 0, 1)) == 1
         time.sleep(0.1)
-        workers, requeued, buried = queue.reap()
+        workers, requeued, dead_lettered = queue.reap()
         assert workers == 1
-        assert (requeued, buried) == ((1, 0) if attempt < 3 else (0, 1))
+        assert (requeued, dead_lettered) == ((1, 0) if attempt < 3 else (0, 1))
     assert queue.depth() == 0
     [letter] = queue.dead_letters()
     assert "MAX_ATTEMPTS=3" in letter["reason"] and letter["job"]["id"] == job.id

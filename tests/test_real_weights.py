@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from helpers import prepare_image
-from tests.processes import CASTLE
+from tools.processes import CASTLE
 
 KERAS_CACHE = Path.home() / ".keras" / "models" / "resnet50_weights_tf_dim_ordering_tf_kernels.h5"
 

@@ -13,15 +13,12 @@ import io
 import json
 import os
 import pickle
-import re
 import signal
 import struct
-import sys
 import threading
 import time
 import uuid
 import zlib
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,12 +32,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from local_redis import LocalRedis, free_port
 from redis_protocol import Job, JobQueue, ResultListener, connect, job_metadata
 from redis_protocol.queue import TAKEN_RESULT_TTL_MS
-from tests import processes
-from tests.processes import (
+from tools import processes
+from tools.processes import (
     Child,
+    PublishedResults,
     WebServer,
-    processed_job_ids,
-    published_ids,
+    Worker,
     sample_image_bytes,
     server_env,
     start_web,
@@ -49,7 +46,6 @@ from tests.processes import (
 )
 
 PIXELS = np.zeros((224, 224, 3), np.uint8)
-WORKER_ARGS = [sys.executable, "run_model_server.py"]
 DROP = object()  # marks a field to leave out of a hand-written job
 # Short liveness settings so that a dead worker is noticed within seconds.
 FAST_REAPING = dict(HEARTBEAT_TTL=2, REAP_INTERVAL=0.5)
@@ -59,13 +55,6 @@ FAST_REAPING = dict(HEARTBEAT_TTL=2, REAP_INTERVAL=0.5)
 
 
 post_image = functools.partial(processes.post_image, timeout=180)  # held and frozen batches answer late
-
-
-def worker_id(child: Child) -> str:
-    """The id a worker logs when it starts waiting for jobs (its processing list is named after it)."""
-    match = re.search(r"worker (\S+) waiting for jobs", child.log)
-    assert match, child.log[-2000:]
-    return match.group(1)
 
 
 def freeze(child: Child) -> None:
@@ -85,9 +74,9 @@ def freeze(child: Child) -> None:
     wait_until(all_stopped, 10, "the process to stop", interval=0.005)
 
 
-def freeze_holding_jobs(child: Child, queue: JobQueue, timeout: float = 120) -> list[Job]:
+def freeze_holding_jobs(child: Worker, queue: JobQueue, timeout: float = 120) -> list[Job]:
     """Freeze a worker at a moment when it holds claimed, unacknowledged jobs; return those jobs."""
-    worker = worker_id(child)
+    worker = child.id
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if queue.claimed(worker):
@@ -167,52 +156,55 @@ def stack(redis_server):
 
 def test_kill_9_of_one_of_two_workers_mid_batch_loses_no_request(stack):
     victim = start_worker(stack.extra_worker_env())
-    survivor_log_start = len(stack.worker.log)
+    requeued_before = metric(stack.metrics_port, "worker_jobs_total", outcome="requeued")
     data = sample_image_bytes()
     try:
-        with ThreadPoolExecutor(100) as pool:
-            futures = [pool.submit(post_image, stack.web.url, data) for _ in range(100)]
-            held = freeze_holding_jobs(victim, stack.queue)
-            victim.process.kill()  # SIGKILL: no cleanup, its batch stays in its processing list
-            victim.process.wait(30)
-            responses = [future.result() for future in futures]
+        with PublishedResults(stack.env["REDIS_URL"], stack.env["IMAGE_QUEUE"]) as published:
+            with ThreadPoolExecutor(100) as pool:
+                futures = [pool.submit(post_image, stack.web.url, data) for _ in range(100)]
+                held = freeze_holding_jobs(victim, stack.queue)
+                victim.process.kill()  # SIGKILL: no cleanup, its batches stay in its processing lists
+                victim.process.wait(30)
+                killed_at = time.monotonic()
+                responses = [future.result() for future in futures]
+            counts = published.wait_for(100)
     finally:
         victim.stop()
     assert [r.status_code for r in responses] == [200] * 100
     assert all(len(r.json()["predictions"]) == 5 for r in responses)
-    published_ids(lambda: [stack.worker.log[survivor_log_start:], victim.log], 100)
-    survivor_log = stack.worker.log[survivor_log_start:]
-    survivor_ids, victim_ids = processed_job_ids(survivor_log), processed_job_ids(victim.log)
-    counts = Counter(survivor_ids + victim_ids)
-    assert len(counts) == 100, "every request was answered by exactly one published result"
+    assert len(counts) == 100, "every request was answered by a published result"
     assert max(counts.values()) == 1, "no result was published twice"
-    assert {job.id for job in held} <= set(survivor_ids), "the killed worker's batch was redone by the survivor"
-    assert not {job.id for job in held} & set(victim_ids)
-    reaped = re.findall(r"reaped 1 dead worker\(s\): (\d+) job\(s\) requeued", survivor_log)
-    assert reaped and int(reaped[0]) >= len(held)
+    redone = [published.times[job.id][0] for job in held]
+    assert all(at > killed_at for at in redone), "the killed worker's batch was published only after it died"
+    requeued = metric(stack.metrics_port, "worker_jobs_total", outcome="requeued") - requeued_before
+    assert requeued >= len(held), "the survivor's reaper returned the dead worker's jobs to the queue"
 
 
 def test_sigterm_mid_batch_finishes_the_batch_and_exits_0(stack):
     leaving = start_worker(stack.extra_worker_env())
-    stayer_log_start = len(stack.worker.log)
     data = sample_image_bytes()
     try:
-        with ThreadPoolExecutor(40) as pool:
-            futures = [pool.submit(post_image, stack.web.url, data) for _ in range(40)]
-            held = freeze_holding_jobs(leaving, stack.queue)
-            os.kill(leaving.process.pid, signal.SIGTERM)  # delivered as soon as it runs again
-            os.kill(leaving.process.pid, signal.SIGCONT)
-            assert leaving.process.wait(60) == 0
-            responses = [future.result() for future in futures]
+        with PublishedResults(stack.env["REDIS_URL"], stack.env["IMAGE_QUEUE"]) as published:
+            with ThreadPoolExecutor(40) as pool:
+                futures = [pool.submit(post_image, stack.web.url, data) for _ in range(40)]
+                held = freeze_holding_jobs(leaving, stack.queue)
+                freeze(stack.worker)  # the other worker cannot take anything now: whatever is published is the leaver's
+                try:
+                    os.kill(leaving.process.pid, signal.SIGTERM)  # delivered as soon as it runs again
+                    os.kill(leaving.process.pid, signal.SIGCONT)
+                    assert leaving.process.wait(60) == 0
+                    held_ids = {job.id for job in held}
+                    wait_until(lambda: held_ids <= set(published.times), 10, "the leaver's last results")
+                    finished_by_leaver = set(published.times)
+                finally:
+                    os.kill(stack.worker.process.pid, signal.SIGCONT)
+                responses = [future.result() for future in futures]
+            counts = published.wait_for(40)
     finally:
         leaving.stop()
     assert [r.status_code for r in responses] == [200] * 40
-    published_ids(lambda: [leaving.log, stack.worker.log[stayer_log_start:]], 40)
-    leaving_ids, stayer_ids = processed_job_ids(leaving.log), processed_job_ids(stack.worker.log[stayer_log_start:])
-    counts = Counter(leaving_ids + stayer_ids)
     assert len(counts) == 40 and max(counts.values()) == 1
-    assert {job.id for job in held} <= set(leaving_ids), "the batch in hand was finished, not dropped"
-    assert "stop requested" in leaving.log and "stopped" in leaving.log
+    assert {job.id for job in held} <= finished_by_leaver, "the batch in hand was finished, not dropped"
     wait_until(lambda: stack.queue.live_workers() == 1, 30, "the leaving worker to unregister")
 
 
@@ -236,16 +228,16 @@ def test_heartbeat_re_registers_a_worker_that_was_reaped(queue):
 
 def test_job_that_kills_every_worker_is_dead_lettered_and_its_client_answered(redis_server):
     """The poison is simulated by SIGKILLing whichever worker holds the job (as an OOM kill or a crash in
-    native code would); MAX_ATTEMPTS=2, so two such deaths bury it."""
+    native code would); MAX_ATTEMPTS=2, so two such deaths dead-letter it."""
     name = f"poison-{uuid.uuid4().hex[:6]}"
     # A long batch wait keeps a claimed job in the worker's hands for 2 s before the model runs.
     env = server_env(redis_server.url, name, MAX_ATTEMPTS=2, BATCH_SIZE=4, BATCH_WAIT_MS=2000, **FAST_REAPING)
-    children = [Child([*WORKER_ARGS], env) for _ in range(3)]
+    children = [Worker(env) for _ in range(3)]
     web = None
     queue = JobQueue(connect(redis_server.url), name)
     try:
         for child in children:
-            child.wait_for_log("waiting for jobs", 240)
+            child.wait_registered(240)
         web = start_web(dict(env, REQUEST_TIMEOUT="120"))
         with ThreadPoolExecutor(1) as pool:
             poisoned = pool.submit(post_image, web.url, sample_image_bytes())
@@ -255,7 +247,7 @@ def test_job_that_kills_every_worker_is_dead_lettered_and_its_client_answered(re
                 delivered.append(job.id)
                 assert job.attempts == delivery - 1 and len(set(delivered)) == 1
                 freeze(holder)
-                assert len(queue.claimed(worker_id(holder))) == 1, "still unacknowledged"
+                assert len(queue.claimed(holder.id)) == 1, "still unacknowledged"
                 holder.process.kill()
                 holder.process.wait(30)
                 victims.append(holder)
@@ -274,12 +266,12 @@ def test_job_that_kills_every_worker_is_dead_lettered_and_its_client_answered(re
         queue.redis.close()
 
 
-def holding(children: list[Child], queue: JobQueue, exclude: list[Child]) -> tuple[Child, list[Job]] | None:
-    """The first worker (not in `exclude`) whose processing list holds jobs, with those jobs."""
+def holding(children: list[Worker], queue: JobQueue, exclude: list[Worker]) -> tuple[Worker, list[Job]] | None:
+    """The first worker (not in `exclude`) whose processing lists hold jobs, with those jobs."""
     for child in children:
         if child in exclude:
             continue
-        held = queue.claimed(worker_id(child))
+        held = queue.claimed(child.id)
         if held:
             return child, [Job.from_json(raw) for raw in held]
     return None
@@ -346,17 +338,17 @@ def test_hand_written_bad_jobs_are_dead_lettered_with_reasons_and_the_worker_kee
 def test_several_web_processes_each_get_their_own_results_and_leave_none_behind(stack):
     """Two web servers (Flask, and gunicorn with two processes) share the queue and the worker."""
     second = start_web(stack.env, gunicorn=True, processes=2)
-    log_start = len(stack.worker.log)
     data = sample_image_bytes()
     try:
-        with ThreadPoolExecutor(40) as pool:
-            urls = [stack.web.url, second.url] * 30
-            responses = list(pool.map(lambda url: post_image(url, data), urls))
+        with PublishedResults(stack.env["REDIS_URL"], stack.env["IMAGE_QUEUE"]) as published:
+            with ThreadPoolExecutor(40) as pool:
+                urls = [stack.web.url, second.url] * 30
+                responses = list(pool.map(lambda url: post_image(url, data), urls))
+            counts = published.wait_for(60)
     finally:
         second.stop()
     assert [r.status_code for r in responses] == [200] * 60
-    ids = published_ids(lambda: [stack.worker.log[log_start:]], 60)
-    assert len(ids) == len(set(ids)) == 60
+    assert len(counts) == 60 and max(counts.values()) == 1, "each job was processed once"
     # A taken result lingers TAKEN_RESULT_TTL_MS (so that a read lost on the wire can be repeated), no longer.
     leftovers = list(stack.queue.redis.scan_iter(match=stack.queue.keys.result_prefix + "*"))
     ttls = [stack.queue.redis.pttl(key) for key in leftovers]  # -2: expired since the SCAN
@@ -375,11 +367,10 @@ def test_expired_jobs_are_dropped_without_running_the_model_and_counted(stack):
     for job in jobs:
         assert queue.enqueue(job, 100)
     wait_until(lambda: metric(port, "worker_jobs_total", outcome="expired") >= expired_before + 3, 60, "expired count")
-    wait_until(lambda: not queue.claimed(worker_id(stack.worker)), 30, "acknowledgement")
+    wait_until(lambda: not queue.claimed(stack.worker.id), 30, "acknowledgement")
     assert metric(port, "worker_jobs_total", outcome="expired") == expired_before + 3
     assert metric(port, "worker_inference_seconds_count") == inference_before, "the model did not run"
     assert all(queue.take_result(job.origin, job.id) is None for job in jobs), "no result was written"
-    assert all(f"dropped expired job {job.id}" in stack.worker.log for job in jobs)
 
 
 def test_full_queue_answers_503_at_once_and_a_late_request_504(redis_server):
@@ -550,7 +541,7 @@ def test_redis_outage_fails_fast_and_everything_resumes_without_restarts():
         with ThreadPoolExecutor(10) as pool:
             freeze(worker)  # let requests pile up, so that some are waiting when Redis goes away
             waiting = [pool.submit(post_image, web.url, data, timeout=50) for _ in range(10)]
-            wait_until(lambda: queue.depth() + len(queue.claimed(worker_id(worker))) == 10, 30, "ten queued jobs")
+            wait_until(lambda: queue.depth() + len(queue.claimed(worker.id)) == 10, 30, "ten queued jobs")
             redis_server.stop()
             os.kill(worker.process.pid, signal.SIGCONT)
             for future in waiting:

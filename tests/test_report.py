@@ -1,4 +1,4 @@
-"""The PDF report (report.py): built from a sample folder made here, and from the real deliverables/."""
+"""The PDF report (tools/report.py): built from a sample folder made here, and from the real deliverables/."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from pypdf import PdfReader
 
-import report
+from tools import report
 
 ROOT = Path(__file__).resolve().parent.parent
 SEQUENCE = """sequenceDiagram
@@ -79,11 +79,12 @@ def converter() -> None:
     if reason:
         pytest.skip(reason)
     if not report.MERMAID_JS.is_file():
-        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=ROOT, check=True, timeout=600)
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=ROOT / "tools", check=True, timeout=600)
 
 
 def run_report(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "report.py"), *args], capture_output=True, text=True, timeout=300)
+    args = [sys.executable, "-m", "tools.report", *args]
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 def build(docs: Path, out_dir: Path) -> tuple[Path, str]:

@@ -25,51 +25,13 @@ from pathlib import Path
 import numpy as np
 import redis
 
-import logger
-import settings
 from helpers import prepare_image
 from local_redis import LocalRedis
-from model import keras_labels, top_k
 from redis_protocol import Job, JobQueue, connect
 
 PROJECT = Path(__file__).resolve().parent.parent
 CASTLE = PROJECT.parent / "shared" / "images" / "castle_image.jpg"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-STATS_ENV = "GPU_FEED_STATS"  # where the stand-in worker writes its model's busy time when it stops
-
-
-class SleepingModel:
-    """A stand-in for model.Classifier that sleeps `seconds_per_image` x batch size, then answers top-5
-    lists in the real format (so the worker does all its real work but the model's)."""
-
-    device = "stand-in (sleeps)"
-
-    def __init__(self, seconds_per_image: float) -> None:
-        self.seconds_per_image = seconds_per_image
-        self.labels = keras_labels()
-        self.busy = 0.0
-        self.images = 0
-
-    def classify(self, images: np.ndarray) -> list[list[dict]]:
-        started = time.perf_counter()
-        time.sleep(self.seconds_per_image * len(images))
-        self.busy += time.perf_counter() - started
-        self.images += len(images)
-        return top_k(np.zeros((len(images), 1000), np.float32), self.labels)
-
-
-def run_worker(seconds_per_image: float) -> int:
-    """The real run_model_server.Worker with a SleepingModel, until SIGTERM; writes the model's stats."""
-    from run_model_server import Worker
-
-    config = settings.load()
-    logger.setup("model-standin", config.log_level)
-    model = SleepingModel(seconds_per_image)
-    worker = Worker(config, JobQueue.from_settings(config), model)
-    signal.signal(signal.SIGTERM, worker.stop)
-    worker.run()
-    Path(os.environ[STATS_ENV]).write_text(json.dumps({"busy_s": model.busy, "images": model.images}))
-    return 0
 
 
 @dataclass
@@ -124,9 +86,9 @@ def measure(jobs: int, seconds_per_image: float, batch_size: int, codec: str, ti
             BATCH_SIZE=str(batch_size),
             METRICS_PORT="0",
             LOG_LEVEL="WARNING",
-            **{STATS_ENV: f"{tmp}/stats.json"},
         )
-        args = [sys.executable, "-m", "tools.gpu_feed", "--worker", "--seconds-per-image", repr(seconds_per_image)]
+        stats = f"{tmp}/stats.json"
+        args = [sys.executable, "-m", "tools.standin", "--seconds-per-image", repr(seconds_per_image), "--stats", stats]
         worker = subprocess.Popen(args, cwd=PROJECT, env=env)
         try:
             _wait(lambda: client.scard(queue.keys.workers) == 1, 60, "the worker to register")
@@ -139,7 +101,7 @@ def measure(jobs: int, seconds_per_image: float, batch_size: int, codec: str, ti
         finally:
             worker.send_signal(signal.SIGTERM)
             worker.wait(60)
-        stats = json.loads(Path(f"{tmp}/stats.json").read_text())
+        stats = json.loads(Path(stats).read_text())
         results = sum(1 for _ in client.scan_iter(match=queue.keys.result_prefix + "*", count=1000))
         if results != jobs:
             raise RuntimeError(f"{results} results for {jobs} jobs")
@@ -260,15 +222,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--steps", action="store_true", help="also print each per-job step's cost, old beside new")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--seconds-per-image", type=float, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.worker:
-        return run_worker(args.seconds_per_image)
     if args.steps:
         for name, ms in (step_costs() | claim_costs()).items():
             print(f"{name:55s} {ms:.4f} ms/job")

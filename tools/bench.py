@@ -1,6 +1,6 @@
 """`make bench`: the model's own speed against the whole serving path, measured side by side in one run.
 
-    python bench.py [--quick] [--json FILE] [--markdown FILE] [--sweep BATCH_WAIT_MS=0,2,10] ...
+    python -m tools.bench [--quick] [--json FILE] [--markdown FILE] [--sweep BATCH_WAIT_MS=0,2,10] ...
 
 Starts its own Redis, model worker(s) and gunicorn web server(s) (MODEL_WEIGHTS=none: random
 weights, the same compute as the real ones) and prints, each against its goal:
@@ -9,7 +9,7 @@ weights, the same compute as the real ones) and prints, each against its goal:
  2. saturation: images/s through HTTP + Redis + worker with 32 concurrent clients, as a ratio of (1)
  3. low-load latency: p50 of sequential requests minus the batch-1 model time (the model alone, called between
     the requests); the p50 of each request's time minus the worker's own inference time for it; and the p50
-    with no model at all (NullClassifier)
+    with no model at all (tools/standin.py)
  4. Redis commands per request (INFO commandstats) and bytes per queued job
  5. the serving ceiling: requests/s with a stand-in classifier (no model), many clients
  6. throughput with 1 and 2 model workers
@@ -28,7 +28,7 @@ import argparse
 import json
 import os
 import re
-import signal
+import subprocess
 import sys
 import threading
 import time
@@ -42,14 +42,12 @@ import numpy as np
 import redis
 import requests
 
-import logger
-import settings as settings_module
+import settings
 from helpers import CODECS
 from local_redis import LocalRedis, free_port
-from model import keras_labels, top_k
 from redis_protocol import Job, JobQueue, connect
-from serve import gunicorn_command
-from tests.processes import CASTLE, Child, sample_image_bytes, server_env
+from tools.processes import CASTLE, PROJECT, Child, WebServer, Worker, sample_image_bytes, server_env
+from tools.standin import StandInModel
 
 # Commands the benchmark itself sends; left out of every per-request count.
 OWN_COMMANDS = {"info", "lindex", "echo", "monitor"}
@@ -216,30 +214,29 @@ def cpu_lines(report: Report, cpu: dict) -> None:
 # ---- the stack -----------------------------------------------------------------------------------
 
 
-class Web(Child):
+class Web(WebServer):
     """gunicorn serving run_web_server, exactly as `make run` starts it, on a free port."""
 
     def __init__(self, env: dict[str, str], processes: int = 1, threads: int = 64) -> None:
-        port = free_port()
-        env = dict(
-            env, WEB_HOST="127.0.0.1", WEB_PORT=str(port), WEB_PROCESSES=str(processes), WEB_THREADS=str(threads)
-        )
-        super().__init__(gunicorn_command(settings_module.load(env=env)), env)
-        self.url = f"http://127.0.0.1:{port}"
+        super().__init__(dict(env, WEB_THREADS=str(threads)), gunicorn=True, processes=processes)
 
     def wait_ready(self, timeout: float = 60) -> Web:
         self.wait_for_http(self.url + "/healthz", timeout)
         return self
 
 
-class WorkerProcess(Child):
-    """A model worker (or the no-model stand-in) serving its Prometheus metrics on a free port."""
+class WorkerProcess(Worker):
+    """A model worker (or the stand-in with no model) serving its Prometheus metrics on a free port."""
 
     def __init__(self, env: dict[str, str], null: bool = False) -> None:
         self.metrics_port = free_port()
-        env = dict(env, METRICS_PORT=str(self.metrics_port), WEB_HOST="127.0.0.1")
-        args = [sys.executable, "bench.py", "--null-worker"] if null else [sys.executable, "run_model_server.py"]
-        super().__init__(args, env)
+        self.null = null
+        super().__init__(dict(env, METRICS_PORT=str(self.metrics_port), WEB_HOST="127.0.0.1"))
+
+    def _start(self, args: list[str], **output: object) -> subprocess.Popen:
+        if self.null:
+            return subprocess.Popen([sys.executable, "-m", "tools.standin"], cwd=PROJECT, env=self.env, **output)
+        return super()._start(args, **output)
 
     def inference(self) -> tuple[float, int]:
         """(seconds, batches) the worker has spent in classifier.classify so far (worker_inference_seconds)."""
@@ -249,14 +246,13 @@ class WorkerProcess(Child):
 
 
 def start_worker(env: dict[str, str], null: bool = False) -> WorkerProcess:
-    """A worker process, returned once it waits for jobs (the real one has loaded and traced the model)."""
+    """A worker process, returned once it has registered (the real one has loaded and traced the model)."""
     child = WorkerProcess(env, null)
     try:
-        child.wait_for_log("waiting for jobs", 180)
-    except (RuntimeError, TimeoutError):
+        return child.wait_registered(180)
+    except RuntimeError:
         child.stop()
         raise
-    return child
 
 
 @contextmanager
@@ -535,7 +531,7 @@ def low_load(
             f"      {f['commands_per_request']:.2f} Redis commands/request: {_breakdown(m['commands'], f['requests'])}"
         )
     cpu_lines(report, usage)
-    report.say("   (bench.py's CPU in this phase includes the model-alone calls between the rounds)")
+    report.say("   (the bench's CPU in this phase includes the model-alone calls between the rounds)")
     return out
 
 
@@ -659,7 +655,7 @@ def job_size(report: Report, raw: bytes | None) -> dict:
 
 def ceiling(report: Report, plan: Plan, client: Client, env: dict, counter: redis.Redis) -> dict:
     """(5) The serving stack alone: gunicorn + Redis + a worker whose classifier does no work."""
-    report.section("5. Serving ceiling: the serving stack alone (NullClassifier: no model)")
+    report.section("5. Serving ceiling: the serving stack alone (tools/standin.py: no model)")
     report.say(
         "   the worker still decodes every job and writes every result; only the model call is replaced by "
         "fixed-shape top-5 from all-zero probabilities"
@@ -676,7 +672,7 @@ def ceiling(report: Report, plan: Plan, client: Client, env: dict, counter: redi
                 )
             meter = CpuMeter(
                 {
-                    "clients (bench.py)": [os.getpid()],
+                    "clients (the bench)": [os.getpid()],
                     "web (gunicorn)": with_children(web.process.pid),
                     "worker": [worker.process.pid],
                     "redis": [_redis_pid(counter)],
@@ -797,7 +793,7 @@ def redis_alone(report: Report, seconds: float, image: bytes, url: str, codec: s
 
 
 def _null_result() -> dict:
-    return {"success": True, "predictions": NullClassifier().classify(np.zeros((1, 224, 224, 3), np.uint8))[0]}
+    return {"success": True, "predictions": StandInModel().classify(np.zeros((1, 224, 224, 3), np.uint8))[0]}
 
 
 def redis_mix(url: str, queue_name: str, seconds: float, job_json: bytes) -> int:
@@ -829,7 +825,7 @@ def sweep(report: Report, plan: Plan, client: Client, env: dict, counter: redis.
     name, _, raw = spec.partition("=")
     name, values = name.strip().upper(), [v.strip() for v in raw.split(",") if v.strip()]
     for value in values:
-        settings_module.load(env={name: value})  # a bad name or value stops here, naming the variable
+        settings.load(env={name: value})  # a bad name or value stops here, naming the variable
     report.section(f"Sweep: {name} side by side (one worker and queue per value, NOTIFICATIONS=auto)")
     with ExitStack() as stack:
         setups = {}
@@ -887,7 +883,7 @@ def _one_measured_request(client: Client, web: Web, worker: WorkerProcess, count
 
 def run(args: argparse.Namespace) -> Report:
     plan = QUICK if args.quick else FULL
-    config = settings_module.load()
+    config = settings.load()
     report = Report()
     image = sample_image_bytes()
     source = "castle photo (../shared/images)" if CASTLE.exists() else "generated fallback image"
@@ -924,7 +920,7 @@ def run(args: argparse.Namespace) -> Report:
             JOB_CODEC=config.job_codec,
             WEB_NICE=config.web_nice,
             LOG_LEVEL="DEBUG",
-            PYTHONPATH=str(Path(__file__).resolve().parent),
+            PYTHONPATH=str(PROJECT),
         )
         queue = JobQueue(counter, "bench")
         model, classifier = model_limit(report, plan, config.batch_size)
@@ -963,7 +959,7 @@ def measure_stack(
             client.post(web.url)  # warm-up: connections, first-request costs
     recheck_model(report, classifier, model, plan.repeats)
     components = {
-        "bench.py (clients, measuring)": [os.getpid()],
+        "the bench (clients, measuring)": [os.getpid()],
         "web (gunicorn)": with_children(webs["auto"].process.pid) + with_children(webs["off"].process.pid),
         "workers": [first.process.pid],
         "redis": [_redis_pid(counter)],
@@ -1044,7 +1040,7 @@ def verdicts(report: Report) -> None:
     )
     no_model = r["ceiling"]["low_load_p50_ms"]
     report.goal(
-        "low-load p50 with NullClassifier (no model at all)", no_model, "<= 10 ms", no_model <= 10, f"{no_model:.1f} ms"
+        "low-load p50 with the stand-in (no model at all)", no_model, "<= 10 ms", no_model <= 10, f"{no_model:.1f} ms"
     )
     report.goal(
         "low-load p50 of (request minus its own inference time)",
@@ -1077,37 +1073,6 @@ def verdicts(report: Report) -> None:
     report.say("These figures are only as quiet as the machine was: re-run `make bench` on an otherwise idle machine.")
 
 
-# ---- the no-model worker (child process) ---------------------------------------------------------
-
-
-class NullClassifier:
-    """Stand-in for model.Classifier with no model: fixed-shape top-5 from all-zero probabilities."""
-
-    device = "no model"
-
-    def __init__(self) -> None:
-        self.labels = keras_labels()
-
-    def classify(self, images: np.ndarray) -> list[list[dict]]:
-        """Top-5 lists in the real format, computed from zeros: measures everything but the model."""
-        return top_k(np.zeros((len(images), 1000), np.float32), self.labels)
-
-
-def null_worker() -> int:
-    """Run run_model_server.Worker with NullClassifier until SIGTERM (started by the ceiling phase)."""
-    from run_model_server import Worker
-
-    config = settings_module.load()
-    logger.setup("model-null", config.log_level)
-    logger.get("bench").warning("NullClassifier: no model; results are meaningless (serving-stack benchmark)")
-    queue = JobQueue(connect(config.redis_url), config.image_queue, config.result_ttl, config.max_attempts)
-    worker = Worker(config, queue, NullClassifier())
-    signal.signal(signal.SIGTERM, worker.stop)
-    signal.signal(signal.SIGINT, worker.stop)
-    worker.run()
-    return 0
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="shorter phases (about 3 minutes) for development")
@@ -1119,18 +1084,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="SETTING=V1,V2,...",
         help="also compare values of one worker setting side by side, e.g. BATCH_WAIT_MS=0,2,10 (repeatable)",
     )
-    parser.add_argument("--null-worker", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.null_worker:
-        return null_worker()
     try:
         report = run(args)
-    except settings_module.SettingsError as exc:
-        print(f"bench.py: configuration error: {exc}", file=sys.stderr)
+    except settings.SettingsError as exc:
+        print(f"tools.bench: configuration error: {exc}", file=sys.stderr)
         return 2
     if args.json:
         args.json.write_text(json.dumps(report.results | {"goals": report.goals}, indent=2, default=str) + "\n")

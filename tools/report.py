@@ -1,9 +1,9 @@
 """Build deliverables/report.pdf from the eight Markdown deliverables.
 
-    .venv/bin/python report.py [--docs DIR] [--out FILE] [--title NAME]
+    .venv/bin/python -m tools.report [--docs DIR] [--out FILE] [--title NAME]
 
 Markdown becomes HTML (markdown-it-py), Mermaid blocks are drawn as SVG in headless Chromium with the
-`mermaid` npm package from node_modules/ (`npm ci`; `make report` does it), and Chromium prints the
+`mermaid` npm package from tools/node_modules/ (`npm ci` in tools/; `make report` does it), and Chromium prints the
 page to PDF: a title page, a table of contents with page numbers, then each document on a new page.
 """
 
@@ -29,7 +29,8 @@ from markdown_it.token import Token
 from playwright.sync_api import Page, sync_playwright
 from pypdf import PdfReader
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent  # tools/: the CSS and the npm package live here
+PROJECT = ROOT.parent
 DOCUMENTS = (
     "redis_key_structure.md",
     "server_communication.md",
@@ -288,7 +289,7 @@ def git_commit(docs_dir: Path) -> str:
 
 def git(args: list[str]) -> str:
     """Output of a git command run in the repository."""
-    done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True, timeout=30)
+    done = subprocess.run(["git", *args], cwd=PROJECT, capture_output=True, text=True, check=True, timeout=30)
     return done.stdout.strip()
 
 
@@ -375,7 +376,7 @@ def build_report(docs_dir: Path, out: Path, title: str = "imgserve") -> str:
 def main(argv: list[str] | None = None) -> int:
     """Command line: build the report, or say what stopped it (exit status 1)."""
     parser = argparse.ArgumentParser(description="Build the PDF report of the deliverables.")
-    parser.add_argument("--docs", type=Path, default=ROOT / "deliverables", help="folder of the eight documents")
+    parser.add_argument("--docs", type=Path, default=PROJECT / "deliverables", help="folder of the eight documents")
     parser.add_argument("--out", type=Path, help="PDF to write (default: DOCS/report.pdf)")
     parser.add_argument("--title", default="imgserve", help="project name on the title page")
     parser.add_argument("--html", type=Path, help="also write the HTML as printed (diagrams drawn) here")

@@ -1,0 +1,48 @@
+"""Start the stack's processes the one way that `make run`, the tests, the benchmark and the deliverables
+all use: model workers, and the web app under gunicorn with gunicorn.conf.py. (local_redis.py starts Redis.)
+
+Every function takes the environment the process should see; the settings in it decide the rest.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Mapping
+
+import settings
+from settings import PROJECT_DIR
+
+# Where gunicorn's web processes add up their Prometheus values (one folder per server, empty at start).
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def gunicorn_command(config: settings.Settings) -> list[str]:
+    """The production web server: gthread workers, one result listener per process."""
+    return [
+        sys.executable, "-m", "gunicorn",
+        "--worker-class", "gthread",
+        "--workers", str(config.web_processes),
+        "--threads", str(config.web_threads),
+        "--bind", f"{config.web_host}:{config.web_port}",
+        "--graceful-timeout", str(int(config.request_timeout) + 5),
+        "--log-level", "warning",
+        "--config", str(PROJECT_DIR / "gunicorn.conf.py"),
+        "run_web_server:create_app()",
+    ]  # fmt: skip
+
+
+def start_web(env: Mapping[str, str], metrics_dir: str, **popen: object) -> subprocess.Popen:
+    """gunicorn serving the web app, with the settings in `env` and an empty folder for its metrics."""
+    config = settings.load(env=env)
+    return subprocess.Popen(
+        gunicorn_command(config), cwd=PROJECT_DIR, env={**env, METRICS_DIR_ENV: metrics_dir}, **popen
+    )
+
+
+def start_worker(env: Mapping[str, str], *args: str, **popen: object) -> subprocess.Popen:
+    """A model worker (run_model_server.py `args`) with the settings in `env`."""
+    worker_env = {k: v for k, v in env.items() if k != METRICS_DIR_ENV}  # a worker keeps its own registry
+    return subprocess.Popen(
+        [sys.executable, str(PROJECT_DIR / "run_model_server.py"), *args], cwd=PROJECT_DIR, env=worker_env, **popen
+    )

@@ -1,0 +1,246 @@
+"""The process harness that the tests, the benchmark and the deliverables share: real servers started as
+`make run` starts them (stack.py), their output in a log file each, and waits on real state (an HTTP
+answer, a worker registered in Redis, a result published)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import fields
+from pathlib import Path
+
+import requests
+
+import stack
+from local_redis import free_port
+from redis_protocol import JobQueue, connect
+from settings import PROJECT_DIR, Settings
+
+PROJECT = PROJECT_DIR
+SHARED_IMAGES = PROJECT.parent / "shared" / "images"
+CASTLE = SHARED_IMAGES / "castle_image.jpg"
+
+
+def server_env(redis_url: str, queue: str, **extra: object) -> dict[str, str]:
+    """Environment for a child server: test defaults, no .env surprises, random weights."""
+    env = dict(os.environ)
+    # Every setting explicit: the environment wins over a developer's .env (load_dotenv does not override).
+    env.update({field.name.upper(): str(field.default) for field in fields(Settings)})
+    env.update(
+        REDIS_URL=redis_url,
+        IMAGE_QUEUE=queue,
+        MODEL_WEIGHTS="none",
+        METRICS_PORT="0",
+        LOG_LEVEL="DEBUG",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update({k.upper(): str(v) for k, v in extra.items()})
+    return env
+
+
+class Child:
+    """A child process whose combined output goes to a temporary log file."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.env = env
+        self.log_file = tempfile.NamedTemporaryFile(prefix="imgserve-", suffix=".log", delete=False)
+        self.process = self._start(args, stdout=self.log_file, stderr=subprocess.STDOUT)
+        self.log_file.close()  # the child has its own descriptor; we read the file by name
+
+    def _start(self, args: list[str], **output: object) -> subprocess.Popen:
+        return subprocess.Popen(args, cwd=PROJECT, env=self.env, **output)
+
+    @property
+    def log(self) -> str:
+        return Path(self.log_file.name).read_text(errors="replace")
+
+    def wait_for_http(self, url: str, timeout: float) -> None:
+        """Poll `url` until it answers 2xx; stop this child and raise if it exits or time runs out."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if requests.get(url, timeout=2).ok:
+                    return
+            except requests.RequestException:  # refused, or accepted by gunicorn before its worker booted
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"no answer from {url}:\n{self.log[-3000:]}")
+            time.sleep(0.1)
+
+    def stop(self, sig: int = 15, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+class Worker(Child):
+    """A model worker started as `make run` starts it; `id` is the id it registered under in Redis."""
+
+    def __init__(self, env: dict[str, str], *args: str) -> None:
+        self.id = ""
+        super().__init__(list(args), env)
+
+    def _start(self, args: list[str], **output: object) -> subprocess.Popen:
+        return stack.start_worker(self.env, *args, **output)
+
+    def wait_registered(self, timeout: float = 120) -> Worker:
+        """Wait until the worker is in the queue's workers set (its model is loaded by then); learn its id."""
+        queue = JobQueue(connect(self.env["REDIS_URL"]), self.env["IMAGE_QUEUE"])
+        mine = f"{socket.gethostname()}-{self.process.pid}-"  # Worker.id in run_model_server.py
+        deadline = time.monotonic() + timeout
+        try:
+            while not self.id:
+                self.id = next(
+                    (w.decode() for w in queue.redis.smembers(queue.keys.workers) if w.startswith(mine.encode())), ""
+                )
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the worker did not register within {timeout} s:\n{self.log[-3000:]}")
+                time.sleep(0.05)
+        finally:
+            queue.redis.close()
+        return self
+
+
+def start_worker(env: dict[str, str], *args: str, timeout: float = 120) -> Worker:
+    """A model worker, returned once it has registered in Redis."""
+    return Worker(env, *args).wait_registered(timeout)
+
+
+class WebServer(Child):
+    """The web app on a free port: under gunicorn as `make run` serves it, or Flask's development server."""
+
+    def __init__(self, env: dict[str, str], gunicorn: bool = False, processes: int = 1) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(env, WEB_PORT=str(self.port), WEB_HOST="127.0.0.1", WEB_PROCESSES=str(processes))
+        self._metrics_dir = None if stack.METRICS_DIR_ENV in env else tempfile.TemporaryDirectory()
+        self.gunicorn = gunicorn
+        super().__init__([sys.executable, "run_web_server.py"], env)
+
+    def _start(self, args: list[str], **output: object) -> subprocess.Popen:
+        if not self.gunicorn:
+            return super()._start(args, **output)
+        metrics_dir = self._metrics_dir.name if self._metrics_dir else self.env[stack.METRICS_DIR_ENV]
+        return stack.start_web(self.env, metrics_dir, **output)
+
+    def wait_ready(self, timeout: float = 30) -> WebServer:
+        self.wait_for_http(self.url + "/healthz", timeout)
+        return self
+
+    def stop(self, sig: int = 15, timeout: float = 30) -> int:
+        code = super().stop(sig, timeout)
+        if self._metrics_dir:
+            self._metrics_dir.cleanup()
+        return code
+
+
+def start_web(env: dict[str, str], gunicorn: bool = False, processes: int = 1) -> WebServer:
+    """A web server on a free port, returned once /healthz answers; `processes` is gunicorn's --workers."""
+    return WebServer(env, gunicorn, processes).wait_ready()
+
+
+@contextlib.contextmanager
+def live_stack(env: dict[str, str], **web_options: object) -> Iterator[tuple[Worker, WebServer]]:
+    """A worker and a web server for the duration of the block; both stopped even if one fails to start."""
+    worker = start_worker(env)
+    try:
+        web = start_web(env, **web_options)
+        try:
+            yield worker, web
+        finally:
+            web.stop()
+    finally:
+        worker.stop()
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> object:
+    """Poll `condition` until it returns something truthy; AssertionError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+class PublishedResults:
+    """Every result published on a queue while the block runs, by job id, with when it was published.
+
+    Read from Redis's keyspace notifications: each SET of a result key is one publication, whichever
+    worker made it, so a result published twice is seen twice.
+    """
+
+    def __init__(self, redis_url: str, queue_name: str) -> None:
+        self.queue = JobQueue(connect(redis_url), queue_name)
+        self.times: dict[str, list[float]] = {}
+        self._pubsub = self.queue.redis.pubsub()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._listen, daemon=True)
+
+    def __enter__(self) -> PublishedResults:
+        assert self.queue.enable_notifications()
+        self._pubsub.psubscribe(self.queue.result_channel_pattern("*"))  # every web process's results
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._pubsub.close()
+        self.queue.redis.close()
+
+    def _listen(self) -> None:
+        while not self._stop.is_set():
+            message = self._pubsub.get_message(timeout=0.1)
+            if message and message["type"] == "pmessage" and message["data"] == b"set":
+                job_id = message["channel"].rsplit(b":", 1)[1].decode()
+                self.times.setdefault(job_id, []).append(time.monotonic())
+
+    @property
+    def counts(self) -> Counter:
+        return Counter({job_id: len(times) for job_id, times in self.times.items()})
+
+    def wait_for(self, jobs: int, timeout: float = 30) -> Counter:
+        """The counts once `jobs` distinct jobs have a published result (a worker publishes just before
+        the client reads it, so the last notifications can trail the HTTP answers by a moment)."""
+        wait_until(lambda: len(self.times) >= jobs, timeout, f"{jobs} published results")
+        return self.counts
+
+
+def post_image(url: str, data: bytes | None = None, timeout: float = 120) -> requests.Response:
+    """POST /predict with `data` (default: the sample image) as the multipart file `image`."""
+    files = {"image": ("photo.jpg", data or sample_image_bytes(), "image/jpeg")}
+    return requests.post(url + "/predict", files=files, timeout=timeout)
+
+
+def sample_image_bytes() -> bytes:
+    """The castle photo when ../shared/images is there, else a generated JPEG."""
+    if CASTLE.exists():
+        return CASTLE.read_bytes()
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    gradient = np.linspace(0, 255, 480 * 800 * 3).reshape(480, 800, 3)
+    pixels = (gradient + rng.integers(0, 40, gradient.shape)).clip(0, 255).astype("uint8")
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "JPEG")
+    return out.getvalue()
