@@ -223,8 +223,8 @@ _TRANSPOSE = {  # EXIF orientation -> the transpose that undoes it, as ImageOps.
 def decode_cost(image: Image.Image) -> int:
     """Bytes that decoding and preparing an opened (not yet loaded) image holds at its peak, from its
     header: the decoded pixels at the scale it will decode at, any full-size conversion, the reduced copy."""
-    width, height = image.size
-    factor = _reduce_factor(image.size)
+    width, height = _decoded_size(image)
+    factor = _reduce_factor((width, height))
     stored = _STORED_BYTES.get(image.mode, 4) + (_REDUCE_EXTRA.get(image.mode, 0) if factor > 1 else 0)
     return width * height * stored + (width // factor) * (height // factor) * _REDUCED_WORK
 
@@ -256,10 +256,34 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageError(f"the image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}")
     if image.mode not in _SUPPORTED_MODES:
         raise ImageError(f"images in mode {image.mode} are not supported; send an RGB or grayscale image")
-    # JPEG decodes at 1/2, 1/4 or 1/8 scale (in the DCT), no smaller than asked. Of the other formats
-    # Pillow reads, only JPEG 2000 has a reduced decode (resolution levels), and it is not needed here.
+    # JPEG decodes at 1/2, 1/4 or 1/8 scale (in the DCT), no smaller than asked; JPEG 2000 at any of its
+    # resolution levels. The other formats Pillow reads have no reduced decode.
     image.draft("RGB", IMAGE_SIZE)
+    if image.format == "JPEG2000":
+        image.reduce = _jpeg2000_reduction(image.size, _jpeg2000_levels(data))
     return image
+
+
+def _jpeg2000_reduction(size: tuple[int, int], levels: int) -> int:
+    """How many resolution levels to skip so that the image still decodes to at least IMAGE_SIZE."""
+    reduce = 0
+    while reduce < levels and min(size) >> (reduce + 1) >= max(IMAGE_SIZE):
+        reduce += 1
+    return reduce
+
+
+def _jpeg2000_levels(data: bytes) -> int:
+    """Decomposition levels of a JPEG 2000 codestream (its COD marker), 0 when they cannot be read."""
+    cod = data.find(b"\xff\x52", 0, 4096)  # marker, length (2), Scod (1), SGcod (4), then the levels
+    return data[cod + 9] if 0 <= cod and cod + 9 < len(data) else 0
+
+
+def _decoded_size(image: Image.Image) -> tuple[int, int]:
+    """The size an opened image will have once loaded (a JPEG's draft is already in `size`)."""
+    reduce = getattr(image, "reduce", None)  # an int only on a JPEG 2000 image, set by _open
+    if isinstance(reduce, int) and reduce:
+        return (-(-image.width >> reduce), -(-image.height >> reduce))
+    return image.size
 
 
 def _orientation(image: Image.Image) -> int | None:

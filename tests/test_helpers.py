@@ -302,3 +302,11 @@ def budget_hold_briefly(budget: DecodeBudget, entered: threading.Event) -> None:
     with budget.hold(80):
         entered.set()
         time.sleep(0.2)
+
+
+def test_a_large_jpeg_2000_decodes_at_a_reduced_resolution_level():
+    data = image_bytes(photo(4000, 3000), "JPEG2000", irreversible=True)
+    full_size = 4000 * 3000 * 4
+    with pytest.raises(ImageError, match="MAX_DECODE_BYTES"):  # a PNG of that size is refused ...
+        prepare_image(image_bytes(photo(4000, 3000)), max_decode_bytes=full_size // 4)
+    check_prepared(prepare_image(data, max_decode_bytes=full_size // 4))  # ... the JPEG 2000 decodes at 1/8

@@ -23,9 +23,8 @@ from pathlib import Path
 
 import requests
 
-import settings
+import stack
 from local_redis import LocalRedis, free_port
-from serve import gunicorn_command
 
 PROJECT = Path(__file__).resolve().parent.parent
 CASTLE = PROJECT.parent / "shared" / "images" / "castle_image.jpg"
@@ -70,7 +69,8 @@ def low_load(url: str, image: bytes, count: int) -> float:
 
 def start_worker(env: dict[str, str], cwd: Path, url: str, image: bytes) -> subprocess.Popen:
     """A model worker from `cwd`, returned once it has answered a request."""
-    worker = subprocess.Popen([sys.executable, "run_model_server.py"], cwd=cwd, env=env, stdout=subprocess.DEVNULL)
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    worker = subprocess.Popen([sys.executable, "run_model_server.py"], cwd=cwd, env=env, **quiet)
     deadline = time.monotonic() + 180
     while True:
         try:
@@ -113,9 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(["git", "worktree", "add", "--detach", str(old), args.rev], cwd=PROJECT, check=True)
         port = free_port()
         env = dict(os.environ, REDIS_URL=server.url, MODEL_WEIGHTS="none", METRICS_PORT="0", WEB_PORT=str(port))
-        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        config = settings.load(env=env, dotenv=False)
-        web = subprocess.Popen(gunicorn_command(config), cwd=PROJECT, env=env)
+        metrics_dir = Path(tmp) / "metrics"
+        metrics_dir.mkdir()
+        metrics_dir = str(metrics_dir)
+        web = stack.start_web(env, metrics_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}"
         try:
             figures: dict[str, list[tuple[float, float]]] = {"old": [], "new": []}
