@@ -75,9 +75,10 @@ class Worker:
         for slot in range(SLOTS):
             self._free_slots.put(slot)
         self._ready: Queue[Batch | None] = Queue()  # decoded, for the model
-        # Claimed batches not yet in the model: at most PREFETCH_BATCHES, so a busy worker does not sit
-        # on jobs another worker could run.
-        self._room = threading.Semaphore(config.prefetch_batches)
+        self.prefetch = prefetch_batches(config, classifier)
+        # Claimed batches not yet through the model: the one it runs and at most PREFETCH_BATCHES more,
+        # so a busy worker does not sit on jobs another worker could run.
+        self._room = threading.Semaphore(self.prefetch + 1)
         self._done: Queue[Batch | None] = Queue()  # through the model, for the publisher
 
     def run(self) -> None:
@@ -91,7 +92,7 @@ class Worker:
         publisher = threading.Thread(target=self._publish_loop, name="publisher")
         publisher.start()
         threading.Thread(target=self._feed, name="feeder", daemon=True).start()
-        log.info("worker %s waiting for jobs on %r", self.id, self.queue.keys.queue)
+        log.info("worker %s waiting for jobs on %r (prefetch %d)", self.id, self.queue.keys.queue, self.prefetch)
         try:
             self._model_loop()
         finally:
@@ -136,8 +137,9 @@ class Worker:
 
     def _model_loop(self) -> None:
         while (batch := self._ready.get()) is not None:
+            batch = self._infer(batch)
             self._room.release()
-            self._done.put(self._infer(batch))
+            self._done.put(batch)
 
     def _publish_loop(self) -> None:
         while (batch := self._done.get()) is not None:
@@ -272,6 +274,15 @@ class Worker:
                 log.warning("Redis unavailable, cannot %s (%s); retrying in %.1f s", what, exc, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+
+def prefetch_batches(config: settings.Settings, classifier) -> int:
+    """PREFETCH_BATCHES, or for `auto`: 1 where the model runs off the CPU (a GPU, or a stand-in for one),
+    0 on the CPU, where decoding the next batch would take cores from the model, and a batch claimed
+    while the model runs holds only the jobs that happened to be waiting then, not a full batch."""
+    if config.prefetch_batches is not None:
+        return config.prefetch_batches
+    return 0 if getattr(classifier, "device", "") == "CPU" else 1
 
 
 def count_released(requeued: int, dead_lettered: int) -> None:

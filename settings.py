@@ -28,7 +28,7 @@ class Settings:
     image_queue: str = "image_queue"
     batch_size: int = 32
     batch_wait_ms: float = 0.0
-    prefetch_batches: int = 1
+    prefetch_batches: int | None = None  # None: "auto", decided by the worker from its model's device
     job_codec: str = "zstd"
     result_ttl: int = 3600
     request_timeout: float = 30.0
@@ -109,6 +109,15 @@ def _choice(*options: str) -> Callable[[str, str], str]:
     return parse
 
 
+def _auto_or(parse: Callable[[str, str], object]) -> Callable[[str, str], object]:
+    """`auto` (None: the program decides) or what `parse` accepts."""
+
+    def parse_or_auto(name: str, raw: str) -> object:
+        return None if raw.strip().lower() == "auto" else parse(name, raw)
+
+    return parse_or_auto
+
+
 def _bool(name: str, raw: str) -> bool:
     value = raw.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -158,7 +167,7 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "image_queue": _queue_name,
     "batch_size": _int(1, 1024),
     "batch_wait_ms": _float(0.0),
-    "prefetch_batches": _int(1, 4),
+    "prefetch_batches": _auto_or(_int(0, 4)),
     "job_codec": _choice("raw", "zstd"),
     "result_ttl": _int(1),
     "request_timeout": _float(0.0, strict=True),

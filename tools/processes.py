@@ -33,7 +33,9 @@ def server_env(redis_url: str, queue: str, **extra: object) -> dict[str, str]:
     """Environment for a child server: test defaults, no .env surprises, random weights."""
     env = dict(os.environ)
     # Every setting explicit: the environment wins over a developer's .env (load_dotenv does not override).
-    env.update({field.name.upper(): str(field.default) for field in fields(Settings)})
+    env.update(
+        {field.name.upper(): "auto" if field.default is None else str(field.default) for field in fields(Settings)}
+    )
     env.update(
         REDIS_URL=redis_url,
         IMAGE_QUEUE=queue,
