@@ -143,6 +143,11 @@ def log_samples(stack: Stack) -> str:
     )
 
 
+def command_block(args: list[str]) -> str:
+    """A tool's whole output, quoted with its command."""
+    return block(shown(args), run(args))
+
+
 def test_summary() -> str:
     args = [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
     out = run(args).splitlines()
@@ -175,6 +180,8 @@ LIVE: dict[str, Callable[[Stack], str]] = {
 # Run in this order, after the live ones: the test suite's report test reads the figures bench wrote.
 OFFLINE: dict[str, Callable[[], dict[str, str]]] = {
     "bench-figures": bench_figures,
+    "compare-workers": lambda: {"compare-workers": command_block([PY, "-m", "tools.compare_workers"])},
+    "gpu-steps": lambda: {"gpu-steps": command_block([PY, "-m", "tools.gpu_feed", "--steps", "--jobs", "3000"])},
     "test-summary": lambda: {"test-summary": test_summary()},
 }
 
