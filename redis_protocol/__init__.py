@@ -22,7 +22,8 @@ operation on the job path is either idempotent, and then retried once, or recove
     LPUSH job (enqueue)              no           pushed again in MULTI with an LREM of the first copy
     BLMOVE + LLEN, LMOVE (claim)     no           not resent; the next claim takes back the slot's jobs
     SET result EX (publish)          yes          resent: the same value again
-    ACK script (acknowledge)         yes          resent: does nothing once the slot is gone
+    DEL slot, or the ACK script      yes          resent: deletes nothing more; ACK (a batch with dead
+      (acknowledge)                               letters) writes them only while the slot exists
     RELEASE, REAP scripts            yes          resent: find nothing left to move
     GETEX result PX (take result)    yes          resent: the same value, kept 2 s after the first read
     LREM job (cancel)                yes          resent

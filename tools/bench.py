@@ -469,7 +469,9 @@ def recheck_model(report: Report, classifier, model: dict, repeats: int) -> None
 
 
 def _keras_predict(classifier, images: np.ndarray, size: int) -> np.ndarray:
-    return classifier.model.predict(classifier._preprocess(images.astype(np.float32)), batch_size=size, verbose=0)
+    from keras.applications.resnet50 import preprocess_input
+
+    return classifier.model.predict(preprocess_input(images.astype(np.float32)), batch_size=size, verbose=0)
 
 
 def _timed_pair(first: Callable[[], object], second: Callable[[], object], repeats: int) -> tuple[list, list]:

@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("this comparison needs ../shared/images/castle_image.jpg")
     with LocalRedis() as server, tempfile.TemporaryDirectory() as tmp:
         old = Path(tmp) / "old"
-        subprocess.run(["git", "worktree", "add", "--detach", str(old), args.rev], cwd=PROJECT, check=True)
+        git = {"cwd": PROJECT, "capture_output": True}
+        subprocess.run(["git", "worktree", "add", "--detach", str(old), args.rev], check=True, **git)
         port = free_port()
         env = dict(os.environ, REDIS_URL=server.url, MODEL_WEIGHTS="none", METRICS_PORT="0", WEB_PORT=str(port))
         metrics_dir = Path(tmp) / "metrics"
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             web.terminate()
             web.wait(60)
-            subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=PROJECT, check=False)
+            subprocess.run(["git", "worktree", "remove", "--force", str(old)], check=False, **git)
     medians = {n: (statistics.median(r for r, _ in f), statistics.median(p for _, p in f)) for n, f in figures.items()}
     for name, (rate, p50) in medians.items():
         which = args.rev if name == "old" else "this commit"

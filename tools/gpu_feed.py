@@ -85,7 +85,7 @@ def measure(jobs: int, seconds_per_image: float, batch_size: int, codec: str, ti
             IMAGE_QUEUE="gpufeed",
             BATCH_SIZE=str(batch_size),
             METRICS_PORT="0",
-            LOG_LEVEL="WARNING",
+            LOG_LEVEL="ERROR",
         )
         stats = f"{tmp}/stats.json"
         args = [sys.executable, "-m", "tools.standin", "--seconds-per-image", repr(seconds_per_image), "--stats", stats]
