@@ -95,7 +95,9 @@ def measure(jobs: int, seconds_per_image: float, batch_size: int, codec: str, ti
             time.sleep(0.5)  # until it blocks on the empty queue
             cpu0, redis0, t0 = process_cpu(worker.pid), redis_cpu(client), time.perf_counter()
             client.rename(staging, queue.keys.queue)
-            _wait(lambda: _drained(queue, client), timeout, "the queue to drain", interval=0.005)
+            [worker_id] = [w.decode() for w in client.smembers(queue.keys.workers)]
+            drained = [queue.keys.queue, *queue.keys.processing_lists(worker_id)]
+            _wait(lambda: client.exists(*drained) == 0, timeout, "the queue to drain", interval=0.005)
             seconds = time.perf_counter() - t0
             cpu1, redis1 = process_cpu(worker.pid), redis_cpu(client)
         finally:
@@ -119,11 +121,6 @@ def measure(jobs: int, seconds_per_image: float, batch_size: int, codec: str, ti
         codec=codec,
         job_bytes=len(raws[0]),
     )
-
-
-def _drained(queue: JobQueue, client: redis.Redis) -> bool:
-    keys = [queue.keys.queue, *(k.decode() for k in client.keys(queue.keys.processing_prefix + "*"))]
-    return client.exists(*keys) == 0
 
 
 def _wait(condition, timeout: float, what: str, interval: float = 0.05) -> None:
