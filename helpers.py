@@ -183,8 +183,9 @@ def prepare_image(
         image = _open(data, max_pixels)
         cost = decode_cost(image)
         if cost > max_decode_bytes:
+            width, height = _header_size(image)
             raise ImageError(
-                f"decoding this {image.width}x{image.height} {image.format} image ({image.mode}) would take "
+                f"decoding this {width}x{height} {image.format} image ({image.mode}) would take "
                 f"{cost:,} bytes of memory; the limit is {max_decode_bytes:,} (MAX_DECODE_BYTES): "
                 f"send it smaller, or as a JPEG, which decodes at a reduced scale"
             )
@@ -226,7 +227,26 @@ def decode_cost(image: Image.Image) -> int:
     width, height = _decoded_size(image)
     factor = _reduce_factor((width, height))
     stored = _STORED_BYTES.get(image.mode, 4) + (_REDUCE_EXTRA.get(image.mode, 0) if factor > 1 else 0)
-    return width * height * stored + (width // factor) * (height // factor) * _REDUCED_WORK
+    reduced = (width // factor) * (height // factor) * _REDUCED_WORK
+    return width * height * stored + reduced + _progressive_jpeg_coefficients(image)
+
+
+def _header_size(image: Image.Image) -> tuple[int, int]:
+    """The size the image's header declares (a JPEG's `size` is its draft's once draft() ran)."""
+    scale = image.decoderconfig[0] if image.format in ("JPEG", "MPO") and image.decoderconfig else 1
+    return image.width * scale, image.height * scale
+
+
+def _progressive_jpeg_coefficients(image: Image.Image) -> int:
+    """Bytes libjpeg holds for a progressive JPEG: every DCT coefficient of the full-size image (two bytes
+    each, per component at its sampling), whatever scale it decodes at; 0 for anything else."""
+    if image.format not in ("JPEG", "MPO") or not image.info.get("progressive"):
+        return 0
+    width, height = _header_size(image)
+    pixels = width * height
+    layers = getattr(image, "layer", None) or [(0, 1, 1, 0)] * len(image.getbands())
+    h_max, v_max = max(layer[1] for layer in layers), max(layer[2] for layer in layers)
+    return sum(2 * pixels * h * v // (h_max * v_max) for _, h, v, *_ in layers)
 
 
 def _reduce_factor(size: tuple[int, int]) -> int:

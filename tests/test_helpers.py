@@ -310,3 +310,14 @@ def test_a_large_jpeg_2000_decodes_at_a_reduced_resolution_level():
     with pytest.raises(ImageError, match="MAX_DECODE_BYTES"):  # a PNG of that size is refused ...
         prepare_image(image_bytes(photo(4000, 3000)), max_decode_bytes=full_size // 4)
     check_prepared(prepare_image(data, max_decode_bytes=full_size // 4))  # ... the JPEG 2000 decodes at 1/8
+
+
+def test_a_progressive_jpeg_counts_every_coefficient_libjpeg_holds():
+    """libjpeg keeps all DCT coefficients of a progressive JPEG in memory, whatever scale it decodes at."""
+    image = photo(4000, 3000)
+    baseline = Image.open(io.BytesIO(image_bytes(image, "JPEG", quality=85)))
+    progressive = Image.open(io.BytesIO(image_bytes(image, "JPEG", quality=85, progressive=True)))
+    for opened in (baseline, progressive):
+        opened.draft("RGB", (224, 224))
+    # 4:2:0: the luma at full size and two chroma planes at a quarter, two bytes a coefficient
+    assert decode_cost(progressive) - decode_cost(baseline) == 2 * 12_000_000 * 3 // 2

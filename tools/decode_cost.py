@@ -3,10 +3,10 @@
     python -m tools.decode_cost
 
 For the castle photo (../shared/images, or a generated 800x480 JPEG), a 48-megapixel JPEG (8000x6000),
-a 4096x4096 RGBA PNG and a 6300x6300 solid-colour PNG (about 130 KB): `helpers.prepare_image` with the
-default limits, and the preparation as it was before decoding had a memory budget (everything at full
-size; kept here only as the baseline). Peak memory is the process's VmHWM minus its VmRSS just before
-the call.
+baseline and progressive, a 4096x4096 RGBA PNG and a 6300x6300 solid-colour PNG (about 130 KB):
+`helpers.prepare_image` with the default limits, and the preparation as it was before decoding had a
+memory budget (everything at full size; kept here only as the baseline). Peak memory is the process's
+VmHWM minus its VmRSS just before the call.
 """
 
 from __future__ import annotations
@@ -73,10 +73,11 @@ def sample_files(folder: Path) -> dict[str, Path]:
         files["castle photo"] = folder / "castle.jpg"
         Image.radial_gradient("L").resize((800, 480)).convert("RGB").save(files["castle photo"], "JPEG")
     files["48 MP JPEG (8000x6000)"] = folder / "phone.jpg"
+    files["48 MP progressive JPEG"] = folder / "progressive.jpg"
     gradient = Image.linear_gradient("L").resize((8000, 6000))
-    Image.merge("RGB", [gradient, gradient.transpose(Image.Transpose.ROTATE_180), gradient]).save(
-        files["48 MP JPEG (8000x6000)"], "JPEG", quality=85
-    )
+    photo = Image.merge("RGB", [gradient, gradient.transpose(Image.Transpose.ROTATE_180), gradient])
+    photo.save(files["48 MP JPEG (8000x6000)"], "JPEG", quality=85)
+    photo.save(files["48 MP progressive JPEG"], "JPEG", quality=85, progressive=True)
     files["4096x4096 RGBA PNG"] = folder / "rgba.png"
     Image.merge("RGBA", [gradient.resize((4096, 4096))] * 4).save(files["4096x4096 RGBA PNG"], "PNG")
     files["6300x6300 PNG, one colour"] = folder / "solid.png"
