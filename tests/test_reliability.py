@@ -75,16 +75,18 @@ def freeze(child: Child) -> None:
 
 
 def freeze_holding_jobs(child: Worker, queue: JobQueue, timeout: float = 120) -> list[Job]:
-    """Freeze a worker at a moment when it holds claimed, unacknowledged jobs; return those jobs."""
+    """Freeze a worker at a moment when it holds claimed jobs it has not published yet; return those jobs."""
     worker = child.id
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if queue.claimed(worker):
             freeze(child)
-            held = queue.claimed(worker)
-            if held:
-                return [Job.from_json(raw) for raw in held]
-            os.kill(child.process.pid, signal.SIGCONT)  # it acknowledged in between: try again
+            held = [Job.from_json(raw) for raw in queue.claimed(worker)]
+            # Results are written before the acknowledgement: a job caught in between is published already.
+            published = held and queue.redis.exists(*(queue.keys.result(job.origin, job.id) for job in held))
+            if held and not published:
+                return held
+            os.kill(child.process.pid, signal.SIGCONT)  # acknowledged or published in between: try again
         time.sleep(0.005)
     pytest.fail(f"worker never held a job within {timeout} s")
 
