@@ -12,6 +12,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 
 import numpy as np
 
@@ -219,8 +220,9 @@ class DeadLetter:
     reason: str
     max_bytes: int = DEFAULT_MAX_JOB_BYTES
 
-    @property
+    @cached_property
     def metadata(self) -> dict:
+        """What the dead letter keeps of the job (job_metadata); parsed once, read several times."""
         return job_metadata(self.raw, self.max_bytes)
 
     @property

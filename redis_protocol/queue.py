@@ -250,10 +250,9 @@ class JobQueue:
         now = time.time()
         answered = [(self.keys.result(job.origin, job.id), payload, job.deadline) for job, payload in results]
         for letter in dead:
-            meta = letter.metadata
             if reply_to := letter.reply_to:
                 error = error_result(f"bad job: {letter.reason}", 400)
-                answered.append((self.keys.result(*reply_to), error, meta.get("deadline")))
+                answered.append((self.keys.result(*reply_to), error, letter.metadata.get("deadline")))
         letters = [json.dumps({"reason": d.reason, "worker": worker, "at": now, "job": d.metadata}) for d in dead]
 
         def publish() -> None:
