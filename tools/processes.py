@@ -125,19 +125,22 @@ def start_worker(env: dict[str, str], *args: str, timeout: float = 120) -> Worke
 class WebServer(Child):
     """The web app on a free port: under gunicorn as `make run` serves it, or Flask's development server."""
 
-    def __init__(self, env: dict[str, str], gunicorn: bool = False, processes: int = 1) -> None:
+    def __init__(
+        self, env: dict[str, str], gunicorn: bool = False, processes: int = 1, app: str = stack.WEB_APP
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(env, WEB_PORT=str(self.port), WEB_HOST="127.0.0.1", WEB_PROCESSES=str(processes))
         self._metrics_dir = None if stack.METRICS_DIR_ENV in env else tempfile.TemporaryDirectory()
         self.gunicorn = gunicorn
+        self.app = app
         super().__init__([sys.executable, "run_web_server.py"], env)
 
     def _start(self, args: list[str], **output: object) -> subprocess.Popen:
         if not self.gunicorn:
             return super()._start(args, **output)
         metrics_dir = self._metrics_dir.name if self._metrics_dir else self.env[stack.METRICS_DIR_ENV]
-        return stack.start_web(self.env, metrics_dir, **output)
+        return stack.start_web(self.env, metrics_dir, self.app, **output)
 
     def wait_ready(self, timeout: float = 30) -> WebServer:
         self.wait_for_http(self.url + "/healthz", timeout)
