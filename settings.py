@@ -172,7 +172,7 @@ def _host(name: str, raw: str) -> str:
 
 
 def _formats(name: str, raw: str) -> tuple[str, ...]:
-    from PIL import Image  # here, not at the top: only the web server needs Pillow's list
+    from PIL import Image  # only when the setting is given: serve.py and gunicorn.conf.py load settings too
 
     Image.init()
     values = tuple(dict.fromkeys(v.strip().upper() for v in raw.split(",") if v.strip()))

@@ -332,7 +332,7 @@ def test_the_accepted_formats_are_prepared(fmt):
     check_prepared(prepare_image(image_bytes(photo(300, 200), fmt)))
 
 
-@pytest.mark.parametrize("fmt", ["EPS", "JPEG2000", "TGA", "PPM", "ICO", "SGI", "PCX", "QOI", "IM", "DDS"])
+@pytest.mark.parametrize("fmt", ["EPS", "JPEG2000", "TGA", "PPM", "ICO", "SGI", "PCX", "QOI", "DDS"])
 def test_other_formats_pillow_reads_are_refused_naming_the_accepted_ones(fmt):
     data = image_bytes(Image.new("RGB", (40, 30), "red"), fmt)
     with pytest.raises(ImageError, match=r"not an image in an accepted format \(JPEG, PNG, GIF, WEBP, BMP, TIFF\)"):
