@@ -5,6 +5,7 @@ from __future__ import annotations
 import binascii
 import io
 import os
+import struct
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -13,6 +14,8 @@ import numpy as np
 import pybase64
 import zstandard
 from PIL import Image, UnidentifiedImageError
+
+from settings import DEFAULT_ACCEPTED_FORMATS
 
 # Pillow allocates a decoded image in blocks (16 MiB by default), which glibc keeps in the allocating
 # thread's arena once freed: a web process of 64 threads that decoded large uploads would keep hundreds
@@ -169,18 +172,20 @@ def prepare_image(
     max_pixels: int = 100_000_000,
     max_decode_bytes: int = 150_000_000,
     budget: DecodeBudget | None = None,
+    formats: tuple[str, ...] = DEFAULT_ACCEPTED_FORMATS,
 ) -> np.ndarray:
     """Decode an uploaded file into a (224, 224, 3) uint8 RGB array.
 
-    Reads the header first: refuses images over `max_pixels`, and images whose decoding would hold
-    more than `max_decode_bytes` (decode_cost) even at the smallest scale their format decodes at;
-    then decodes within `budget`. A large image is reduced in its own mode before it is converted
-    (to RGB, 8 bits, transparency flattened onto white) and turned by its EXIF orientation.
+    Reads the header first: refuses files in none of `formats` (Pillow's format names), images over
+    `max_pixels`, and images whose decoding would hold more than `max_decode_bytes` (decode_cost) even
+    at the smallest scale their format decodes at; then decodes within `budget`. A large image is reduced
+    in its own mode before it is converted (to RGB, 8 bits, transparency flattened onto white) and turned
+    by its EXIF orientation.
     """
     if not data:
         raise ImageError("the uploaded file is empty")
-    with _as_image_error(max_pixels):
-        image = _open(data, max_pixels)
+    with _as_image_error(max_pixels, formats):
+        image = _open(data, max_pixels, formats)
         cost = decode_cost(image)
         if cost > max_decode_bytes:
             width, height = _header_size(image)
@@ -254,23 +259,25 @@ def _reduce_factor(size: tuple[int, int]) -> int:
 
 
 @contextmanager
-def _as_image_error(max_pixels: int) -> Iterator[None]:
+def _as_image_error(max_pixels: int, formats: tuple[str, ...]) -> Iterator[None]:
     """Every way Pillow refuses a file, as an ImageError for its sender."""
     try:
         yield
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise ImageError("the uploaded file is not an image Pillow can read (JPEG, PNG, GIF, WebP ...)") from None
+        raise ImageError(f"the uploaded file is not an image in an accepted format ({', '.join(formats)})") from None
     except Image.DecompressionBombError:
         raise ImageError(f"the image has too many pixels; the limit is {max_pixels:,}") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    # Beyond the documented OSError and friends, Pillow's plugins let struct.error, TypeError, IndexError
+    # and KeyError out of damaged headers and metadata: the file's fault too, not the server's.
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, TypeError, IndexError, KeyError) as exc:
         raise ImageError(f"the image is damaged or truncated ({exc})") from None
 
 
-def _open(data: bytes, max_pixels: int) -> Image.Image:
+def _open(data: bytes, max_pixels: int, formats: tuple[str, ...]) -> Image.Image:
     """The image with only its header read, set to decode at the smallest scale its format allows."""
-    image = Image.open(io.BytesIO(data))
+    image = Image.open(io.BytesIO(data), formats=formats)
     width, height = image.size
     if width * height > max_pixels:
         raise ImageError(f"the image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}")

@@ -6,16 +6,21 @@ which the entry points print and turn into exit code 2.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from dotenv import load_dotenv
 
 PROJECT_DIR = Path(__file__).resolve().parent
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+# Formats whose decoders are common and well exercised; Pillow reads many more (EPS runs Ghostscript,
+# PSD, FITS, JPEG 2000 ...), each a decoder an upload could reach.
+DEFAULT_ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 
 
 class SettingsError(ValueError):
@@ -35,6 +40,7 @@ class Settings:
     model_weights: str = "imagenet"
     web_host: str = "127.0.0.1"
     web_port: int = 5000
+    allowed_origins: tuple[str, ...] = ()
     web_processes: int = 1
     web_threads: int = 64
     web_nice: int = 10
@@ -45,12 +51,14 @@ class Settings:
     max_upload_bytes: int = 16 * 1024 * 1024
     max_image_pixels: int = 100_000_000
     max_decode_bytes: int = 150_000_000
+    accepted_formats: tuple[str, ...] = DEFAULT_ACCEPTED_FORMATS
     decode_budget_bytes: int = 512 * 1024 * 1024
     decode_wait: float = 1.0
     heartbeat_ttl: float = 10.0
     reap_interval: float = 5.0
     notifications: str = "auto"
     log_level: str = "INFO"
+    metrics_host: str = "127.0.0.1"
     metrics_port: int = 9100
     flask_debug: bool = False
 
@@ -61,14 +69,19 @@ class Settings:
 
 
 def hide_password(url: str) -> str:
-    """Return `url` with the password (if any) replaced by ***."""
-    parts = urlsplit(url)
-    if not parts.password:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+    """Return `url` with every password in it replaced by ***: the user information before the last `@`
+    (all of it when a password's unencoded `/` or `?` leaves a URL parser unsure where it ends) and
+    `password=` query arguments."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        userinfo, _, rest = rest.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        masked = f"{user}:***" if colon and "/" not in user and "?" not in user else "***"
+        rest = f"{masked}@{rest}"
+    return _PASSWORD_ARGUMENT.sub(r"\1***", scheme + sep + rest)
+
+
+_PASSWORD_ARGUMENT = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
 
 
 def _int(lo: int, hi: int | None = None) -> Callable[[str, str], int]:
@@ -158,6 +171,30 @@ def _host(name: str, raw: str) -> str:
     return raw.strip()
 
 
+def _formats(name: str, raw: str) -> tuple[str, ...]:
+    from PIL import Image  # only when the setting is given: serve.py and gunicorn.conf.py load settings too
+
+    Image.init()
+    values = tuple(dict.fromkeys(v.strip().upper() for v in raw.split(",") if v.strip()))
+    unknown = [v for v in values if v not in Image.OPEN]
+    if not values or unknown:
+        raise SettingsError(
+            f"{name} must be a comma-separated list of formats Pillow reads ({', '.join(sorted(Image.OPEN))}); "
+            f"got {raw!r}"
+        )
+    return values
+
+
+def _origins(name: str, raw: str) -> tuple[str, ...]:
+    origins = []
+    for value in (v.strip().lower().rstrip("/") for v in raw.split(",") if v.strip()):
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path or parts.query:
+            raise SettingsError(f"{name} must list origins such as https://example.com:8443, got {value!r}")
+        origins.append(value)
+    return tuple(origins)
+
+
 def _log_level(name: str, raw: str) -> str:
     return _choice("debug", "info", "warning", "error")(name, raw).upper()
 
@@ -174,6 +211,7 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "model_weights": _weights,
     "web_host": _host,
     "web_port": _int(1, 65535),
+    "allowed_origins": _origins,
     "web_processes": _int(1, 64),
     "web_threads": _int(1, 1024),
     "web_nice": _int(0, 19),
@@ -184,12 +222,14 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "max_upload_bytes": _int(1),
     "max_image_pixels": _int(1),
     "max_decode_bytes": _int(1),
+    "accepted_formats": _formats,
     "decode_budget_bytes": _int(1),
     "decode_wait": _float(0.0),
     "heartbeat_ttl": _float(1.0),
     "reap_interval": _float(0.0, strict=True),
     "notifications": _choice("auto", "off"),
     "log_level": _log_level,
+    "metrics_host": _host,
     "metrics_port": _int(0, 65535),
     "flask_debug": _bool,
 }
@@ -222,4 +262,19 @@ def _checked(settings: Settings) -> Settings:
             f"MAX_DECODE_BYTES ({settings.max_decode_bytes:,}) must not exceed DECODE_BUDGET_BYTES "
             f"({settings.decode_budget_bytes:,}): one image must fit in the web process's decode budget"
         )
+    if settings.flask_debug and not is_loopback(settings.web_host):
+        raise SettingsError(
+            f"FLASK_DEBUG=true is refused with WEB_HOST={settings.web_host}: Flask's debugger runs any code "
+            f"its visitors send, so it may only listen on a loopback address (127.0.0.1, ::1, localhost)"
+        )
     return settings
+
+
+def is_loopback(host: str) -> bool:
+    """True when `host` names this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -33,9 +33,7 @@ def server_env(redis_url: str, queue: str, **extra: object) -> dict[str, str]:
     """Environment for a child server: test defaults, no .env surprises, random weights."""
     env = dict(os.environ)
     # Every setting explicit: the environment wins over a developer's .env (load_dotenv does not override).
-    env.update(
-        {field.name.upper(): "auto" if field.default is None else str(field.default) for field in fields(Settings)}
-    )
+    env.update({field.name.upper(): _env_value(field.default) for field in fields(Settings)})
     env.update(
         REDIS_URL=redis_url,
         IMAGE_QUEUE=queue,
@@ -46,6 +44,13 @@ def server_env(redis_url: str, queue: str, **extra: object) -> dict[str, str]:
     )
     env.update({k.upper(): str(v) for k, v in extra.items()})
     return env
+
+
+def _env_value(default: object) -> str:
+    """A setting's default as its variable spells it: None is "auto", a tuple a comma-separated list."""
+    if default is None:
+        return "auto"
+    return ",".join(default) if isinstance(default, tuple) else str(default)
 
 
 class Child:
