@@ -104,7 +104,7 @@ def predict():
         return error(400, str(exc))
     except DecodeBusy:
         return error(503, "the server is busy decoding other images; try again shortly", retry_after=1)
-    job = Job.new(pixels, service.origin, config.request_timeout, config.job_codec)
+    job = Job.new(pixels, service.origin, config.request_timeout, config.job_codec, config.job_quality)
     with service.listener.expect(job.id):
         try:
             if not service.queue.enqueue(job, config.max_queue):

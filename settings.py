@@ -34,7 +34,8 @@ class Settings:
     batch_size: int = 32
     batch_wait_ms: float = 0.0
     prefetch_batches: int | None = None  # None: "auto", decided by the worker from its model's device
-    job_codec: str = "zstd"
+    job_codec: str = "zstd2"
+    job_quality: int = 90
     result_ttl: int = 3600
     request_timeout: float = 30.0
     model_weights: str = "imagenet"
@@ -205,7 +206,8 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "batch_size": _int(1, 1024),
     "batch_wait_ms": _float(0.0),
     "prefetch_batches": _auto_or(_int(0, 4)),
-    "job_codec": _choice("raw", "zstd"),
+    "job_codec": _choice("raw", "zstd", "zstd2", "jpeg", "webp"),  # image_codecs.CODECS
+    "job_quality": _int(1, 100),
     "result_ttl": _int(1),
     "request_timeout": _float(0.0, strict=True),
     "model_weights": _weights,

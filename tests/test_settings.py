@@ -11,7 +11,7 @@ def test_defaults():
     assert config.result_ttl == 3600
     assert config.web_host == "127.0.0.1" and config.web_port == 5000
     assert config.model_weights == "imagenet"
-    assert config.job_codec == "zstd"
+    assert config.job_codec == "zstd2" and config.job_quality == 90
     assert config.web_nice == 10
     assert config.flask_debug is False
 

@@ -43,7 +43,7 @@ import redis
 import requests
 
 import settings
-from helpers import CODECS
+from image_codecs import CODECS
 from local_redis import LocalRedis, free_port
 from redis_protocol import Job, JobQueue, connect
 from tools.processes import CASTLE, PROJECT, Child, WebServer, Worker, sample_image_bytes, server_env
