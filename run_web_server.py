@@ -21,6 +21,7 @@ import security
 import settings
 from helpers import DecodeBudget, DecodeBusy, ImageError, prepare_image
 from redis_protocol import REDIS_UNAVAILABLE, Job, JobQueue, ResultListener, ResultTimeout
+from uploads import UploadRequest
 
 log = logger.get("web")
 
@@ -45,6 +46,7 @@ def create_app(config: settings.Settings | None = None, queue: JobQueue | None =
     config = config or settings.load()
     logger.setup("web", config.log_level)
     app = Flask(__name__)
+    app.request_class = UploadRequest
     app.config["MAX_CONTENT_LENGTH"] = config.max_upload_bytes
     service = Service(config, queue)
     app.extensions["imgserve"] = service

@@ -76,6 +76,7 @@ def _patch_service(service: web.Service) -> None:
 def _parse_upload() -> None:
     """Read the multipart body first, in its own timer (request.files caches it for the view)."""
     if request.path == "/predict":
+        timed("read the body (gunicorn's input stream)", lambda: request.get_data(cache=True))()
         timed("multipart parse (werkzeug request.files)", lambda: request.files)()
 
 
