@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
 import numpy as np
-import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
 from settings import DEFAULT_ACCEPTED_FORMATS
@@ -98,9 +97,8 @@ def prepare_image(
                 f"send it smaller, or as a JPEG, which decodes at a reduced scale"
             )
         with budget.hold(cost) if budget else nullcontext():
-            decoded = _decoded(image, data)
-            orientation = _orientation(image)  # from the opened image, which holds the metadata
-            image = decoded
+            image.load()
+            orientation = _orientation(image)
             peak = _sixteen_bit_peak(image)
             image = _to_rgb(_reduce(image), peak)
             if orientation in _TRANSPOSE:
@@ -215,25 +213,6 @@ def _decoded_size(image: Image.Image) -> tuple[int, int]:
     if isinstance(reduce, int) and reduce:
         return (-(-image.width >> reduce), -(-image.height >> reduce))
     return image.size
-
-
-def _decoded(image: Image.Image, data: bytes) -> Image.Image:
-    """The opened image with its pixels decoded at its draft scale.
-
-    A JPEG in RGB or grey goes through simplejpeg: the same libjpeg-turbo, the same scaled decode and so the
-    same pixels as Pillow's decoder, without Pillow's stepwise feeding and 4-byte RGB pixels (about 0.2 ms
-    less for the castle photo, `python -m tools.front_door --decoders`). Anything else Pillow decodes.
-    """
-    colorspace = _SIMPLEJPEG_COLORSPACES.get(image.mode) if image.format in ("JPEG", "MPO") else None
-    if colorspace:
-        pixels = simplejpeg.decode_jpeg(data, colorspace=colorspace, min_width=image.width, min_height=image.height)
-        if pixels.shape[:2] == (image.height, image.width):  # the scale Pillow's draft chose, as expected
-            return Image.fromarray(pixels[..., 0] if image.mode == "L" else pixels, image.mode)
-    image.load()
-    return image
-
-
-_SIMPLEJPEG_COLORSPACES = {"RGB": "RGB", "L": "GRAY"}
 
 
 def _orientation(image: Image.Image) -> int | None:

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, ImageOps
 
-import helpers
 from helpers import DecodeBudget, DecodeBusy, ImageError, decode_cost, prepare_image
 
 
@@ -296,37 +295,3 @@ def test_a_large_image_is_converted_only_once_reduced(monkeypatch, mode):
     monkeypatch.setattr(helpers, "_to_rgb", lambda im, peak: converted.append(im.size) or to_rgb(im, peak))
     check_prepared(prepare_image(image_bytes(image)))
     assert converted == [(2000 // 3, 1600 // 3)]  # reduced 3 times: still at least twice the model's input
-
-
-@pytest.mark.parametrize(
-    "mode, size, options",
-    [
-        ("RGB", (800, 480), {"progressive": True, "quality": 85}),
-        ("RGB", (640, 480), {"subsampling": 0, "quality": 95}),
-        ("RGB", (3000, 2000), {"quality": 80}),
-        ("L", (500, 700), {"quality": 90}),
-        ("RGB", (301, 227), {"quality": 75}),
-    ],
-)
-def test_jpeg_uploads_decode_to_the_same_pixels_through_simplejpeg_as_through_pillow(monkeypatch, mode, size, options):
-    data = image_bytes(photo(*size).convert(mode), "JPEG", **options)
-    calls = []
-    decode = helpers.simplejpeg.decode_jpeg
-    monkeypatch.setattr(helpers.simplejpeg, "decode_jpeg", lambda *a, **k: calls.append(1) or decode(*a, **k))
-    fast = prepare_image(data)
-    monkeypatch.setattr(helpers, "_SIMPLEJPEG_COLORSPACES", {})
-    assert calls and np.array_equal(fast, prepare_image(data))
-
-
-def test_a_rotated_jpeg_is_turned_after_simplejpeg_decodes_it():
-    image = Image.new("RGB", (200, 100), "white")
-    image.paste((0, 0, 0), (0, 0, 100, 100))
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    array = prepare_image(image_bytes(image, "JPEG", exif=exif.tobytes()))
-    assert array[:100].mean() < 40 and array[124:].mean() > 215
-
-
-def test_a_cmyk_jpeg_is_decoded_by_pillow():
-    array = prepare_image(image_bytes(photo(300, 200).convert("CMYK"), "JPEG"))
-    assert array.shape == (224, 224, 3)
