@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 import numpy as np
@@ -39,3 +40,31 @@ def test_goals_are_judged_and_written_as_markdown(capsys):
     text = report.markdown()
     assert "| ratio | 0.970 | >= 0.95 | met |" in text
     assert "| overhead | 12.0 ms | <= 10 ms | **NOT met** |" in text
+
+
+def test_a_timed_step_is_charged_its_own_cpu_less_the_timed_steps_inside_it():
+    from tools import web_profile
+
+    def spin(seconds: float) -> None:
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+
+    inner = web_profile.timed("test: inner", lambda: spin(0.05))
+    outer = web_profile.timed("test: outer", lambda: (spin(0.02), inner()))
+    outer()
+    assert 0.045 <= web_profile._totals["test: inner"] < 0.07
+    assert 0.015 <= web_profile._totals["test: outer"] < 0.04
+
+
+def test_the_front_door_profile_times_the_steps_of_real_requests():
+    """A short real run: gunicorn with the profiled app, a stand-in worker, two clients."""
+    from tools import front_door
+
+    lines: list[str] = []
+    out = front_door.run(("steps",), front_door.BASE_REV, rounds=1, seconds=2, clients=2, say=lines.append)
+    steps = out["steps"]["steps_ms"]
+    assert steps["decode and resize the image (prepare_image)"] > 0.5
+    assert steps["multipart parse (request.files: uploads.py)"] > 0
+    assert 0 < steps["gunicorn: accept, read and parse HTTP, write the answer"] < out["steps"]["process_ms"] / 2
+    assert out["steps"]["window"]["errors"] == 0 and out["steps"]["window"]["web_ms"] > 1

@@ -161,3 +161,17 @@ def test_the_job_codec_setting_offers_every_codec():
         settings.load(env={"JOB_CODEC": "png"}, dotenv=False)
     with pytest.raises(settings.SettingsError, match="JOB_QUALITY"):
         settings.load(env={"JOB_QUALITY": "101"}, dotenv=False)
+
+
+def test_threads_packing_and_unpacking_at_once_each_get_their_own_image_back():
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = [np.roll(correlated_photo(), shift, axis=1) for shift in range(8)]
+
+    def round_trips(image: np.ndarray) -> bool:
+        return all(
+            np.array_equal(decode_image(*encode_image(image, "zstd2"), "uint8", SHAPE), image) for _ in range(20)
+        )
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(round_trips, images))

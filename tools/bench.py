@@ -17,6 +17,8 @@ weights, the same compute as the real ones) and prints, each against its goal:
  8. Redis alone: its CPU per request for our command mix, so how many requests one Redis core carries
  9. GPU feed: one worker and a stand-in model that sleeps for an H100's time per batch (tools/gpu_feed.py)
 10. preparing one upload (castle, a 48 MP JPEG, 4096x4096 RGBA and 6300x6300 PNGs): CPU and peak memory
+11. the front door (tools/front_door.py): web CPU per request by step, the web server before issue 13 beside
+    this one, every JOB_CODEC (bytes, CPU on each side, pixel error), JPEG decoders; cores per 1,000 requests/s
 
 Clients, web server, Redis and workers all share this machine's cores; the output says how much
 CPU each used, and how much other processes took meanwhile.
@@ -67,12 +69,25 @@ class Plan:
     window_two: float  # seconds of the 2-worker window
     ceiling_window: float
     redis_window: float
+    front_door_rounds: int  # alternating windows per web server in phase 11
+    front_door_window: float
     clients: int = 32
     ceiling_clients: int = 64
 
 
-FULL = Plan(repeats=5, sequential=40, warmup=15, window=60, window_two=45, ceiling_window=20, redis_window=15)
-QUICK = Plan(repeats=3, sequential=12, warmup=6, window=15, window_two=12, ceiling_window=8, redis_window=6)
+FULL = Plan(
+    repeats=5,
+    sequential=40,
+    warmup=15,
+    window=60,
+    window_two=45,
+    ceiling_window=20,
+    redis_window=15,
+    front_door_rounds=3,
+    front_door_window=10,
+)
+QUICK = Plan(repeats=3, sequential=12, warmup=6, window=15, window_two=12, ceiling_window=8, redis_window=6,
+             front_door_rounds=1, front_door_window=5)  # fmt: skip
 
 
 # ---- output ------------------------------------------------------------------------------------
@@ -934,6 +949,7 @@ def run(args: argparse.Namespace) -> Report:
         report.results["redis_alone"] = redis_alone(report, plan.redis_window, image, server.url, config.job_codec)
     report.results["gpu_feed"] = gpu_feed(report, plan, config.job_codec)
     report.results["decode_cost"] = decode_cost(report)
+    report.results["front_door"] = front_door(report, plan)
     verdicts(report)
     return report
 
@@ -1020,6 +1036,31 @@ def decode_cost(report: Report) -> list[dict]:
     return rows
 
 
+# One H100 worker's rate in images/s (fp32 ResNet50, issue 9): what "per GPU" means in the front-door figures.
+H100_IMAGES_PER_S = 4481
+FRONT_DOOR_CLIENTS = 4
+
+
+def front_door(report: Report, plan: Plan) -> dict:
+    """(11) Web and Redis CPU per request: by step, the web server before issue 13 beside this one, every codec."""
+    from tools import front_door as tool
+
+    report.section(f"11. The front door: CPU per request by step, old web server and new, every JOB_CODEC "
+                   f"({FRONT_DOOR_CLIENTS} clients, a stand-in worker)")  # fmt: skip
+    say = lambda text: report.say("   " + text.strip())  # noqa: E731
+    out = tool.run(("decoders", "steps", "compare", "codecs"), tool.BASE_REV, plan.front_door_rounds,
+                   plan.front_door_window, FRONT_DOOR_CLIENTS, say)  # fmt: skip
+    new = out["compare"]["new"]
+    full_batches = report.results["redis_alone"]["redis_cpu_ms_per_request"]
+    report.say(
+        f"   per 1,000 requests/s: web {new['web_ms']:.1f} cores, Redis {new['redis_ms']:.2f} cores "
+        f"({full_batches:.2f} with full {BATCH_FOR_MIX}-job batches, phase 8); per H100 worker "
+        f"({H100_IMAGES_PER_S:,} images/s): web {new['web_ms'] * H100_IMAGES_PER_S / 1000:.1f} cores, Redis "
+        f"{full_batches * H100_IMAGES_PER_S / 1000:.2f} to {new['redis_ms'] * H100_IMAGES_PER_S / 1000:.2f} cores"
+    )
+    return out
+
+
 def verdicts(report: Report) -> None:
     """Every figure against its goal."""
     r = report.results
@@ -1072,7 +1113,21 @@ def verdicts(report: Report) -> None:
             report.goal(f"worker CPU per job, {key}", cpu, "<= 0.15 ms", cpu <= 0.15, f"{cpu:.3f} ms")
             report.goal(f"Redis CPU per job (worker side), {key}", redis_ms, "<= 0.05 ms", redis_ms <= 0.05,
                         f"{redis_ms:.3f} ms")  # fmt: skip
+    front_door_goals(report)
     report.say("These figures are only as quiet as the machine was: re-run `make bench` on an otherwise idle machine.")
+
+
+def front_door_goals(report: Report) -> None:
+    r = report.results
+    new, codec = r["front_door"]["compare"]["new"], r["setup"]["job_codec"]
+    report.goal(f"web CPU per request under gunicorn ({FRONT_DOOR_CLIENTS} clients)", new["web_ms"], "<= 4 ms",
+                new["web_ms"] <= 4, f"{new['web_ms']:.2f} ms")  # fmt: skip
+    for label, value in (
+        (f"Redis CPU per request, {codec}, {FRONT_DOOR_CLIENTS} clients (small batches)", new["redis_ms"]),
+        (f"Redis CPU per request, {codec}, full {BATCH_FOR_MIX}-job batches (phase 8)",
+         r["redis_alone"]["redis_cpu_ms_per_request"]),
+    ):  # fmt: skip
+        report.goal(label, value, "<= 0.1 ms", value <= 0.1, f"{value:.3f} ms")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

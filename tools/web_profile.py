@@ -52,7 +52,7 @@ def timed(name: str, call: Callable) -> Callable:
 
 
 class _TimedJob(Job):
-    new = classmethod(timed("job: pack the pixels (Job.new: zstd/raw codec, base64)", Job.new.__func__))
+    new = classmethod(timed("job: pack the pixels (Job.new: JOB_CODEC, base64)", Job.new.__func__))
 
 
 def _patch_module_steps() -> None:
@@ -77,7 +77,7 @@ def _parse_upload() -> None:
     """Read the multipart body first, in its own timer (request.files caches it for the view)."""
     if request.path == "/predict":
         timed("read the body (gunicorn's input stream)", lambda: request.get_data(cache=True))()
-        timed("multipart parse (werkzeug request.files)", lambda: request.files)()
+        timed("multipart parse (request.files: uploads.py)", lambda: request.files)()
 
 
 def _wsgi_timer(app: Flask) -> Callable:
