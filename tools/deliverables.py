@@ -161,7 +161,7 @@ def bench_figures() -> dict[str, str]:
     """The whole benchmark report, and its notifications-vs-polling phase on its own."""
     OUT.mkdir(exist_ok=True)
     target = OUT / "bench.md"
-    args = [PY, "-m", "tools.bench", "--markdown", str(target), "--sweep", "JOB_CODEC=raw,zstd"]
+    args = [PY, "-m", "tools.bench", "--markdown", str(target), "--sweep", "JOB_CODEC=raw,zstd2"]
     output = run(args)
     body = target.read_text() if target.exists() else f"tools.bench wrote no report:\n```\n{output}\n```"
     stamp = time.strftime("%Y-%m-%d %H:%M %Z")
