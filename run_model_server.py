@@ -29,7 +29,7 @@ from redis_protocol import REDIS_UNAVAILABLE, SLOTS, DeadLetter, Job, JobError, 
 # Outcomes: done (result published), expired (deadline passed before inference, dropped), failed (inference
 # raised; the job goes back to the queue), requeued (returned to the queue after a failure, or from a dead
 # worker by this worker's reaper), dead_lettered (bad job, or out of attempts).
-JOB_OUTCOMES = ("done", "expired", "failed", "requeued", "dead_lettered")
+JOB_OUTCOMES = ("done", "expired", "cancelled", "failed", "requeued", "dead_lettered")
 JOBS = Counter("worker_jobs_total", "Jobs handled by this worker, by outcome", ["outcome"])
 for _outcome in JOB_OUTCOMES:
     JOBS.labels(_outcome)  # every outcome is exported from the start, at 0
@@ -66,6 +66,8 @@ class Worker:
         self.config = config
         self.queue = queue
         self.classifier = classifier
+        # Which model answers, in every result and heartbeat: {"model": ..., "weights": ...}
+        self.model = dict(getattr(classifier, "identity", {"model": "unknown", "weights": "unknown"}))
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.stopping = threading.Event()
         self._finished = threading.Event()  # the heartbeat outlives `stopping` until the last batch is done
@@ -87,7 +89,7 @@ class Worker:
         # 5 ms switch interval, a feeder or publisher holding the GIL keeps a GPU-speed model waiting
         # after every batch.
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
-        self._retry(lambda: self.queue.register(self.id, self.config.heartbeat_ttl), "register")
+        self._retry(lambda: self.queue.register(self.id, self.config.heartbeat_ttl, self.model), "register")
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
         publisher = threading.Thread(target=self._publish_loop, name="publisher")
         publisher.start()
@@ -165,7 +167,8 @@ class Worker:
         return raws
 
     def _decode(self, slot: int, raws: list[bytes]) -> Batch:
-        """Parse and decode a claimed batch: runnable jobs and their images, dead letters; expired jobs dropped."""
+        """Parse and decode a claimed batch: runnable jobs and their images, dead letters; expired and
+        cancelled jobs dropped."""
         BATCH_SIZE.observe(len(raws))
         batch, pixels, now = Batch(slot), [], time.time()
         for raw in raws:
@@ -182,10 +185,23 @@ class Worker:
                 continue
             batch.jobs.append(job)
             pixels.append(image)
+        pixels = self._drop_cancelled(batch, pixels)
         if pixels:
             prepare = getattr(self.classifier, "prepare", None)  # e.g. the copy to a GPU, off the model's thread
             batch.images = prepare(np.stack(pixels)) if prepare else np.stack(pixels)
         return batch
+
+    def _drop_cancelled(self, batch: Batch, pixels: list[np.ndarray]) -> list[np.ndarray]:
+        """Take submitted jobs (POST /jobs) out of the batch when their client cancelled them; mark the rest
+        running. Costs a round trip only for a batch with submitted jobs."""
+        cancelled = self._retry(lambda: self.queue.take_tickets(batch.jobs), "mark submitted jobs running") or set()
+        if not cancelled:
+            return pixels
+        JOBS.labels("cancelled").inc(len(cancelled))
+        log.info("skipped %d cancelled job(s)", len(cancelled))
+        kept = [(job, image) for job, image in zip(batch.jobs, pixels, strict=True) if job.id not in cancelled]
+        batch.jobs = [job for job, _ in kept]
+        return [image for _, image in kept]
 
     def _read(self, raw: bytes) -> tuple[Job, np.ndarray]:
         """A queued element as a job and its pixels; JobError for anything that is not a valid job.
@@ -209,7 +225,7 @@ class Worker:
             return batch
         started = time.perf_counter()
         try:
-            top5 = self.classifier.classify(batch.images)
+            ranked = self.classifier.classify(batch.images, max(job.top_k for job in batch.jobs))
         except Exception:
             log.exception("inference failed for a batch of %d; returning it to the queue", len(batch.jobs))
             JOBS.labels("failed").inc(len(batch.jobs))
@@ -218,7 +234,8 @@ class Worker:
         INFERENCE.observe(seconds)
         log.info("predicted a batch of %d in %.0f ms", len(batch.jobs), seconds * 1000)
         batch.results = [
-            (job, {"success": True, "predictions": preds}) for job, preds in zip(batch.jobs, top5, strict=True)
+            (job, {"success": True, "predictions": preds[: job.top_k], **self.model})
+            for job, preds in zip(batch.jobs, ranked, strict=True)
         ]
         return batch
 
@@ -246,7 +263,7 @@ class Worker:
         next_reap = 0.0
         while not self._finished.wait(0 if next_reap == 0 else interval):
             try:
-                self.queue.heartbeat(self.id, self.config.heartbeat_ttl)
+                self.queue.heartbeat(self.id, self.config.heartbeat_ttl, self.model)
                 if time.monotonic() >= next_reap:
                     next_reap = time.monotonic() + self.config.reap_interval
                     workers, requeued, dead_lettered = self.queue.reap()

@@ -50,6 +50,7 @@ class Settings:
     max_job_bytes: int = 1_048_576
     dead_letter_max: int = 1000
     max_upload_bytes: int = 16 * 1024 * 1024
+    max_images_per_request: int = 16
     max_image_pixels: int = 100_000_000
     max_decode_bytes: int = 150_000_000
     accepted_formats: tuple[str, ...] = DEFAULT_ACCEPTED_FORMATS
@@ -222,6 +223,7 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "max_job_bytes": _int(1024),
     "dead_letter_max": _int(1),
     "max_upload_bytes": _int(1),
+    "max_images_per_request": _int(1, 256),
     "max_image_pixels": _int(1),
     "max_decode_bytes": _int(1),
     "accepted_formats": _formats,

@@ -32,13 +32,14 @@ operation on the job path is either idempotent, and then retried once, or recove
 
 from .connection import REDIS_UNAVAILABLE, connect
 from .job import DeadLetter, Job, JobError, error_result, job_metadata
-from .keys import SLOTS, Keys
+from .keys import SLOTS, SUBMITTED, Keys
 from .listener import ResultListener, ResultTimeout
 from .queue import JobQueue
 
 __all__ = [
     "REDIS_UNAVAILABLE",
     "SLOTS",
+    "SUBMITTED",
     "DeadLetter",
     "Job",
     "JobError",

@@ -4,12 +4,18 @@
                                           the right, so the list is FIFO and its right end is the head.
 {q}:processing:{worker}:{slot}    LIST    one claimed batch of one worker, until it is acknowledged.
                                           A worker has SLOTS batch slots; a serial worker uses slot 0.
-{q}:heartbeat:{worker}            STRING  "alive"; TTL HEARTBEAT_TTL, renewed by the worker.
+{q}:heartbeat:{worker}            STRING  the worker's model, as JSON ({"model", "weights"}); TTL
+                                          HEARTBEAT_TTL, renewed by the worker.
 {q}:workers                       SET     ids of workers that may own processing lists.
 {q}:dead                          LIST    dead letters, newest first, at most DEAD_LETTER_MAX:
                                           {"reason", "worker", "at", "job": metadata}, never the image.
 {q}:result:{origin}:{id}          STRING  result JSON for job `id` sent by web process `origin`; expires
                                           a few seconds after the job's deadline (RESULT_TTL at most).
+                                          Submitted jobs (POST /jobs) have the origin SUBMITTED, so that
+                                          any web process finds their results.
+{q}:ticket:{id}                   STRING  a submitted job's status until it has a result: "queued", then
+                                          "running" once a worker took it; deleted when it is cancelled.
+                                          TTL RESULT_TTL plus a few seconds.
 """
 
 from __future__ import annotations
@@ -22,6 +28,10 @@ SLOTS = 8
 # Keyspace events for string commands: enough to see the SET of a result key.
 NOTIFY_FLAGS = "K$"
 
+# The origin of submitted jobs (POST /jobs): no web process waits on them, any one reads their results.
+# Web processes' own origins are 12 hex digits, so they never meet this one.
+SUBMITTED = "submitted"
+
 
 class Keys:
     """The key names of one queue."""
@@ -33,6 +43,7 @@ class Keys:
         self.processing_prefix = f"{queue}:processing:"
         self.heartbeat_prefix = f"{queue}:heartbeat:"
         self.result_prefix = f"{queue}:result:"
+        self.ticket_prefix = f"{queue}:ticket:"
 
     def processing(self, worker: str, slot: int = 0) -> str:
         """The processing list of one of a worker's batch slots."""
@@ -47,6 +58,9 @@ class Keys:
 
     def result(self, origin: str, job_id: str) -> str:
         return f"{self.result_prefix}{origin}:{job_id}"
+
+    def ticket(self, job_id: str) -> str:
+        return self.ticket_prefix + job_id
 
     def result_channel_pattern(self, db: int, origin: str) -> str:
         """The keyspace-notification channels of every result key of one web process."""

@@ -13,7 +13,7 @@ import redis
 from . import scripts
 from .connection import REPLY_LOST, connect, retry_once
 from .job import DEFAULT_MAX_JOB_BYTES, DeadLetter, Job, error_result
-from .keys import NOTIFY_FLAGS, SLOTS, Keys
+from .keys import NOTIFY_FLAGS, SLOTS, SUBMITTED, Keys
 
 if TYPE_CHECKING:
     from settings import Settings
@@ -47,6 +47,7 @@ class JobQueue:
         self._ack = client.register_script(scripts.ACK)
         self._reap = client.register_script(scripts.REAP)
         self._release = client.register_script(scripts.RELEASE)
+        self._cancel = client.register_script(scripts.CANCEL)
 
     @classmethod
     def from_settings(cls, config: Settings) -> JobQueue:
@@ -63,21 +64,30 @@ class JobQueue:
     # ---- web side -------------------------------------------------------------------------
 
     def enqueue(self, job: Job, max_queue: int) -> bool:
-        """Push a job; False (and nothing queued) when the queue already held `max_queue` jobs.
+        """Push a job; False (and nothing queued) when the queue already held `max_queue` jobs."""
+        return self.enqueue_many([job], max_queue)
 
-        LPUSH is not idempotent, so after a lost reply the job is pushed again in a transaction that
-        first removes the copy the lost LPUSH may have queued.
+    def enqueue_many(self, jobs: list[Job], max_queue: int) -> bool:
+        """Push jobs in one command, first job first in line; False (and none queued) when that would take
+        the queue past `max_queue` jobs.
+
+        LPUSH is not idempotent, so after a lost reply the jobs are pushed again in a transaction that
+        first removes the copies the lost LPUSH may have queued.
         """
-        raw = job.to_json()
+        raws = [job.to_json() for job in jobs]
         try:
-            depth = self.redis.lpush(self.keys.queue, raw)
+            depth = self.redis.lpush(self.keys.queue, *raws)
         except REPLY_LOST:
             with self.redis.pipeline(transaction=True) as pipe:
-                pipe.lrem(self.keys.queue, 1, raw)
-                pipe.lpush(self.keys.queue, raw)
-                depth = pipe.execute()[1]
-        # Over the limit: take it back. If a worker claimed it meanwhile, it is accepted after all.
-        return depth <= max_queue or not self._withdraw(raw)
+                for raw in raws:
+                    pipe.lrem(self.keys.queue, 1, raw)
+                pipe.lpush(self.keys.queue, *raws)
+                depth = pipe.execute()[-1]
+        if depth <= max_queue:
+            return True
+        # Over the limit: take them back. One a worker claimed meanwhile runs, and its result expires unread.
+        withdrawn = [self._withdraw(raw) for raw in raws]
+        return len(raws) == 1 and not withdrawn[0]
 
     def cancel(self, job: Job) -> bool:
         """Take a job out of the queue if no worker has claimed it yet; True if it was still queued.
@@ -89,6 +99,39 @@ class JobQueue:
 
     def _withdraw(self, raw: bytes) -> bool:
         return retry_once(lambda: self.redis.lrem(self.keys.queue, 1, raw)) == 1
+
+    def submit(self, job: Job, max_queue: int) -> bool:
+        """Queue a submitted job (origin SUBMITTED) with its ticket; False (nothing queued) when the queue is full.
+
+        The ticket is written first, so that a worker which claims the job at once finds it.
+        """
+        ticket = self.keys.ticket(job.id)
+        ttl = self._result_ttl(job.deadline, time.time())
+        retry_once(lambda: self.redis.set(ticket, b"queued", ex=ttl))
+        if self.enqueue(job, max_queue):
+            return True
+        retry_once(lambda: self.redis.delete(ticket))
+        return False
+
+    def job_status(self, job_id: str) -> dict | None:
+        """A submitted job's status: {"status": "done" | "failed", ...its result} once it has a result, else
+        {"status": "queued" | "running"}; None when no such job is known (never, expired or cancelled)."""
+
+        def read() -> list[bytes | None]:
+            with self.redis.pipeline(transaction=False) as pipe:
+                pipe.get(self.keys.result(SUBMITTED, job_id))
+                pipe.get(self.keys.ticket(job_id))
+                return pipe.execute()
+
+        result, ticket = retry_once(read)
+        if result is not None:
+            answer = json.loads(result)
+            return {"status": "done" if answer.get("success") else "failed", **answer}
+        return None if ticket is None else {"status": ticket.decode()}
+
+    def cancel_submitted(self, job_id: str) -> int:
+        """Cancel a submitted job no worker has taken: 1 done, 0 a worker has it, -1 no such job (CANCEL)."""
+        return int(retry_once(lambda: self._cancel(keys=[self.keys.ticket(job_id)])))
 
     def take_result(self, origin: str, job_id: str) -> dict | None:
         """A job's result, or None if it is not there yet. The key then expires within seconds.
@@ -117,6 +160,32 @@ class JobQueue:
         if not workers:
             return 0
         return int(retry_once(lambda: self.redis.exists(*(self.keys.heartbeat(w) for w in workers))))
+
+    def worker_models(self) -> list[dict]:
+        """The distinct models ({"model", "weights"}) that live workers announce in their heartbeats."""
+        workers = [w.decode() for w in retry_once(lambda: self.redis.smembers(self.keys.workers))]
+        if not workers:
+            return []
+        beats = retry_once(lambda: self.redis.mget([self.keys.heartbeat(w) for w in workers]))
+        models = {_model_of(beat) for beat in beats if beat is not None}
+        return [dict(model) for model in sorted(models)]
+
+    def take_tickets(self, jobs: list[Job]) -> set[str]:
+        """Mark the submitted jobs among `jobs` as running; the ids of those that were cancelled (no ticket).
+
+        SET XX GET: only a ticket that still exists changes, and the old value says whether it did.
+        """
+        submitted = [job.id for job in jobs if job.origin == SUBMITTED]
+        if not submitted:
+            return set()
+
+        def take() -> list[bytes | None]:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for job_id in submitted:
+                    pipe.set(self.keys.ticket(job_id), b"running", xx=True, get=True, keepttl=True)
+                return pipe.execute()
+
+        return {job_id for job_id, old in zip(submitted, retry_once(take), strict=True) if old is None}
 
     def claimed(self, worker: str) -> list[bytes]:
         """Every job a worker holds claimed and unacknowledged, in all its batch slots."""
@@ -168,11 +237,11 @@ class JobQueue:
 
     # ---- worker side ----------------------------------------------------------------------
 
-    def register(self, worker: str, heartbeat_ttl: float) -> None:
+    def register(self, worker: str, heartbeat_ttl: float, model: dict | None = None) -> None:
         """Announce a worker: heartbeat first, so the reaper never sees it registered but dead."""
-        self.heartbeat(worker, heartbeat_ttl)
+        self.heartbeat(worker, heartbeat_ttl, model)
 
-    def heartbeat(self, worker: str, ttl: float) -> None:
+    def heartbeat(self, worker: str, ttl: float, model: dict | None = None) -> None:
         """Renew the heartbeat, then (re)join the worker set, in one round trip. Idempotent.
 
         Rejoining matters: a worker reaped while paused or cut off from Redis, or forgotten by a
@@ -181,7 +250,7 @@ class JobQueue:
 
         def beat() -> None:
             with self.redis.pipeline(transaction=False) as pipe:  # in this order, so no MULTI needed
-                pipe.set(self.keys.heartbeat(worker), b"alive", px=int(ttl * 1000))
+                pipe.set(self.keys.heartbeat(worker), json.dumps(model or {}), px=int(ttl * 1000))
                 pipe.sadd(self.keys.workers, worker)
                 pipe.execute()
 
@@ -302,3 +371,14 @@ class JobQueue:
             self.dead_letter_max,
             time.time(),
         ]
+
+
+def _model_of(heartbeat: bytes) -> tuple[tuple[str, str], ...]:
+    """A heartbeat's model as sorted (key, value) pairs ("alive" from older workers: unknown)."""
+    try:
+        model = json.loads(heartbeat)
+    except ValueError:
+        model = None
+    if not isinstance(model, dict):
+        return (("model", "unknown"), ("weights", "unknown"))
+    return tuple(sorted((str(k), str(v)) for k, v in model.items()))

@@ -140,3 +140,17 @@ RELEASE = (
 return release(KEYS[1], KEYS[2], KEYS[3], ARGV[8], tonumber(ARGV[9]), ARGV[10])
 """
 )
+
+
+# CANCEL: cancel a submitted job that no worker has taken yet.
+#   KEYS[1]  the job's ticket ({q}:ticket:{id})
+# Returns 1 when the job was queued (its ticket is now deleted, so the worker that claims it skips it),
+# 0 when a worker already took it, -1 when there is no ticket (unknown, expired or cancelled before).
+# Idempotent in effect: a second call finds no ticket.
+CANCEL = """
+local status = redis.call('GET', KEYS[1])
+if not status then return -1 end
+if status ~= 'queued' then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+"""
