@@ -24,7 +24,7 @@ from prometheus_client import Counter, Histogram, start_http_server
 
 import logger
 import settings
-from redis_protocol import REDIS_UNAVAILABLE, SLOTS, DeadLetter, Job, JobError, JobQueue
+from redis_protocol import REDIS_UNAVAILABLE, SLOTS, SUBMITTED, DeadLetter, Job, JobError, JobQueue
 
 # Outcomes: done (result published), expired (deadline passed before inference, dropped), failed (inference
 # raised; the job goes back to the queue), requeued (returned to the queue after a failure, or from a dead
@@ -194,6 +194,8 @@ class Worker:
     def _drop_cancelled(self, batch: Batch, pixels: list[np.ndarray]) -> list[np.ndarray]:
         """Take submitted jobs (POST /jobs) out of the batch when their client cancelled them; mark the rest
         running. Costs a round trip only for a batch with submitted jobs."""
+        if not any(job.origin == SUBMITTED for job in batch.jobs):
+            return pixels
         cancelled = self._retry(lambda: self.queue.take_tickets(batch.jobs), "mark submitted jobs running") or set()
         if not cancelled:
             return pixels
