@@ -138,13 +138,13 @@ def _top_k() -> int:
     return int(raw)
 
 
-def _prepared_uploads(service: Service, limit: int) -> list:
+def _prepared_uploads(service: Service, limit: int, limit_source: str = "MAX_IMAGES_PER_REQUEST") -> list:
     """The uploaded `image` fields, each prepared for the model; Refused (and nothing queued) if any is bad."""
     uploads = request.files.getlist("image")
     if not uploads:
         raise Refused(400, "send the image as a multipart form file field named 'image'")
     if len(uploads) > limit:
-        raise Refused(400, f"{len(uploads)} images in one request; the limit is {limit} (MAX_IMAGES_PER_REQUEST)")
+        raise Refused(400, f"{len(uploads)} images in one request; the limit is {limit} ({limit_source})")
     config, prepared = service.config, []
     for number, upload in enumerate(uploads, start=1):
         try:
@@ -203,7 +203,7 @@ def submit_job():
     """POST /jobs with a multipart file field `image`: queue it and answer at once where to collect it."""
     service, config = _service(), _service().config
     top_k = _top_k()
-    [pixels] = _prepared_uploads(service, limit=1)
+    [pixels] = _prepared_uploads(service, 1, "a job is one image; /predict takes several")
     # A submitted job may wait in the queue, and its result be collected, until RESULT_TTL after now.
     job = Job.new(pixels, SUBMITTED, config.result_ttl, config.job_codec, config.job_quality, top_k)
     try:
