@@ -1052,6 +1052,14 @@ def front_door(report: Report, plan: Plan) -> dict:
                    plan.front_door_window, FRONT_DOOR_CLIENTS, say)  # fmt: skip
     new = out["compare"]["new"]
     full_batches = report.results["redis_alone"]["redis_cpu_ms_per_request"]
+    ceiling = report.results["ceiling"]["by_web_processes"][report.results["ceiling"]["best"]]["requests_per_s"]
+    per_core_second = 1000 / (new["web_ms"] + new["redis_ms"] + new["worker_ms"])
+    report.say(
+        f"   the serving ceiling restated: {per_core_second:.0f} requests per core-second of the whole stack without "
+        f"the model (web + Redis + worker, clients excluded), so {per_core_second * (os.cpu_count() or 1):.0f} "
+        f"requests/s on {os.cpu_count()} idle cores; phase 5 measured {ceiling:.0f} requests/s with its clients "
+        "on the same cores"
+    )
     report.say(
         f"   per 1,000 requests/s: web {new['web_ms']:.1f} cores, Redis {new['redis_ms']:.2f} cores "
         f"({full_batches:.2f} with full {BATCH_FOR_MIX}-job batches, phase 8); per H100 worker "
