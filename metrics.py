@@ -5,6 +5,8 @@
     web_predict_seconds                           histogram of /predict latency, all outcomes
     web_queue_depth                               jobs waiting in the Redis queue, read at scrape time
     web_dead_letters                              dead letters kept in Redis, read at scrape time
+    web_shard_queue_depth{shard}                  the same two, per queue shard (QUEUE_SHARDS)
+    web_shard_dead_letters{shard}
 
 Under gunicorn (several processes) set PROMETHEUS_MULTIPROC_DIR to an empty directory: every
 process then writes its values there and /metrics, whichever process answers, sums them all
@@ -56,15 +58,24 @@ class QueueDepthCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         try:
-            depth = self.queue.depth()
-            dead_letters = self.queue.dead_letter_count()
+            depths = self.queue.depths()
+            dead_letters = self.queue.dead_letter_counts()
         except REDIS_UNAVAILABLE as exc:
             log.debug("queue depth not available for /metrics: %s", exc)
             return
-        yield GaugeMetricFamily("web_queue_depth", "Jobs waiting in the Redis queue", value=depth)
+        yield GaugeMetricFamily("web_queue_depth", "Jobs waiting in the Redis queue", value=sum(depths))
         yield GaugeMetricFamily(
-            "web_dead_letters", "Dead letters kept in Redis (at most DEAD_LETTER_MAX)", value=dead_letters
+            "web_dead_letters", "Dead letters kept in Redis (at most DEAD_LETTER_MAX)", value=sum(dead_letters)
         )
+        yield _per_shard("web_shard_queue_depth", "Jobs waiting in each queue shard", depths)
+        yield _per_shard("web_shard_dead_letters", "Dead letters kept in each queue shard", dead_letters)
+
+
+def _per_shard(name: str, documentation: str, values: list[int]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, documentation, labels=["shard"])
+    for shard, value in enumerate(values):
+        family.add_metric([str(shard)], value)
+    return family
 
 
 def multiprocess_dir() -> str | None:

@@ -101,7 +101,7 @@ def predict():
         try:
             if not service.queue.enqueue(job, config.max_queue):
                 return error(503, "the server is busy (queue full); try again shortly", retry_after=1)
-            result = service.listener.wait(job.id, job.deadline)
+            result = service.listener.wait(job.id, job.deadline, job.shard)
         except REDIS_UNAVAILABLE as exc:
             log.warning("Redis unavailable for job %s: %s", job.id, exc)
             return error(503, "the job queue (Redis) is unavailable; try again shortly", retry_after=1)

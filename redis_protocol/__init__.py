@@ -30,6 +30,7 @@ operation on the job path is either idempotent, and then retried once, or recove
     SET heartbeat PX + SADD          yes          resent
 """
 
+from .claim import Claimer
 from .connection import REDIS_UNAVAILABLE, connect
 from .job import DeadLetter, Job, JobError, error_result, job_metadata
 from .keys import SLOTS, Keys
@@ -39,6 +40,7 @@ from .queue import JobQueue
 __all__ = [
     "REDIS_UNAVAILABLE",
     "SLOTS",
+    "Claimer",
     "DeadLetter",
     "Job",
     "JobError",

@@ -27,14 +27,14 @@ class StandInQueue:
         self.enqueued.append(job)
         return self.accept
 
-    def take_result(self, origin: str, job_id: str) -> dict:
+    def take_result(self, origin: str, job_id: str, shard: int = 0) -> dict:
         return {"success": True, "predictions": [{"label": "castle", "probability": 0.5}]}
 
-    def depth(self) -> int:
-        return len(self.enqueued)
+    def depths(self) -> list[int]:
+        return [len(self.enqueued)]
 
-    def dead_letter_count(self) -> int:
-        return 0
+    def dead_letter_counts(self) -> list[int]:
+        return [0]
 
 
 def client_for(queue: StandInQueue, **env: str):
