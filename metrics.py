@@ -63,18 +63,24 @@ class QueueDepthCollector(Collector):
         except REDIS_UNAVAILABLE as exc:
             log.debug("queue depth not available for /metrics: %s", exc)
             return
-        yield GaugeMetricFamily("web_queue_depth", "Jobs waiting in the Redis queue", value=sum(depths))
+        # A shard whose primary is down is left out (None): the others' figures still count.
+        yield GaugeMetricFamily("web_queue_depth", "Jobs waiting in the Redis queue", value=_total(depths))
         yield GaugeMetricFamily(
-            "web_dead_letters", "Dead letters kept in Redis (at most DEAD_LETTER_MAX)", value=sum(dead_letters)
+            "web_dead_letters", "Dead letters kept in Redis (at most DEAD_LETTER_MAX)", value=_total(dead_letters)
         )
         yield _per_shard("web_shard_queue_depth", "Jobs waiting in each queue shard", depths)
         yield _per_shard("web_shard_dead_letters", "Dead letters kept in each queue shard", dead_letters)
 
 
-def _per_shard(name: str, documentation: str, values: list[int]) -> GaugeMetricFamily:
+def _total(values: list[int | None]) -> int:
+    return sum(value for value in values if value is not None)
+
+
+def _per_shard(name: str, documentation: str, values: list[int | None]) -> GaugeMetricFamily:
     family = GaugeMetricFamily(name, documentation, labels=["shard"])
     for shard, value in enumerate(values):
-        family.add_metric([str(shard)], value)
+        if value is not None:
+            family.add_metric([str(shard)], value)
     return family
 
 

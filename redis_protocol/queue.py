@@ -18,7 +18,7 @@ import redis
 from redis.cluster import RedisCluster
 
 from . import scripts
-from .connection import REPLY_LOST, Client, connect, retry_once
+from .connection import REDIS_UNAVAILABLE, REPLY_LOST, Client, T, connect, retry_once
 from .job import DEFAULT_MAX_JOB_BYTES, DeadLetter, Job, error_result, job_metadata
 from .keys import NOTIFY_FLAGS, SLOTS, Keys, result_channel_pattern, shard_keys
 
@@ -127,51 +127,56 @@ class JobQueue:
         raw = retry_once(lambda: self.redis.getex(key, px=TAKEN_RESULT_TTL_MS))
         return None if raw is None else json.loads(raw)
 
-    def _each_shard(self, command: Callable[[redis.client.Pipeline, Keys], object]) -> list:
-        """One reply per shard to `command`, sent in one pipeline (in a cluster, one per node)."""
+    def _per_shard(self, read: Callable[[Keys], T]) -> list[T | None]:
+        """`read` of every shard, None for a shard that cannot be reached while another can (a cluster with
+        a primary down: the other shards keep working); REDIS_UNAVAILABLE when none can. Idempotent reads only."""
+        replies: list[T | None] = []
+        error: Exception | None = None
+        for keys in self.shards:
+            try:
+                replies.append(retry_once(lambda keys=keys: read(keys)))
+            except REDIS_UNAVAILABLE as exc:
+                replies.append(None)
+                error = exc
+        if error is not None and all(reply is None for reply in replies):
+            raise error
+        return replies
 
-        def read() -> list:
-            with self.redis.pipeline(transaction=False) as pipe:
-                for keys in self.shards:
-                    command(pipe, keys)
-                return pipe.execute()
-
-        return retry_once(read)
-
-    def depths(self) -> list[int]:
-        """Jobs waiting in each shard."""
-        return [int(n) for n in self._each_shard(lambda pipe, keys: pipe.llen(keys.queue))]
+    def depths(self) -> list[int | None]:
+        """Jobs waiting in each shard (None: it cannot be reached)."""
+        return self._per_shard(lambda keys: int(self.redis.llen(keys.queue)))
 
     def depth(self) -> int:
-        """Number of jobs waiting in the queue, every shard together."""
-        return sum(self.depths())
+        """Number of jobs waiting in the queue, in every shard that can be reached."""
+        return sum(n for n in self.depths() if n is not None)
 
-    def dead_letter_counts(self) -> list[int]:
-        """Dead letters kept in each shard (at most DEAD_LETTER_MAX each)."""
-        return [int(n) for n in self._each_shard(lambda pipe, keys: pipe.llen(keys.dead))]
+    def dead_letter_counts(self) -> list[int | None]:
+        """Dead letters kept in each shard, at most DEAD_LETTER_MAX each (None: it cannot be reached)."""
+        return self._per_shard(lambda keys: int(self.redis.llen(keys.dead)))
 
     def dead_letter_count(self) -> int:
-        """Number of dead letters kept, every shard together."""
-        return sum(self.dead_letter_counts())
+        """Number of dead letters kept, in every shard that can be reached."""
+        return sum(n for n in self.dead_letter_counts() if n is not None)
 
     def peek(self) -> bytes | None:
         """A job at a shard's head exactly as stored, without claiming it; None if every shard is empty."""
-        return next((raw for raw in self._each_shard(lambda pipe, keys: pipe.lindex(keys.queue, -1)) if raw), None)
+        return next((raw for raw in self._per_shard(lambda keys: self.redis.lindex(keys.queue, -1)) if raw), None)
 
     def worker_ids(self) -> set[str]:
-        """Ids of the workers registered in any shard."""
-        members = self._each_shard(lambda pipe, keys: pipe.smembers(keys.workers))
-        return {w.decode() for shard in members for w in shard}
+        """Ids of the workers registered in any shard that can be reached."""
+        members = self._per_shard(lambda keys: self.redis.smembers(keys.workers))
+        return {w.decode() for shard in members if shard for w in shard}
 
     def live_workers(self) -> int:
-        """Number of registered workers whose heartbeat has not expired, in any shard."""
-        live: set[str] = set()
-        for keys, members in zip(self.shards, self._each_shard(lambda p, k: p.smembers(k.workers)), strict=True):
-            workers = [w.decode() for w in members]
-            if workers:
-                beats = retry_once(lambda k=keys, ws=workers: self.redis.mget([k.heartbeat(w) for w in ws]))
-                live.update(w for w, beat in zip(workers, beats, strict=True) if beat is not None)
-        return len(live)
+        """Number of registered workers whose heartbeat has not expired, in any shard that can be reached."""
+        shards = self._per_shard(self._liveness)
+        return len({worker for shard in shards if shard for worker, alive in shard.items() if alive})
+
+    def _liveness(self, keys: Keys) -> dict[str, bool]:
+        """Each worker registered in one shard, and whether its heartbeat there has not expired."""
+        workers = [w.decode() for w in self.redis.smembers(keys.workers)]
+        beats = self.redis.mget([keys.heartbeat(w) for w in workers]) if workers else []
+        return {worker: beat is not None for worker, beat in zip(workers, beats, strict=True)}
 
     def claimed(self, worker: str, shard: int | None = None) -> list[bytes]:
         """Every job a worker holds claimed and unacknowledged, in all its batch slots (of one shard, or all)."""
@@ -188,8 +193,8 @@ class JobQueue:
 
     def dead_letters(self, limit: int = 100) -> list[dict]:
         """The newest dead letters of every shard, parsed, newest first."""
-        raws = self._each_shard(lambda pipe, keys: pipe.lrange(keys.dead, 0, limit - 1))
-        letters = [json.loads(raw.decode("utf-8", "replace")) for shard in raws for raw in shard]
+        raws = self._per_shard(lambda keys: self.redis.lrange(keys.dead, 0, limit - 1))
+        letters = [json.loads(raw.decode("utf-8", "replace")) for shard in raws if shard for raw in shard]
         return sorted(letters, key=lambda letter: letter.get("at", 0), reverse=True)[:limit]
 
     def nodes(self) -> list[redis.Redis]:
@@ -361,11 +366,7 @@ class JobQueue:
 
     def _dead_workers(self, keys: Keys) -> list[str]:
         """Workers registered in a shard whose heartbeat there has expired."""
-        workers = sorted(w.decode() for w in retry_once(lambda: self.redis.smembers(keys.workers)))
-        if not workers:
-            return []
-        beats = retry_once(lambda: self.redis.mget([keys.heartbeat(w) for w in workers]))
-        return [worker for worker, beat in zip(workers, beats, strict=True) if beat is None]
+        return sorted(worker for worker, alive in retry_once(lambda: self._liveness(keys)).items() if not alive)
 
     def _reap_worker(self, keys: Keys, worker: str) -> list[int]:
         """Run REAP for one worker of a shard, declaring its slots and the result keys of the jobs in them."""

@@ -24,7 +24,7 @@ from redis.crc import key_slot
 
 import settings
 from local_redis import LocalCluster, LocalRedis
-from redis_protocol import SLOTS, Claimer, Job, JobQueue, connect
+from redis_protocol import SLOTS, Claimer, Job, JobQueue, ResultListener, connect
 from redis_protocol.claim import ROTATE_BLOCK
 from run_model_server import parse_args
 from tests.test_faults import MALFORMED, NumberedModel, RunningWorker, numbered_job, worker_config
@@ -138,6 +138,30 @@ def dead_letter(raw: bytes):
     from redis_protocol import DeadLetter
 
     return DeadLetter(raw, "unreadable")
+
+
+def test_on_a_plain_redis_several_shards_are_tagged_and_their_results_notified(redis_server, queue_name):
+    queue = JobQueue(connect(redis_server.url), queue_name, result_ttl=60, shards=2)
+    assert [k.queue for k in queue.shards] == [f"{{{queue_name}:0}}", f"{{{queue_name}:1}}"]
+    listener = ResultListener(queue, "test-web")  # numbered_job's origin
+    listener.start()
+    try:
+        assert listener.wait_ready(5) and listener.mode == "notifications"
+        listener.SAFETY_POLL = listener.MAX_SAFETY_POLL = 30  # only a notification can wake the waiter in time
+        for job in (numbered_job(1), numbered_job(2)):
+            with listener.expect(job.id):
+                assert queue.enqueue(job, 100)
+                threading.Timer(0.1, lambda job=job: finish_one(queue, job)).start()
+                started = time.monotonic()
+                assert listener.wait(job.id, time.time() + 20, job.shard) == {"success": True}
+                assert time.monotonic() - started < 5
+    finally:
+        listener.stop()
+
+
+def finish_one(queue: JobQueue, job: Job) -> None:
+    [raw] = queue.claim_batch("w", 1, 0, 1, shard=job.shard)
+    queue.finish_batch("w", [(Job.from_json(raw), {"success": True})], [], shard=job.shard)
 
 
 def test_jobs_are_spread_evenly_over_the_shards_and_full_shards_are_skipped(cqueue):
@@ -314,6 +338,10 @@ def test_a_stopped_primary_gets_its_shard_a_503_while_the_others_serve_and_all_r
     data = sample_image_bytes()
     try:
         during = [post_image(stack.web.url, data, timeout=60) for _ in range(9)]
+        ready = requests.get(stack.web.url + "/readyz", timeout=30)
+        assert ready.status_code == 200, "the other shards serve: still ready"
+        text = requests.get(stack.web.url + "/metrics", timeout=10).text
+        assert 'web_shard_queue_depth{shard="1"}' not in text and 'web_shard_queue_depth{shard="0"}' in text
     finally:
         primary.start()
         replica.start()
