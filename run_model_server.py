@@ -33,6 +33,7 @@ JOB_OUTCOMES = ("done", "expired", "failed", "requeued", "dead_lettered")
 JOBS = Counter("worker_jobs_total", "Jobs handled by this worker, by outcome", ["outcome"])
 for _outcome in JOB_OUTCOMES:
     JOBS.labels(_outcome)  # every outcome is exported from the start, at 0
+SHARD_JOBS = Counter("worker_shard_jobs_total", "Jobs claimed by this worker, by queue shard", ["shard"])
 BATCH_SIZE = Histogram("worker_batch_size", "Jobs per claimed batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 INFERENCE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)  # big CPU batches take > 10 s
 INFERENCE = Histogram("worker_inference_seconds", "Model time per batch", buckets=INFERENCE_BUCKETS)
@@ -165,6 +166,7 @@ class Worker:
     def _decode(self, slot: int, raws: list[bytes], shard: int = 0) -> Batch:
         """Parse and decode a claimed batch: runnable jobs and their images, dead letters; expired jobs dropped."""
         BATCH_SIZE.observe(len(raws))
+        SHARD_JOBS.labels(str(shard)).inc(len(raws))
         batch, pixels, now = Batch(slot, shard), [], time.time()
         for raw in raws:
             try:

@@ -73,6 +73,9 @@ def is_cluster(url: str, timeout: float = DETECT_TIMEOUT) -> bool:
         while True:
             try:
                 return probe.info("cluster").get("cluster_enabled") == 1
+            except redis.ResponseError as exc:  # INFO denied (an ACL): a cluster would have to allow it
+                log.warning("Redis refused INFO (%s); assuming a plain Redis", exc)
+                return False
             except REPLY_LOST as exc:
                 if time.monotonic() > deadline:
                     log.warning("could not ask Redis whether it is a cluster (%s); assuming a plain Redis", exc)

@@ -169,7 +169,7 @@ class ResultListener:
 
     def stop(self) -> None:
         self._stop.set()
-        for node in self._nodes.values():
+        for node in list(self._nodes.values()):  # the cluster thread may be changing the dict
             node.stopping.set()
         if self._thread:
             self._thread.join(timeout=3)

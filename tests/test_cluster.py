@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import pytest
 import redis
 import requests
+from prometheus_client import REGISTRY
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
@@ -226,12 +227,19 @@ def test_a_worker_pinned_to_a_shard_serves_only_that_shard(cluster, cqueue):
     mine = [job for job in jobs if job.shard == 1]
     config = worker_config(cluster.url, cqueue.name, QUEUE_SHARDS=SHARDS, WORKER_SHARDS=1)
     model = NumberedModel()
+    claimed = {
+        shard: REGISTRY.get_sample_value("worker_shard_jobs_total", {"shard": str(shard)}) or 0 for shard in (0, 1)
+    }
     with RunningWorker(config, model) as running:
         wait_until(lambda: all(results_in(cqueue, mine)), 30, "the pinned shard's results")
         assert cqueue.depths() == [3, 0, 3]
         assert cqueue.worker_ids() == {running.worker.id}
         assert cqueue.redis.smembers(cqueue.shards[0].workers) == set(), "registered only where it serves"
     assert sum(model.seen.values()) == 3
+    counted = {
+        shard: REGISTRY.get_sample_value("worker_shard_jobs_total", {"shard": str(shard)}) or 0 for shard in (0, 1)
+    }
+    assert (counted[0] - claimed[0], counted[1] - claimed[1]) == (0, 3), "worker_shard_jobs_total counts per shard"
 
 
 def results_in(queue: JobQueue, jobs: list[Job]) -> list[dict | None]:
