@@ -1,18 +1,18 @@
-"""Image preparation and the base64 wire format of NumPy arrays and images."""
+"""Preparing an upload: decoding it within a memory budget into the model's 224x224 RGB input."""
 
 from __future__ import annotations
 
-import binascii
 import io
 import os
+import struct
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
 import numpy as np
-import pybase64
-import zstandard
 from PIL import Image, UnidentifiedImageError
+
+from settings import DEFAULT_ACCEPTED_FORMATS
 
 # Pillow allocates a decoded image in blocks (16 MiB by default), which glibc keeps in the allocating
 # thread's arena once freed: a web process of 64 threads that decoded large uploads would keep hundreds
@@ -25,7 +25,6 @@ if "PILLOW_BLOCK_SIZE" not in os.environ:  # Pillow's own setting wins
 IMAGE_SIZE = (224, 224)
 IMAGE_SHAPE = (224, 224, 3)
 IMAGE_DTYPE = "uint8"
-CODECS = ("raw", "zstd")
 
 _SIXTEEN_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
 _ALPHA_MODES = {"LA", "La", "PA", "RGBA", "RGBa"}
@@ -34,100 +33,6 @@ _SUPPORTED_MODES = {"1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr"} | _ALPHA_MODE
 
 class ImageError(ValueError):
     """An upload that cannot be turned into a model input; the message is for the person who sent it."""
-
-
-class PayloadError(ValueError):
-    """A base64 array that does not decode to the declared dtype and shape."""
-
-
-def encode_array(array: np.ndarray) -> str:
-    """Base64 text of the array's raw bytes (C order). Send dtype and shape beside it."""
-    return pybase64.b64encode(np.ascontiguousarray(array).tobytes()).decode("ascii")
-
-
-def decode_array(data: str, dtype: str, shape: tuple[int, ...] | list[int]) -> np.ndarray:
-    """Inverse of `encode_array`; raises PayloadError if the bytes do not fit dtype and shape."""
-    np_dtype, shape, expected = _layout(dtype, shape)
-    raw = _unbase64(data)
-    if len(raw) != expected:
-        raise PayloadError(f"image has {len(raw)} bytes, but {dtype} {shape} needs {expected}")
-    return np.frombuffer(raw, dtype=np_dtype).reshape(shape)
-
-
-def encode_image(pixels: np.ndarray, codec: str = "raw") -> tuple[str, str]:
-    """(base64 text, codec used) of a uint8 image, for a job.
-
-    `raw`: the pixels as they are (`encode_array`). `zstd`: every row minus the row above (mod 256),
-    then Zstandard level 1; lossless, about a third smaller for photos. When that is not smaller
-    (noise does not compress), the image goes raw.
-    """
-    if codec not in CODECS:
-        raise ValueError(f"unknown image codec {codec!r}; known: {', '.join(CODECS)}")
-    if codec == "zstd" and pixels.dtype == np.uint8 and pixels.ndim >= 2:
-        rows = np.array(pixels, copy=True, order="C")
-        np.subtract(pixels[1:], pixels[:-1], out=rows[1:])
-        packed = zstandard.ZstdCompressor(level=1).compress(rows.data)  # a compressor is not thread-safe
-        if len(packed) < rows.nbytes:
-            return pybase64.b64encode(packed).decode("ascii"), "zstd"
-    return encode_array(pixels), "raw"
-
-
-def decode_image(data: str, codec: str, dtype: str, shape: tuple[int, ...] | list[int]) -> np.ndarray:
-    """Inverse of `encode_image`; raises PayloadError if the data does not unpack to dtype and shape."""
-    if codec == "raw":
-        return decode_array(data, dtype, shape)
-    if codec != "zstd":
-        raise PayloadError(f"unknown image codec {codec!r}; known: {', '.join(CODECS)}")
-    np_dtype, shape, expected = _layout(dtype, shape)
-    if np_dtype != np.uint8 or len(shape) < 2:
-        raise PayloadError(f"codec zstd carries uint8 images of 2 or more dimensions, not {dtype} {shape}")
-    packed = _unbase64(data)
-    try:
-        size = zstandard.frame_content_size(packed)
-    except zstandard.ZstdError as exc:
-        raise PayloadError(f"image is not a Zstandard frame: {exc}") from None
-    if size != expected:  # checked before decompressing: a forged size must not allocate gigabytes
-        raise PayloadError(f"image unpacks to {size} bytes, but {dtype} {shape} needs {expected}")
-    try:
-        rows = zstandard.ZstdDecompressor().decompress(packed, max_output_size=expected)
-    except zstandard.ZstdError as exc:
-        raise PayloadError(f"image is damaged: {exc}") from None
-    if len(rows) != expected:
-        raise PayloadError(f"image unpacked to {len(rows)} bytes, but {dtype} {shape} needs {expected}")
-    return _undo_row_deltas(np.frombuffer(rows, dtype=np.uint8).reshape(shape))
-
-
-def _undo_row_deltas(deltas: np.ndarray) -> np.ndarray:
-    """Each row plus all the rows above it (mod 256): the inverse of the zstd codec's row deltas.
-
-    A prefix sum in log2(rows) whole-array additions (Hillis-Steele): faster than np.cumsum along
-    axis 0, which adds one row at a time.
-    """
-    rows = deltas.copy()
-    step = 1
-    while step < len(rows):
-        rows[step:] += rows[:-step].copy()  # the copy: both sides overlap
-        step *= 2
-    return rows
-
-
-def _layout(dtype: str, shape: tuple[int, ...] | list[int]) -> tuple[np.dtype, tuple[int, ...], int]:
-    """(dtype, shape, byte count) of a declared array; PayloadError if they make no sense."""
-    try:
-        np_dtype = np.dtype(dtype)
-        shape = tuple(int(n) for n in shape)
-    except (TypeError, ValueError) as exc:
-        raise PayloadError(f"bad dtype or shape: {exc}") from None
-    if any(n < 0 for n in shape):
-        raise PayloadError(f"negative dimension in shape {shape}")
-    return np_dtype, shape, int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
-
-
-def _unbase64(data: str) -> bytes:
-    try:
-        return pybase64.b64decode(data, validate=True)
-    except (binascii.Error, TypeError, ValueError) as exc:
-        raise PayloadError(f"image is not valid base64: {exc}") from None
 
 
 class DecodeBusy(Exception):
@@ -169,18 +74,20 @@ def prepare_image(
     max_pixels: int = 100_000_000,
     max_decode_bytes: int = 150_000_000,
     budget: DecodeBudget | None = None,
+    formats: tuple[str, ...] = DEFAULT_ACCEPTED_FORMATS,
 ) -> np.ndarray:
     """Decode an uploaded file into a (224, 224, 3) uint8 RGB array.
 
-    Reads the header first: refuses images over `max_pixels`, and images whose decoding would hold
-    more than `max_decode_bytes` (decode_cost) even at the smallest scale their format decodes at;
-    then decodes within `budget`. A large image is reduced in its own mode before it is converted
-    (to RGB, 8 bits, transparency flattened onto white) and turned by its EXIF orientation.
+    Reads the header first: refuses files in none of `formats` (Pillow's format names), images over
+    `max_pixels`, and images whose decoding would hold more than `max_decode_bytes` (decode_cost) even
+    at the smallest scale their format decodes at; then decodes within `budget`. A large image is reduced
+    in its own mode before it is converted (to RGB, 8 bits, transparency flattened onto white) and turned
+    by its EXIF orientation.
     """
     if not data:
         raise ImageError("the uploaded file is empty")
-    with _as_image_error(max_pixels):
-        image = _open(data, max_pixels)
+    with _as_image_error(max_pixels, formats):
+        image = _open(data, max_pixels, formats)
         cost = decode_cost(image)
         if cost > max_decode_bytes:
             width, height = _header_size(image)
@@ -254,23 +161,25 @@ def _reduce_factor(size: tuple[int, int]) -> int:
 
 
 @contextmanager
-def _as_image_error(max_pixels: int) -> Iterator[None]:
+def _as_image_error(max_pixels: int, formats: tuple[str, ...]) -> Iterator[None]:
     """Every way Pillow refuses a file, as an ImageError for its sender."""
     try:
         yield
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise ImageError("the uploaded file is not an image Pillow can read (JPEG, PNG, GIF, WebP ...)") from None
+        raise ImageError(f"the uploaded file is not an image in an accepted format ({', '.join(formats)})") from None
     except Image.DecompressionBombError:
         raise ImageError(f"the image has too many pixels; the limit is {max_pixels:,}") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    # Beyond the documented OSError and friends, Pillow's plugins let struct.error, TypeError, IndexError
+    # and KeyError out of damaged headers and metadata: the file's fault too, not the server's.
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, TypeError, IndexError, KeyError) as exc:
         raise ImageError(f"the image is damaged or truncated ({exc})") from None
 
 
-def _open(data: bytes, max_pixels: int) -> Image.Image:
+def _open(data: bytes, max_pixels: int, formats: tuple[str, ...]) -> Image.Image:
     """The image with only its header read, set to decode at the smallest scale its format allows."""
-    image = Image.open(io.BytesIO(data))
+    image = Image.open(io.BytesIO(data), formats=formats)
     width, height = image.size
     if width * height > max_pixels:
         raise ImageError(f"the image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}")

@@ -51,6 +51,16 @@ def setup(server_name: str, level: str = "INFO", stream=None) -> logging.Logger:
     return log
 
 
+def untrusted(value: object, limit: int = 200) -> str:
+    """`value`, from outside (e.g. a job read from Redis), as text fit for one log line: control characters,
+    line breaks and backslashes escaped as in a Python string (a newline in a job id must not forge a log
+    line of its own), and cut to `limit` characters."""
+    text = str(value)
+    cut = text[:limit]
+    escaped = "".join(c if c.isprintable() and c != "\\" else repr(c)[1:-1] for c in cut)
+    return escaped + (f"... ({len(text):,} characters)" if len(text) > limit else "")
+
+
 def get(name: str) -> logging.Logger:
     """A child of the project logger, for library modules."""
     return logging.getLogger(f"{ROOT}.{name}")

@@ -1,6 +1,7 @@
 """Prometheus metrics of the web API, served at GET /metrics.
 
-    web_requests_total{endpoint,method,status}   requests answered (endpoint = the URL rule, e.g. /predict)
+    web_requests_total{endpoint,method,status}   requests answered (endpoint = the URL rule, e.g. /predict;
+                                                  method = an HTTP method, or "other")
     web_requests_in_progress                      requests being handled right now
     web_predict_seconds                           histogram of /predict latency, all outcomes
     web_queue_depth                               jobs waiting in the Redis queue, read at scrape time
@@ -33,6 +34,8 @@ log = logger.get(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60)
+# HTTP's methods (RFC 9110, and PATCH); gunicorn passes on any token, and each would be a new series.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 
 # registry=None: the metrics are not added to the global registry; each scrape builds its own
 # (see scrape_registry), so several apps in one process never register a collector twice.
@@ -120,7 +123,8 @@ def _after(response: Response) -> Response:
         return response
     # The URL rule, not the path, so unknown paths cannot create a label value each.
     endpoint = request.url_rule.rule if request.url_rule else "unmatched"
-    REQUESTS.labels(endpoint, request.method, str(response.status_code)).inc()
+    method = request.method if request.method in KNOWN_METHODS else "other"
+    REQUESTS.labels(endpoint, method, str(response.status_code)).inc()
     if endpoint == "/predict":
         PREDICT_SECONDS.observe(time.perf_counter() - started)
     return response

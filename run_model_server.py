@@ -176,7 +176,9 @@ class Worker:
                 continue
             if job.deadline < now:
                 JOBS.labels("expired").inc()
-                log.info("dropped expired job %s (%.1f s past its deadline)", job.id, now - job.deadline)
+                log.info(
+                    "dropped expired job %s (%.1f s past its deadline)", logger.untrusted(job.id), now - job.deadline
+                )
                 continue
             batch.jobs.append(job)
             pixels.append(image)
@@ -236,8 +238,9 @@ class Worker:
         JOBS.labels("done").inc(len(batch.results))
         JOBS.labels("dead_lettered").inc(len(batch.dead))
         for letter in batch.dead:
-            log.warning("dead-lettered a job: %s", letter.reason)
-        log.debug("batch done: %d jobs: %s", len(batch.results), " ".join(job.id for job, _ in batch.results))
+            log.warning("dead-lettered a job: %s", logger.untrusted(letter.reason))
+        ids = " ".join(logger.untrusted(job.id) for job, _ in batch.results)
+        log.debug("batch done: %d jobs: %s", len(batch.results), ids)
 
     def _register(self) -> None:
         """Heartbeat in every shard served; raises if none could be reached (a shard that could not is joined
@@ -315,6 +318,20 @@ def count_released(requeued: int, dead_lettered: int) -> None:
     JOBS.labels("dead_lettered").inc(dead_lettered)
 
 
+def serve_metrics(config: settings.Settings) -> None:
+    """This worker's Prometheus endpoint on METRICS_HOST:METRICS_PORT; none when the port is 0 or taken.
+
+    Its own host setting, not WEB_HOST: serving the web API to other machines must not publish the metrics.
+    """
+    if not config.metrics_port:
+        return
+    try:
+        start_http_server(config.metrics_port, addr=config.metrics_host)
+        log.info("metrics on http://%s:%d/metrics", config.metrics_host, config.metrics_port)
+    except OSError as exc:
+        log.warning("metrics port %d unavailable (%s); this worker serves no metrics", config.metrics_port, exc)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--redis-url", help="overrides REDIS_URL")
@@ -351,12 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         config.batch_wait_ms,
         config.redis_url_safe,
     )
-    if config.metrics_port:
-        try:
-            start_http_server(config.metrics_port, addr=config.web_host)
-            log.info("metrics on http://%s:%d/metrics", config.web_host, config.metrics_port)
-        except OSError as exc:
-            log.warning("metrics port %d unavailable (%s); this worker serves no metrics", config.metrics_port, exc)
+    serve_metrics(config)
     queue = JobQueue.from_settings(config)
     worker = Worker(config, queue, classifier)
     signal.signal(signal.SIGTERM, worker.stop)

@@ -17,9 +17,11 @@ from werkzeug.exceptions import HTTPException
 
 import logger
 import metrics
+import security
 import settings
 from helpers import DecodeBudget, DecodeBusy, ImageError, prepare_image
 from redis_protocol import REDIS_UNAVAILABLE, Job, JobQueue, ResultListener, ResultTimeout
+from uploads import UploadRequest
 
 log = logger.get("web")
 
@@ -44,6 +46,7 @@ def create_app(config: settings.Settings | None = None, queue: JobQueue | None =
     config = config or settings.load()
     logger.setup("web", config.log_level)
     app = Flask(__name__)
+    app.request_class = UploadRequest
     app.config["MAX_CONTENT_LENGTH"] = config.max_upload_bytes
     service = Service(config, queue)
     app.extensions["imgserve"] = service
@@ -54,6 +57,7 @@ def create_app(config: settings.Settings | None = None, queue: JobQueue | None =
     app.add_url_rule("/healthz", view_func=healthz)
     app.add_url_rule("/readyz", view_func=readyz)
     metrics.init_app(app, service.queue)
+    security.init_app(app, config.allowed_origins)  # after metrics: its refusals are counted
     app.add_url_rule("/", view_func=index)
     app.add_url_rule("/openapi.yaml", view_func=openapi_document)
     log.info("web process %s ready; Redis %s, queue %r", service.origin, config.redis_url_safe, config.image_queue)
@@ -91,12 +95,18 @@ def predict():
         return error(400, "send the image as a multipart form file field named 'image'")
     config = service.config
     try:
-        pixels = prepare_image(upload.read(), config.max_image_pixels, config.max_decode_bytes, service.decode_budget)
+        pixels = prepare_image(
+            upload.read(),
+            config.max_image_pixels,
+            config.max_decode_bytes,
+            service.decode_budget,
+            formats=config.accepted_formats,
+        )
     except ImageError as exc:
         return error(400, str(exc))
     except DecodeBusy:
         return error(503, "the server is busy decoding other images; try again shortly", retry_after=1)
-    job = Job.new(pixels, service.origin, config.request_timeout, config.job_codec)
+    job = Job.new(pixels, service.origin, config.request_timeout, config.job_codec, config.job_quality)
     with service.listener.expect(job.id):
         try:
             if not service.queue.enqueue(job, config.max_queue):
@@ -110,7 +120,7 @@ def predict():
             return error(504, f"no result within {config.request_timeout:g} s (REQUEST_TIMEOUT)")
     elapsed_ms = (time.time() - job.enqueued_at) * 1000
     if not result.get("success"):
-        log.warning("job %s failed after %.0f ms: %s", job.id, elapsed_ms, result.get("error"))
+        log.warning("job %s failed after %.0f ms: %s", job.id, elapsed_ms, logger.untrusted(result.get("error")))
         return error(int(result.get("status", 500)), result.get("error", "the job failed"))
     log.info("job %s answered in %.0f ms", job.id, elapsed_ms)
     return jsonify(result)
@@ -141,7 +151,9 @@ def readyz():
         depth = service.queue.depth()
         workers = service.queue.live_workers()
     except REDIS_UNAVAILABLE as exc:
-        return jsonify(ready=False, redis=False, error=str(exc)), 503
+        # The details (Redis's address among them) go to the log, not to whoever asks.
+        log.warning("not ready: Redis unavailable: %s", exc)
+        return jsonify(ready=False, redis=False, error="the job queue (Redis) is unavailable"), 503
     ready = workers > 0
     body = dict(ready=ready, redis=True, workers=workers, queue_depth=depth, wait_mode=service.listener.mode)
     return jsonify(body), 200 if ready else 503

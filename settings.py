@@ -6,16 +6,21 @@ which the entry points print and turn into exit code 2.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from dotenv import load_dotenv
 
 PROJECT_DIR = Path(__file__).resolve().parent
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+# Formats whose decoders are common and well exercised; Pillow reads many more (EPS runs Ghostscript,
+# PSD, FITS, JPEG 2000 ...), each a decoder an upload could reach.
+DEFAULT_ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 
 
 class SettingsError(ValueError):
@@ -31,12 +36,14 @@ class Settings:
     batch_size: int = 32
     batch_wait_ms: float = 0.0
     prefetch_batches: int | None = None  # None: "auto", decided by the worker from its model's device
-    job_codec: str = "zstd"
+    job_codec: str = "zstd2"
+    job_quality: int = 90
     result_ttl: int = 3600
     request_timeout: float = 30.0
     model_weights: str = "imagenet"
     web_host: str = "127.0.0.1"
     web_port: int = 5000
+    allowed_origins: tuple[str, ...] = ()
     web_processes: int = 1
     web_threads: int = 64
     web_nice: int = 10
@@ -47,12 +54,14 @@ class Settings:
     max_upload_bytes: int = 16 * 1024 * 1024
     max_image_pixels: int = 100_000_000
     max_decode_bytes: int = 150_000_000
+    accepted_formats: tuple[str, ...] = DEFAULT_ACCEPTED_FORMATS
     decode_budget_bytes: int = 512 * 1024 * 1024
     decode_wait: float = 1.0
     heartbeat_ttl: float = 10.0
     reap_interval: float = 5.0
     notifications: str = "auto"
     log_level: str = "INFO"
+    metrics_host: str = "127.0.0.1"
     metrics_port: int = 9100
     flask_debug: bool = False
 
@@ -63,14 +72,19 @@ class Settings:
 
 
 def hide_password(url: str) -> str:
-    """Return `url` with the password (if any) replaced by ***."""
-    parts = urlsplit(url)
-    if not parts.password:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+    """Return `url` with every password in it replaced by ***: the user information before the last `@`
+    (all of it when a password's unencoded `/` or `?` leaves a URL parser unsure where it ends) and
+    `password=` query arguments."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        userinfo, _, rest = rest.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        masked = f"{user}:***" if colon and "/" not in user and "?" not in user else "***"
+        rest = f"{masked}@{rest}"
+    return _PASSWORD_ARGUMENT.sub(r"\1***", scheme + sep + rest)
+
+
+_PASSWORD_ARGUMENT = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
 
 
 def _int(lo: int, hi: int | None = None) -> Callable[[str, str], int]:
@@ -170,6 +184,30 @@ def _host(name: str, raw: str) -> str:
     return raw.strip()
 
 
+def _formats(name: str, raw: str) -> tuple[str, ...]:
+    from PIL import Image  # only when the setting is given: serve.py and gunicorn.conf.py load settings too
+
+    Image.init()
+    values = tuple(dict.fromkeys(v.strip().upper() for v in raw.split(",") if v.strip()))
+    unknown = [v for v in values if v not in Image.OPEN]
+    if not values or unknown:
+        raise SettingsError(
+            f"{name} must be a comma-separated list of formats Pillow reads ({', '.join(sorted(Image.OPEN))}); "
+            f"got {raw!r}"
+        )
+    return values
+
+
+def _origins(name: str, raw: str) -> tuple[str, ...]:
+    origins = []
+    for value in (v.strip().lower().rstrip("/") for v in raw.split(",") if v.strip()):
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path or parts.query:
+            raise SettingsError(f"{name} must list origins such as https://example.com:8443, got {value!r}")
+        origins.append(value)
+    return tuple(origins)
+
+
 def _log_level(name: str, raw: str) -> str:
     return _choice("debug", "info", "warning", "error")(name, raw).upper()
 
@@ -182,12 +220,14 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "batch_size": _int(1, 1024),
     "batch_wait_ms": _float(0.0),
     "prefetch_batches": _auto_or(_int(0, 4)),
-    "job_codec": _choice("raw", "zstd"),
+    "job_codec": _choice("raw", "zstd", "zstd2", "jpeg", "webp"),  # image_codecs.CODECS
+    "job_quality": _int(1, 100),
     "result_ttl": _int(1),
     "request_timeout": _float(0.0, strict=True),
     "model_weights": _weights,
     "web_host": _host,
     "web_port": _int(1, 65535),
+    "allowed_origins": _origins,
     "web_processes": _int(1, 64),
     "web_threads": _int(1, 1024),
     "web_nice": _int(0, 19),
@@ -198,12 +238,14 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "max_upload_bytes": _int(1),
     "max_image_pixels": _int(1),
     "max_decode_bytes": _int(1),
+    "accepted_formats": _formats,
     "decode_budget_bytes": _int(1),
     "decode_wait": _float(0.0),
     "heartbeat_ttl": _float(1.0),
     "reap_interval": _float(0.0, strict=True),
     "notifications": _choice("auto", "off"),
     "log_level": _log_level,
+    "metrics_host": _host,
     "metrics_port": _int(0, 65535),
     "flask_debug": _bool,
 }
@@ -242,4 +284,19 @@ def _checked(settings: Settings) -> Settings:
             f"WORKER_SHARDS names shard(s) {', '.join(map(str, beyond))}, but QUEUE_SHARDS={settings.queue_shards} "
             f"numbers them 0 to {settings.queue_shards - 1}"
         )
+    if settings.flask_debug and not is_loopback(settings.web_host):
+        raise SettingsError(
+            f"FLASK_DEBUG=true is refused with WEB_HOST={settings.web_host}: Flask's debugger runs any code "
+            f"its visitors send, so it may only listen on a loopback address (127.0.0.1, ::1, localhost)"
+        )
     return settings
+
+
+def is_loopback(host: str) -> bool:
+    """True when `host` names this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -15,10 +15,13 @@ from settings import PROJECT_DIR
 
 # Where gunicorn's web processes add up their Prometheus values (one folder per server, empty at start).
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+WEB_APP = "run_web_server:create_app()"
 
 
-def gunicorn_command(config: settings.Settings) -> list[str]:
-    """The production web server: gthread workers, one result listener per process."""
+def gunicorn_command(config: settings.Settings, app: str = WEB_APP) -> list[str]:
+    """The production web server: gthread workers, one result listener per process.
+
+    `app` is the WSGI app gunicorn loads; the tools pass a wrapper of this one to measure it."""
     return [
         sys.executable, "-m", "gunicorn",
         "--worker-class", "gthread",
@@ -28,15 +31,15 @@ def gunicorn_command(config: settings.Settings) -> list[str]:
         "--graceful-timeout", str(int(config.request_timeout) + 5),
         "--log-level", "warning",
         "--config", str(PROJECT_DIR / "gunicorn.conf.py"),
-        "run_web_server:create_app()",
+        app,
     ]  # fmt: skip
 
 
-def start_web(env: Mapping[str, str], metrics_dir: str, **popen: object) -> subprocess.Popen:
+def start_web(env: Mapping[str, str], metrics_dir: str, app: str = WEB_APP, **popen: object) -> subprocess.Popen:
     """gunicorn serving the web app, with the settings in `env` and an empty folder for its metrics."""
     config = settings.load(env=env)
     return subprocess.Popen(
-        gunicorn_command(config), cwd=PROJECT_DIR, env={**env, METRICS_DIR_ENV: metrics_dir}, **popen
+        gunicorn_command(config, app), cwd=PROJECT_DIR, env={**env, METRICS_DIR_ENV: metrics_dir}, **popen
     )
 
 

@@ -16,9 +16,10 @@ from functools import cached_property
 
 import numpy as np
 
-from helpers import IMAGE_DTYPE, IMAGE_SHAPE, PayloadError, decode_image, encode_image
+from helpers import IMAGE_DTYPE, IMAGE_SHAPE
+from image_codecs import DEFAULT_QUALITY, PayloadError, decode_image, encode_image
 
-DEFAULT_MAX_JOB_BYTES = 1_048_576  # a 224x224x3 job is about 200 KB raw, less with zstd
+DEFAULT_MAX_JOB_BYTES = 1_048_576  # a 224x224x3 job is about 200 KB raw, less with the other codecs
 MAX_NAME_CHARS = 200  # ids, origins, dtype and codec names are short; longer ones are not ours
 
 
@@ -38,7 +39,7 @@ class Job:
     enqueued_at: float
     deadline: float
     attempts: int = 0
-    codec: str = "raw"  # how `image` packs the pixels: helpers.encode_image
+    codec: str = "raw"  # how `image` packs the pixels: image_codecs.encode_image
     # True when `image` is base64 text made by Job.new: it needs no JSON escaping, so to_json can
     # splice it in instead of having json.dumps scan 200 KB of it.
     _image_is_base64: bool = field(default=False, init=False, repr=False, compare=False)
@@ -46,9 +47,12 @@ class Job:
     shard: int = field(default=0, init=False, repr=False, compare=False)
 
     @classmethod
-    def new(cls, pixels: np.ndarray, origin: str, timeout: float, codec: str = "raw") -> Job:
-        """A job for `pixels`, packed with `codec` (JOB_CODEC), due `timeout` seconds from now."""
-        image, codec = encode_image(pixels, codec)
+    def new(
+        cls, pixels: np.ndarray, origin: str, timeout: float, codec: str = "raw", quality: int = DEFAULT_QUALITY
+    ) -> Job:
+        """A job for `pixels`, packed with `codec` (JOB_CODEC; `quality` for a lossy one, JOB_QUALITY), due
+        `timeout` seconds from now."""
+        image, codec = encode_image(pixels, codec, quality)
         now = time.time()
         job = cls(
             id=uuid.uuid4().hex,

@@ -40,16 +40,59 @@ def browser():
         chromium.close()
 
 
+# Every Content-Security-Policy violation as a console error (Chromium also logs its own "Refused to ..." line).
+REPORT_CSP_VIOLATIONS = """
+document.addEventListener("securitypolicyviolation", (event) => {
+  console.error("CSP violation: " + event.violatedDirective + " blocked " + (event.blockedURI || "inline code"));
+});
+"""
+
+
 @pytest.fixture
-def page(browser):
-    """A fresh page; the test errors if the page's scripts threw an uncaught exception."""
+def csp_violations() -> list[str]:
+    return []
+
+
+@pytest.fixture
+def page(browser, csp_violations):
+    """A fresh page; the test errors if the page's scripts threw an uncaught exception, or if anything
+    on it broke the server's Content-Security-Policy."""
     context = browser.new_context(viewport={"width": 1000, "height": 720})
+    context.add_init_script(REPORT_CSP_VIOLATIONS)
     page = context.new_page()
     uncaught: list[str] = []
     page.on("pageerror", lambda exc: uncaught.append(str(exc)))
+    page.on("console", lambda message: _note_csp_violation(message, csp_violations))
     yield page
     context.close()
     assert not uncaught, f"uncaught JavaScript errors: {uncaught}"
+    assert not csp_violations, f"Content-Security-Policy violations: {csp_violations}"
+
+
+def _note_csp_violation(message, violations: list[str]) -> None:
+    if message.type == "error" and ("CSP violation" in message.text or "Content Security Policy" in message.text):
+        violations.append(message.text)
+
+
+def test_the_page_runs_under_the_servers_csp_and_a_violation_is_caught(stack, page, csp_violations):
+    response = page.goto(stack.url + "/")
+    policy = response.headers["content-security-policy"]
+    assert "default-src 'self'" in policy and "frame-ancestors 'none'" in policy
+    expect(page.get_by_role("heading", name="imgserve")).to_be_visible()
+    assert page.locator("main").evaluate("el => getComputedStyle(el).maxWidth") != "none", "style.css applies"
+    assert csp_violations == []
+    # Inline code, which the policy forbids: refused, and reported (so the fixture would fail any other test).
+    page.evaluate(
+        """() => {
+            const script = document.createElement("script");
+            script.textContent = "window.inlineRan = true";
+            document.head.append(script);
+        }"""
+    )
+    assert page.evaluate("() => window.inlineRan") is None
+    page.wait_for_timeout(200)  # the violation event and its console message arrive asynchronously
+    assert any("script-src" in text for text in csp_violations), csp_violations
+    csp_violations.clear()
 
 
 def check_percentage(text: str, probability: float) -> None:

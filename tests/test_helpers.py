@@ -1,114 +1,19 @@
-import base64
 import io
+import struct
 import threading
 import time
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile, ImageOps
 
-from helpers import (
-    DecodeBudget,
-    DecodeBusy,
-    ImageError,
-    PayloadError,
-    decode_array,
-    decode_cost,
-    decode_image,
-    encode_array,
-    encode_image,
-    prepare_image,
-)
+from helpers import DecodeBudget, DecodeBusy, ImageError, decode_cost, prepare_image
 
 
 def image_bytes(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
     out = io.BytesIO()
     image.save(out, fmt, **kwargs)
     return out.getvalue()
-
-
-def test_round_trip_keeps_values_dtype_and_shape():
-    array = np.random.default_rng(1).integers(0, 256, (224, 224, 3), dtype=np.uint8)
-    text = encode_array(array)
-    back = decode_array(text, "uint8", (224, 224, 3))
-    assert back.dtype == np.uint8 and back.shape == (224, 224, 3)
-    assert np.array_equal(back, array)
-    assert len(text) == 200_704  # 150,528 raw bytes in base64
-
-
-def test_round_trip_float32():
-    array = np.random.default_rng(2).random((2, 5)).astype(np.float32)
-    assert np.array_equal(decode_array(encode_array(array), "float32", [2, 5]), array)
-
-
-@pytest.mark.parametrize(
-    "dtype, shape",
-    [("float32", (224, 224, 3)), ("uint8", (224, 224, 4)), ("uint8", (10,)), ("uint16", (224, 224, 3))],
-)
-def test_mismatched_dtype_or_shape_is_rejected(dtype, shape):
-    text = encode_array(np.zeros((224, 224, 3), np.uint8))
-    with pytest.raises(PayloadError):
-        decode_array(text, dtype, shape)
-
-
-@pytest.mark.parametrize("text", ["not base64!!", "YWJj\n===", ""])
-def test_bad_base64_is_rejected(text):
-    with pytest.raises(PayloadError):
-        decode_array(text, "uint8", (224, 224, 3))
-
-
-def test_unknown_dtype_is_rejected():
-    with pytest.raises(PayloadError):
-        decode_array("AAAA", "notatype", (3,))
-
-
-def photo_like() -> np.ndarray:
-    """Smooth gradients plus a little noise: compresses as photos do, unlike pure noise."""
-    y, x = np.mgrid[0:224, 0:224]
-    noise = np.random.default_rng(3).integers(0, 4, (224, 224, 3))
-    return (np.stack([x, y, (x + y) // 2], axis=-1) + noise).astype(np.uint8)
-
-
-def test_zstd_codec_is_lossless_and_smaller_for_a_photo_like_image():
-    array = photo_like()
-    text, codec = encode_image(array, "zstd")
-    assert codec == "zstd" and len(text) < 200_704 * 0.9
-    assert np.array_equal(decode_image(text, codec, "uint8", (224, 224, 3)), array)
-
-
-def test_zstd_codec_falls_back_to_raw_for_noise():
-    noise = np.random.default_rng(4).integers(0, 256, (224, 224, 3), dtype=np.uint8)
-    text, codec = encode_image(noise, "zstd")
-    assert codec == "raw" and len(text) == 200_704
-    assert np.array_equal(decode_image(text, codec, "uint8", (224, 224, 3)), noise)
-
-
-def test_raw_codec_is_encode_array():
-    array = photo_like()
-    assert encode_image(array, "raw") == (encode_array(array), "raw")
-    with pytest.raises(ValueError, match="unknown image codec"):
-        encode_image(array, "png")
-
-
-@pytest.mark.parametrize(
-    "codec, text, dtype, shape, reason",
-    [
-        ("png", "AAAA", "uint8", (224, 224, 3), "unknown image codec"),
-        ("zstd", "@@", "uint8", (224, 224, 3), "not valid base64"),
-        ("zstd", "bm90IHpzdGQ=", "uint8", (224, 224, 3), "not a Zstandard frame"),
-        ("zstd", encode_image(photo_like(), "zstd")[0], "uint8", (224, 224, 4), "unpacks to 150528 bytes"),
-        ("zstd", encode_image(photo_like(), "zstd")[0], "float32", (224, 224, 3), "uint8 images"),
-    ],
-)
-def test_bad_zstd_images_are_rejected(codec, text, dtype, shape, reason):
-    with pytest.raises(PayloadError, match=reason):
-        decode_image(text, codec, dtype, shape)
-
-
-def test_a_truncated_zstd_image_is_rejected():
-    packed = base64.b64decode(encode_image(photo_like(), "zstd")[0])
-    with pytest.raises(PayloadError, match="damaged"):
-        decode_image(base64.b64encode(packed[: len(packed) // 2]).decode(), "zstd", "uint8", (224, 224, 3))
 
 
 def check_prepared(array: np.ndarray) -> None:
@@ -309,7 +214,7 @@ def test_a_large_jpeg_2000_decodes_at_a_reduced_resolution_level():
     full_size = 4000 * 3000 * 4
     with pytest.raises(ImageError, match="MAX_DECODE_BYTES"):  # a PNG of that size is refused ...
         prepare_image(image_bytes(photo(4000, 3000)), max_decode_bytes=full_size // 4)
-    check_prepared(prepare_image(data, max_decode_bytes=full_size // 4))  # ... the JPEG 2000 decodes at 1/8
+    check_prepared(prepare_image(data, max_decode_bytes=full_size // 4, formats=("JPEG2000",)))  # ... at 1/8
 
 
 def test_a_progressive_jpeg_counts_every_coefficient_libjpeg_holds():
@@ -321,3 +226,72 @@ def test_a_progressive_jpeg_counts_every_coefficient_libjpeg_holds():
         opened.draft("RGB", (224, 224))
     # 4:2:0: the luma at full size and two chroma planes at a quarter, two bytes a coefficient
     assert decode_cost(progressive) - decode_cost(baseline) == 2 * 12_000_000 * 3 // 2
+
+
+# ---- the doors an upload could open: formats, damaged metadata, conversions at full size -------------
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF"])
+def test_the_accepted_formats_are_prepared(fmt):
+    check_prepared(prepare_image(image_bytes(photo(300, 200), fmt)))
+
+
+@pytest.mark.parametrize("fmt", ["EPS", "JPEG2000", "TGA", "PPM", "ICO", "SGI", "PCX", "QOI", "DDS"])
+def test_other_formats_pillow_reads_are_refused_naming_the_accepted_ones(fmt):
+    data = image_bytes(Image.new("RGB", (40, 30), "red"), fmt)
+    with pytest.raises(ImageError, match=r"not an image in an accepted format \(JPEG, PNG, GIF, WEBP, BMP, TIFF\)"):
+        prepare_image(data)
+    if fmt != "EPS":  # (Pillow would hand an EPS to Ghostscript, where one is installed)
+        check_prepared(prepare_image(data, formats=(fmt,)))  # refused for its format, not as damaged
+
+
+# Orientation 6 kept, another tag damaged: ImageOps.exif_transpose raises struct.error and TypeError on these.
+DAMAGED_EXIF = [
+    "4578696600004d4d002a000000080003014300020000000600000032011200030000000100060000900300020000000b000000"
+    "38000000004d616b657200323032303a30313a30310000",
+    "4578696600004d4d002a000000080003011f00020000000600000032011200030000000100060000900300020000000b000000"
+    "38000000004d616b657200323032303a30313a3031",
+]
+
+
+@pytest.mark.parametrize("exif", DAMAGED_EXIF, ids=["struct-error", "type-error"])
+def test_damaged_exif_beside_the_orientation_still_turns_the_image(exif):
+    image = Image.new("RGB", (200, 100), "white")
+    image.paste((0, 0, 0), (0, 0, 100, 100))
+    data = image_bytes(image, "JPEG", exif=bytes.fromhex(exif))
+    with pytest.raises((struct.error, TypeError)):
+        ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+    array = prepare_image(data)
+    assert array[:100].mean() < 40 and array[124:].mean() > 215  # turned, as its orientation says
+
+
+@pytest.mark.parametrize("error", [struct.error("unpack requires a buffer"), TypeError("bad"), IndexError("x")])
+def test_any_error_a_decoder_raises_is_an_image_error(monkeypatch, error):
+    def fail(_image):
+        raise error
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", fail)  # the load every format plugin inherits
+    with pytest.raises(ImageError, match="damaged or truncated"):
+        prepare_image(image_bytes(photo(300, 200)))
+
+
+def sixteen_bit(width: int, height: int) -> Image.Image:
+    return Image.fromarray(np.asarray(photo(width, height).convert("L")).astype(np.uint16) * 257)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "I;16", "P"])
+def test_a_large_image_is_converted_only_once_reduced(monkeypatch, mode):
+    """Alpha compositing and 16-bit scaling (numpy int64) run on the reduced image, not at full size."""
+    import helpers
+
+    if mode == "I;16":
+        image = sixteen_bit(2000, 1600)
+    else:
+        image = photo(2000, 1600).convert("RGBA").convert(mode)
+        if mode == "P":
+            image.info["transparency"] = 0
+    converted: list[tuple[int, int]] = []
+    to_rgb = helpers._to_rgb
+    monkeypatch.setattr(helpers, "_to_rgb", lambda im, peak: converted.append(im.size) or to_rgb(im, peak))
+    check_prepared(prepare_image(image_bytes(image)))
+    assert converted == [(2000 // 3, 1600 // 3)]  # reduced 3 times: still at least twice the model's input

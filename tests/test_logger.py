@@ -27,3 +27,9 @@ def test_level_filters_debug():
     log = logger.setup("model", "INFO", stream=out)
     log.debug("hidden")
     assert out.getvalue() == ""
+
+
+def test_untrusted_text_is_escaped_and_cut():
+    assert logger.untrusted("a\nb\r\x1b[31m\u2028c\\n") == "a\\nb\\r\\x1b[31m\\u2028c\\\\n"
+    assert logger.untrusted("plain words, é and ✓") == "plain words, é and ✓"
+    assert logger.untrusted("x" * 250, limit=10) == "x" * 10 + "... (250 characters)"

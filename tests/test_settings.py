@@ -11,7 +11,7 @@ def test_defaults():
     assert config.result_ttl == 3600
     assert config.web_host == "127.0.0.1" and config.web_port == 5000
     assert config.model_weights == "imagenet"
-    assert config.job_codec == "zstd"
+    assert config.job_codec == "zstd2" and config.job_quality == 90
     assert config.web_nice == 10
     assert config.flask_debug is False
 
@@ -94,3 +94,69 @@ def test_one_image_must_fit_in_the_decode_budget():
     with pytest.raises(SettingsError, match="MAX_DECODE_BYTES .* must not exceed DECODE_BUDGET_BYTES"):
         load(env={"MAX_DECODE_BYTES": "300000000", "DECODE_BUDGET_BYTES": "200000000"})
     assert load(env={"DECODE_BUDGET_BYTES": "200000000"}).decode_budget_bytes == 200_000_000
+
+
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("redis://:secret@h:1/0", "redis://:***@h:1/0"),
+        ("redis://h:1/0?password=secret&db=2", "redis://h:1/0?password=***&db=2"),
+        ("rediss://user:secret@h:1/0?PASSWORD=secret", "rediss://user:***@h:1/0?PASSWORD=***"),
+        ("redis://:se/cret@h:1/0", "redis://:***@h:1/0"),  # an unencoded / confuses URL parsers
+        ("redis://us/er:secret@h:1/0", "redis://***@h:1/0"),
+        ("unix://:secret@/run/redis.sock", "unix://:***@/run/redis.sock"),
+    ],
+)
+def test_every_password_in_a_url_is_masked(url, shown):
+    assert hide_password(url) == shown
+
+
+def test_a_settings_error_does_not_print_the_password():
+    with pytest.raises(SettingsError, match="REDIS_URL") as refused:
+        load(env={"REDIS_URL": "redis://:se/cret@redis-host:6379/0"})  # the / ends the host: no host name
+    assert "cret" not in str(refused.value) and "***" in str(refused.value)
+
+
+def test_lists_are_parsed_and_normalised():
+    config = load(
+        env={"ACCEPTED_FORMATS": " png,Jpeg ,png", "ALLOWED_ORIGINS": "https://App.Example.com:8443/, http://b.test"}
+    )
+    assert config.accepted_formats == ("PNG", "JPEG")
+    assert config.allowed_origins == ("https://app.example.com:8443", "http://b.test")
+    assert load(env={}).accepted_formats == ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+    assert load(env={}).allowed_origins == () and load(env={}).metrics_host == "127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("ACCEPTED_FORMATS", "JPEG,NOPE"),
+        ("ACCEPTED_FORMATS", " , "),
+        ("ALLOWED_ORIGINS", "example.com"),
+        ("ALLOWED_ORIGINS", "https://example.com/upload"),
+        ("ALLOWED_ORIGINS", "ftp://example.com"),
+        ("METRICS_HOST", " "),
+    ],
+)
+def test_invalid_lists_name_the_variable(name, value):
+    with pytest.raises(SettingsError, match=name):
+        load(env={name: value})
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.5", "::", "example.com"])
+def test_flask_debug_is_refused_off_loopback(host):
+    with pytest.raises(SettingsError, match="FLASK_DEBUG.*WEB_HOST"):
+        load(env={"FLASK_DEBUG": "true", "WEB_HOST": host})
+    assert load(env={"FLASK_DEBUG": "false", "WEB_HOST": host}).web_host == host
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"])
+def test_flask_debug_is_allowed_on_loopback(host):
+    assert load(env={"FLASK_DEBUG": "true", "WEB_HOST": host}).flask_debug is True
+
+
+def test_the_test_harness_spells_every_default_as_its_variable():
+    from tools.processes import server_env
+
+    config = load(env=server_env("redis://127.0.0.1:1/0", "q"), dotenv=False)
+    assert config.accepted_formats == settings.DEFAULT_ACCEPTED_FORMATS and config.allowed_origins == ()

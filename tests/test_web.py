@@ -4,10 +4,12 @@ everything that needs no worker and no Redis (the real-process tests cover the r
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 import redis
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 import settings
 from helpers import DecodeBudget
@@ -30,8 +32,19 @@ class StandInQueue:
     def take_result(self, origin: str, job_id: str, shard: int = 0) -> dict:
         return {"success": True, "predictions": [{"label": "castle", "probability": 0.5}]}
 
+    def depth(self) -> int:
+        if self.down:  # redis-py names the address it could not reach
+            raise redis.ConnectionError("Error 111 connecting to 10.1.2.3:6379. Connection refused.")
+        return len(self.enqueued)
+
     def depths(self) -> list[int]:
-        return [len(self.enqueued)]
+        return [self.depth()]
+
+    def live_workers(self) -> int:
+        return 1
+
+    def dead_letter_count(self) -> int:
+        return 0
 
     def dead_letter_counts(self) -> list[int]:
         return [0]
@@ -125,3 +138,137 @@ def test_a_full_decode_budget_is_503_with_retry_after():
 def test_healthz_answers_without_redis():
     client, _ = client_for(StandInQueue(down=True))
     assert client.get("/healthz").get_json() == {"status": "ok"}
+
+
+# ---- what the server accepts from, and tells, strangers ------------------------------------------
+
+
+def image_file(fmt: str) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 30, 60)).save(out, fmt)
+    return out.getvalue()
+
+
+def test_a_format_not_accepted_is_400_naming_the_accepted_ones():
+    queue = StandInQueue()
+    client, _ = client_for(queue)
+    assert_error(client.post("/predict", **upload(image_file("EPS"))), 400, "accepted format (JPEG, PNG, GIF, WEBP")
+    client, _ = client_for(queue, ACCEPTED_FORMATS="png")
+    assert_error(client.post("/predict", **upload(image_file("JPEG"))), 400, "accepted format (PNG)")
+    assert client.post("/predict", **upload(png(40, 30))).status_code == 200 and len(queue.enqueued) == 1
+
+
+def request_counts(client) -> dict[tuple[str, str, str], float]:
+    """web_requests_total from /metrics, by (endpoint, method, status)."""
+    families = text_string_to_metric_families(client.get("/metrics").get_data(as_text=True))
+    return {
+        (s.labels["endpoint"], s.labels["method"], s.labels["status"]): s.value
+        for family in families
+        for s in family.samples
+        if s.name == "web_requests_total"
+    }
+
+
+def test_made_up_methods_are_counted_as_other_not_as_new_series():
+    client, _ = client_for(StandInQueue())
+    before = request_counts(client)
+    made_up = ["FOO", "BREW", "PROPFIND", "XYZZYQUUX", "SNEAKY"]
+    assert [client.open("/predict", method=m).status_code for m in made_up] == [405] * 5
+    after = request_counts(client)
+    assert {method for _, method, _ in after} <= {"GET", "HEAD", "POST", "OPTIONS", "other"}
+    key = ("unmatched", "other", "405")  # no route takes these methods
+    assert after[key] - before.get(key, 0) == 5
+
+
+def test_readyz_without_redis_does_not_tell_its_address():
+    client, _ = client_for(StandInQueue(down=True))
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.get_json() == {"ready": False, "redis": False, "error": "the job queue (Redis) is unavailable"}
+    assert "10.1.2.3" not in response.get_data(as_text=True) and "6379" not in response.get_data(as_text=True)
+
+
+@pytest.mark.parametrize(
+    "method, path",
+    [
+        ("GET", "/"),
+        ("GET", "/static/app.js"),
+        ("GET", "/healthz"),
+        ("GET", "/readyz"),
+        ("GET", "/metrics"),
+        ("GET", "/openapi.yaml"),
+        ("GET", "/no/such/page"),
+        ("GET", "/predict"),
+        ("POST", "/predict"),
+    ],
+)
+def test_every_answer_carries_the_security_headers(method, path):
+    client, _ = client_for(StandInQueue())
+    response = client.open(path, method=method)
+    headers = response.headers
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    assert headers["Referrer-Policy"] == "no-referrer" and headers["X-Frame-Options"] == "DENY"
+    policy = dict(d.strip().split(" ", 1) for d in headers["Content-Security-Policy"].split(";"))
+    assert policy["default-src"] == "'self'" and policy["frame-ancestors"] == "'none'"
+    assert "'unsafe-inline'" not in headers["Content-Security-Policy"]
+
+
+def test_the_upload_page_has_no_inline_script_or_style():
+    """The CSP allows no inline code: the page must keep its script and style in files (the browser test
+    checks the page in Chromium under the policy)."""
+    client, _ = client_for(StandInQueue())
+    page = client.get("/").get_data(as_text=True)
+    assert not re.search(r"<script(?![^>]*\bsrc=)[^>]*>", page) and "<style" not in page
+    assert not re.search(r"\s(style|on[a-z]+)=", page)
+
+
+CROSS_SITE = [
+    ({"Origin": "https://evil.example"}, 403),
+    ({"Origin": "null"}, 403),  # a sandboxed frame, a file:// page
+    ({"Origin": "http://localhost.evil.example"}, 403),
+    ({"Sec-Fetch-Site": "cross-site"}, 403),
+    ({"Origin": "http://localhost", "Sec-Fetch-Site": "same-origin"}, 200),  # the upload page itself
+    ({"Origin": "https://localhost"}, 200),  # the page served through a TLS proxy in front of this server
+    ({}, 200),  # curl, scripts: no Origin
+    ({"Sec-Fetch-Site": "none"}, 200),  # typed in by the user
+]
+
+
+@pytest.mark.parametrize("headers, status", CROSS_SITE, ids=[str(h) for h, _ in CROSS_SITE])
+def test_posts_from_other_sites_are_refused(headers, status):
+    queue = StandInQueue()
+    client, _ = client_for(queue)  # the test client's host is "localhost"
+    response = client.post("/predict", headers=headers, **upload(png(40, 30)))
+    assert response.status_code == status, response.get_data(as_text=True)
+    if status == 403:
+        assert_error(response, 403, "ALLOWED_ORIGINS")
+        assert queue.enqueued == []
+        assert request_counts(client)[("/predict", "POST", "403")] >= 1
+
+
+def test_allowed_origins_may_post_and_read_the_answer():
+    queue = StandInQueue()
+    client, _ = client_for(queue, ALLOWED_ORIGINS="https://app.example")
+    response = client.post("/predict", headers={"Origin": "https://app.example"}, **upload(png(40, 30)))
+    assert response.status_code == 200 and response.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert "Origin" in response.headers["Vary"]
+    response = client.post("/predict", headers={"Origin": "https://other.example"}, **upload(png(40, 30)))
+    assert response.status_code == 403 and "Access-Control-Allow-Origin" not in response.headers
+
+
+def test_reading_from_another_site_is_not_refused():
+    client, _ = client_for(StandInQueue())
+    response = client.get("/healthz", headers={"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"})
+    assert response.status_code == 200 and "Access-Control-Allow-Origin" not in response.headers
+
+
+class FailingQueue(StandInQueue):
+    def take_result(self, origin: str, job_id: str, shard: int = 0) -> dict:
+        return {"success": False, "status": 500, "error": "boom\n[2026-01-01 00:00:00.000] [web] forged"}
+
+
+def test_a_result_error_from_redis_is_logged_on_one_line(capsys):
+    client, _ = client_for(FailingQueue())
+    assert_error(client.post("/predict", **upload(png(40, 30))), 500, "boom")
+    lines = [line for line in capsys.readouterr().err.splitlines() if "boom" in line or "forged" in line]
+    assert len(lines) == 1 and lines[0].endswith("boom\\n[2026-01-01 00:00:00.000] [web] forged"), lines

@@ -46,7 +46,7 @@ import redis
 import requests
 
 import settings
-from helpers import CODECS
+from image_codecs import CODECS
 from local_redis import LocalCluster, LocalRedis, free_port
 from redis_protocol import Claimer, Job, JobQueue, connect
 from tools.processes import CASTLE, PROJECT, Child, WebServer, Worker, sample_image_bytes, server_env

@@ -147,7 +147,7 @@ def step_costs(repeats: int = 300) -> dict[str, float]:
 
     import zstandard
 
-    from helpers import _undo_row_deltas
+    from image_codecs import _undo_row_deltas
 
     pixels = castle_pixels()
     zstd_raw = Job.new(pixels, "bench", 60, "zstd").to_json()

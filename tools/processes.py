@@ -32,9 +32,8 @@ CASTLE = SHARED_IMAGES / "castle_image.jpg"
 def server_env(redis_url: str, queue: str, **extra: object) -> dict[str, str]:
     """Environment for a child server: test defaults, no .env surprises, random weights."""
     env = dict(os.environ)
-    # Every setting explicit: the environment wins over a developer's .env (load_dotenv does not override);
-    # empty where the default is decided by the program (PREFETCH_BATCHES auto, WORKER_SHARDS all).
-    env.update({field.name.upper(): "" if field.default is None else str(field.default) for field in fields(Settings)})
+    # Every setting explicit: the environment wins over a developer's .env (load_dotenv does not override).
+    env.update({field.name.upper(): _env_value(field.default) for field in fields(Settings)})
     env.update(
         REDIS_URL=redis_url,
         IMAGE_QUEUE=queue,
@@ -45,6 +44,14 @@ def server_env(redis_url: str, queue: str, **extra: object) -> dict[str, str]:
     )
     env.update({k.upper(): str(v) for k, v in extra.items()})
     return env
+
+
+def _env_value(default: object) -> str:
+    """A setting's default as its variable spells it: a tuple is a comma-separated list; None (the program
+    decides: PREFETCH_BATCHES auto, WORKER_SHARDS all) is empty, which load() reads as the default."""
+    if default is None:
+        return ""
+    return ",".join(default) if isinstance(default, tuple) else str(default)
 
 
 def env_queue(env: dict[str, str]) -> JobQueue:
@@ -127,19 +134,22 @@ def start_worker(env: dict[str, str], *args: str, timeout: float = 120) -> Worke
 class WebServer(Child):
     """The web app on a free port: under gunicorn as `make run` serves it, or Flask's development server."""
 
-    def __init__(self, env: dict[str, str], gunicorn: bool = False, processes: int = 1) -> None:
+    def __init__(
+        self, env: dict[str, str], gunicorn: bool = False, processes: int = 1, app: str = stack.WEB_APP
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(env, WEB_PORT=str(self.port), WEB_HOST="127.0.0.1", WEB_PROCESSES=str(processes))
         self._metrics_dir = None if stack.METRICS_DIR_ENV in env else tempfile.TemporaryDirectory()
         self.gunicorn = gunicorn
+        self.app = app
         super().__init__([sys.executable, "run_web_server.py"], env)
 
     def _start(self, args: list[str], **output: object) -> subprocess.Popen:
         if not self.gunicorn:
             return super()._start(args, **output)
         metrics_dir = self._metrics_dir.name if self._metrics_dir else self.env[stack.METRICS_DIR_ENV]
-        return stack.start_web(self.env, metrics_dir, **output)
+        return stack.start_web(self.env, metrics_dir, self.app, **output)
 
     def wait_ready(self, timeout: float = 30) -> WebServer:
         self.wait_for_http(self.url + "/healthz", timeout)

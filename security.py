@@ -1,0 +1,65 @@
+"""What the web API tells browsers: security headers on every answer, and cross-site POSTs refused.
+
+A page on any other site can make its visitors' browsers POST a form to /predict (a "simple" request,
+sent without asking first). Browsers say where such a request comes from, in `Origin` and
+`Sec-Fetch-Site`; clients that are not browsers (curl, scripts) send neither, and pass.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from flask import Flask, Response, abort, request
+
+# The upload page loads its script and style from static/ and shows the chosen file from a blob: URL.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; img-src 'self' blob:; object-src 'none'; base-uri 'none'; "
+    "form-action 'self'; frame-ancestors 'none'"
+)
+HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",  # frame-ancestors for browsers that predate it
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Resource-Policy": "same-origin",
+}
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def init_app(app: Flask, allowed_origins: tuple[str, ...]) -> None:
+    """Refuse cross-site requests that change state, except from `allowed_origins`; add HEADERS to every answer."""
+    allowed = frozenset(allowed_origins)
+    app.before_request(lambda: _refuse_cross_site(allowed))
+    app.after_request(lambda response: _add_headers(response, allowed))
+
+
+def is_cross_site(origin: str | None, fetch_site: str | None, host: str) -> bool:
+    """Whether a browser sent this request from a page of another site than `host` (the Host header).
+
+    The Origin's host and port, not its scheme, are compared: behind a proxy that ends TLS, the page is
+    https and the request reaches this server as http.
+    """
+    if origin is None:
+        return fetch_site == "cross-site"
+    return urlsplit(origin.lower()).netloc != host.lower()
+
+
+def _refuse_cross_site(allowed: frozenset[str]) -> None:
+    if request.method in SAFE_METHODS:
+        return
+    origin = request.headers.get("Origin")
+    if origin is not None and origin.lower() in allowed:
+        return
+    if is_cross_site(origin, request.headers.get("Sec-Fetch-Site"), request.host):
+        abort(403, "requests from pages of other sites are refused; ALLOWED_ORIGINS lists the sites that may post")
+
+
+def _add_headers(response: Response, allowed: frozenset[str]) -> Response:
+    response.headers.update(HEADERS)
+    origin = request.headers.get("Origin")
+    if origin is not None and origin.lower() in allowed:
+        # An allowed site's script may read the answer, too.
+        response.headers["Access-Control-Allow-Origin"] = origin
+    if allowed:  # the answer depends on the Origin: caches must keep one per origin
+        response.vary.add("Origin")
+    return response

@@ -1,0 +1,66 @@
+"""What a model worker shows: its log lines with strings read from Redis, and where its metrics listen.
+In-process, with stand-ins for the queue and the model."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+
+import logger
+import run_model_server
+import settings
+from redis_protocol import Job
+
+FORGED = "\n[2026-01-01 00:00:00.000] [model] [run_model_server.py] forged"
+
+
+class StandInQueue:
+    def finish_batch(self, worker_id, results, dead, slot=0) -> bool:
+        return True
+
+
+class StandInModel:
+    device = "CPU"
+
+
+def worker_log_of(raws: list[bytes]) -> str:
+    out = io.StringIO()
+    logger.setup("model", "DEBUG", stream=out)
+    config = settings.load(env={}, dotenv=False)
+    worker = run_model_server.Worker(config, StandInQueue(), StandInModel())
+    worker._publish(worker._infer(worker._decode(0, raws)))
+    return out.getvalue()
+
+
+def test_strings_read_from_redis_are_logged_escaped_on_one_line():
+    expired = Job.new(np.zeros((224, 224, 3), np.uint8), "web1", -10.0)
+    expired.id = "job" + FORGED
+    bad = json.loads(Job.new(np.zeros((224, 224, 3), np.uint8), "web1", 30.0).to_json())
+    bad["dtype"] = "uint8" + FORGED
+    text = worker_log_of([expired.to_json(), json.dumps(bad).encode()])
+    assert "forged" in text
+    for line in text.splitlines():
+        assert not line.startswith("[2026-01-01"), text
+    assert "dropped expired job job\\n[2026-01-01" in text
+    assert "dead-lettered a job:" in text and "uint8\\n[2026-01-01" in text
+
+
+@pytest.mark.parametrize(
+    "env, bound",
+    [({"WEB_HOST": "0.0.0.0"}, "127.0.0.1"), ({"WEB_HOST": "0.0.0.0", "METRICS_HOST": "10.0.0.5"}, "10.0.0.5")],
+)
+def test_worker_metrics_listen_on_metrics_host_not_web_host(monkeypatch, env, bound):
+    calls = []
+    monkeypatch.setattr(run_model_server, "start_http_server", lambda port, addr: calls.append((port, addr)))
+    run_model_server.serve_metrics(settings.load(env={"METRICS_PORT": "9123", **env}, dotenv=False))
+    assert calls == [(9123, bound)]
+
+
+def test_metrics_port_0_serves_no_metrics(monkeypatch):
+    calls = []
+    monkeypatch.setattr(run_model_server, "start_http_server", lambda port, addr: calls.append((port, addr)))
+    run_model_server.serve_metrics(settings.load(env={"METRICS_PORT": "0"}, dotenv=False))
+    assert calls == []
