@@ -28,7 +28,8 @@ import logger
 log = logger.get(__name__)
 
 # Redis cannot be reached, or refuses writes for now (maxmemory reached; a replica after a failover; a
-# cluster that lost the primary of the slot, or whose slot is being moved).
+# cluster that lost the primary of the slot, or whose slot is being moved). ClusterError is redis-py giving
+# up after redirections and TRYAGAIN replies (a slot in the middle of a move): the command did not run.
 REDIS_UNAVAILABLE: tuple[type[Exception], ...] = (
     redis.ConnectionError,
     redis.TimeoutError,
@@ -38,6 +39,7 @@ REDIS_UNAVAILABLE: tuple[type[Exception], ...] = (
     redis.exceptions.TryAgainError,
     redis.exceptions.MasterDownError,
     redis.exceptions.SlotNotCoveredError,
+    redis.exceptions.ClusterError,
 )
 # Errors after which a command's outcome is unknown: it may have run, and only its reply was lost.
 REPLY_LOST: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError)

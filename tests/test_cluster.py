@@ -2,8 +2,9 @@
 
 The protocol on the cluster (hash tags, scripts that declare every key, spreading, fair claiming), then real
 worker and web processes: predictions end to end, a worker killed under load, a primary stopped and
-restarted, and a manual failover under load. One cluster, worker and web server are shared by the module;
-the tests that stop nodes run last and leave the cluster whole again.
+restarted, a manual failover under load, and a shard's slot moved to another primary under load. One cluster,
+worker and web server are shared by the module; the tests that stop or move things run last and leave the
+cluster whole again.
 """
 
 from __future__ import annotations
@@ -415,3 +416,41 @@ def test_the_benchmarks_cluster_mix_spreads_jobs_evenly_and_answers_them_all(clu
     per_shard = cluster_mix(cluster.url, name, 0.3, numbered_job(0).to_json())
     assert sum(per_shard) % 32 == 0 and max(per_shard) - min(per_shard) <= 1
     assert JobQueue(connect(cluster.url), name, shards=SHARDS).depths() == [0, 0, 0]
+
+
+def test_a_resharding_under_load_moves_a_shard_and_every_request_is_answered(stack, cluster):
+    """Shard 0's slot moves to another primary (SETSLOT IMPORTING / MIGRATING, MIGRATE of each key, SETSLOT NODE)
+    while requests go on: commands on moved keys follow ASK, scripts and moves whose keys are split between the
+    nodes get TRYAGAIN and are retried; the listener follows the new slot map."""
+    source = node_of(cluster, stack.queue, 0)
+    target = next(node for s in range(1, SHARDS) if (node := node_of(cluster, stack.queue, s)) is not source)
+    slot = key_slot(stack.queue.shards[0].queue.encode())
+    moved = []
+    responses = under_load(stack.web.url, 8, lambda: moved.append(migrate_slot(cluster, slot, source, target)))
+    codes = Counter(r.status_code for r in responses)
+    assert moved and moved[0] > 0, "keys were moved while requests ran"
+    assert set(codes) <= {200, 503} and codes[200] >= 0.9 * len(responses), codes
+    assert node_of(cluster, stack.queue, 0) is target
+    wait_until(lambda: all(post_image(stack.web.url).status_code == 200 for _ in range(6)), 60, "serving")
+    wait_until(lambda: ready_body(stack.web.url), 30, "notifications, shard 0 now on its new primary")
+    assert stack.worker.process.poll() is None and stack.web.process.poll() is None
+    assert "failed; stopping" not in stack.worker.log
+
+
+def migrate_slot(cluster: LocalCluster, slot: int, source: LocalRedis, target: LocalRedis) -> int:
+    """Move one slot between primaries, key by key, as `redis-cli --cluster reshard` does; slowly (a pause between
+    keys), so that requests run while the slot is split between the two. Returns the keys moved."""
+    with redis.Redis(port=source.port, decode_responses=True) as src, redis.Redis(port=target.port) as dst:
+        source_id = src.execute_command("CLUSTER", "MYID")
+        target_id = dst.execute_command("CLUSTER", "MYID")
+        dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        moved = 0
+        while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1):
+            src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+            moved += 1
+            time.sleep(0.05)
+        dst.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        src.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+    wait_until(cluster.healthy, 20, "every node to agree on the new owner")
+    return moved
