@@ -20,12 +20,16 @@ from collections.abc import Iterable
 
 import redis
 
+import logger
+
 from .connection import REDIS_UNAVAILABLE
 from .queue import JobQueue
 
 SINGLE_BLOCK = 1.0  # seconds a claim blocks on the only shard (then the caller checks whether to stop)
 ROTATE_BLOCK = 0.1  # seconds a claim blocks on one of several shards before visiting the others again
 MIN_BACKOFF, MAX_BACKOFF = 0.5, 5.0
+
+log = logger.get(__name__)
 
 
 class Claimer:
@@ -81,10 +85,13 @@ class Claimer:
                 self.queue.release(self.worker, "a claim failed", count_attempt=False, slot=slot, shard=shard)
                 self._stranded.discard((shard, slot))
             batch = self.queue.claim_batch(self.worker, self.size, self.wait, block, slot=slot, shard=shard)
-        except REDIS_UNAVAILABLE:
+        except REDIS_UNAVAILABLE as exc:
             self._stranded.add((shard, slot))
             backoff = min(self._backoff.get(shard, (0.0, MIN_BACKOFF / 2))[1] * 2, MAX_BACKOFF)
             self._backoff[shard] = (time.monotonic() + backoff, backoff)
+            if len(self.shards) > 1:  # with one shard the caller says it, as it backs off
+                log.warning("cannot claim from shard %d (%s: %s); serving the others, back in %.1f s",
+                            shard, type(exc).__name__, exc, backoff)  # fmt: skip
             raise
         self._backoff.pop(shard, None)
         self._next = (self.shards.index(shard) + 1) % len(self.shards)

@@ -362,6 +362,7 @@ def test_a_stopped_primary_gets_its_shard_a_503_while_the_others_serve_and_all_r
     wait_until(lambda: all(post_image(stack.web.url, data).status_code == 200 for _ in range(6)), 90, "recovery")
     wait_until(lambda: ready_body(stack.web.url), 30, "notifications again on every primary")
     assert stack.worker.process.poll() is None and stack.web.process.poll() is None, "no restart"
+    assert "cannot claim from shard 1" in stack.worker.log, "the worker said which shard it left alone"
 
 
 def test_a_failover_under_load_loses_no_acknowledged_job(stack, cluster):
