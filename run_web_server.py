@@ -169,7 +169,7 @@ def _answers(service: Service, jobs: list[Job]) -> list[dict]:
         try:
             if not service.queue.enqueue_many(jobs, config.max_queue):
                 raise Refused(503, "the server is busy (queue full); try again shortly", retry_after=1)
-            return [service.listener.wait(job.id, job.deadline) for job in jobs]
+            return [service.listener.wait(job.id, job.deadline, job.shard) for job in jobs]
         except REDIS_UNAVAILABLE as exc:
             log.warning("Redis unavailable for job %s: %s", jobs[0].id, exc)
             raise Refused(503, "the job queue (Redis) is unavailable; try again shortly", retry_after=1) from None

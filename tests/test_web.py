@@ -41,7 +41,7 @@ class StandInQueue:
     def cancel_submitted(self, job_id: str) -> int:
         return 1 if self.job_status(job_id) else -1
 
-    def take_result(self, origin: str, job_id: str) -> dict:
+    def take_result(self, origin: str, job_id: str, shard: int = 0) -> dict:
         return {"success": True, "predictions": [{"label": "castle", "probability": 0.5}], **MODEL}
 
     def worker_models(self) -> list[dict]:
@@ -52,11 +52,17 @@ class StandInQueue:
             raise redis.ConnectionError("Error 111 connecting to 10.1.2.3:6379. Connection refused.")
         return len(self.enqueued)
 
+    def depths(self) -> list[int]:
+        return [self.depth()]
+
     def live_workers(self) -> int:
         return 1
 
     def dead_letter_count(self) -> int:
         return 0
+
+    def dead_letter_counts(self) -> list[int]:
+        return [0]
 
 
 def client_for(queue: StandInQueue, **env: str):
@@ -272,7 +278,7 @@ def test_reading_from_another_site_is_not_refused():
 
 
 class FailingQueue(StandInQueue):
-    def take_result(self, origin: str, job_id: str) -> dict:
+    def take_result(self, origin: str, job_id: str, shard: int = 0) -> dict:
         return {"success": False, "status": 500, "error": "boom\n[2026-01-01 00:00:00.000] [web] forged"}
 
 
