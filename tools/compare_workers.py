@@ -5,8 +5,8 @@
 One Redis and one gunicorn web server (as `make run` starts it) for the whole run; each round starts the
 old worker, then the new one (MODEL_WEIGHTS=none, the same compute as the real weights) and measures
 images/s with `--clients` concurrent clients and the p50 latency of `--sequential` one-at-a-time
-requests. Prints the median of the rounds for each and their ratio. The old worker runs from a git
-worktree of `--rev` (its own code, this commit's web server: the job and result formats are the same).
+requests. Prints the median of the rounds for each and their ratio. The old worker runs from a git worktree
+of `--rev` (its own code, this commit's web server, with JOB_CODEC=zstd: a job format both workers read).
 """
 
 from __future__ import annotations
@@ -78,6 +78,8 @@ def start_worker(env: dict[str, str], cwd: Path, url: str, image: bytes) -> subp
             return worker
         except requests.RequestException:
             if worker.poll() is not None or time.monotonic() > deadline:
+                worker.kill()
+                worker.wait()
                 raise RuntimeError(f"the worker in {cwd} did not answer") from None
 
 
@@ -113,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         git = {"cwd": PROJECT, "capture_output": True}
         subprocess.run(["git", "worktree", "add", "--detach", str(old), args.rev], check=True, **git)
         port = free_port()
-        env = dict(os.environ, REDIS_URL=server.url, MODEL_WEIGHTS="none", METRICS_PORT="0", WEB_PORT=str(port))
+        # JOB_CODEC=zstd: a codec both workers read (the old one knows raw and zstd, not this commit's zstd2).
+        env = dict(os.environ, REDIS_URL=server.url, MODEL_WEIGHTS="none", METRICS_PORT="0", WEB_PORT=str(port),
+                   JOB_CODEC="zstd")  # fmt: skip
         metrics_dir = Path(tmp) / "metrics"
         metrics_dir.mkdir()
         metrics_dir = str(metrics_dir)
