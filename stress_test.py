@@ -292,8 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     except ClientError as exc:
         print(f"stress_test.py: {exc}", file=sys.stderr)
         return exc.code
-    target = base_url(args.url) + ("/jobs, then polling each job," if args.later else "/predict")
-    print(f"sending {args.requests} requests to {target} {args.concurrency} threads, gap {args.gap:g} s")
+    target = base_url(args.url) + ("/jobs (then polling each job)" if args.later else "/predict")
+    print(f"sending {args.requests} requests to {target}, {args.concurrency} threads, gap {args.gap:g} s")
     outcomes, wall = run(args.url, image, args.requests, args.concurrency, args.gap, args.timeout,
                          not args.no_progress, args.later)  # fmt: skip
     summary = summarize(outcomes, wall)

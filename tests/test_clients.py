@@ -201,4 +201,4 @@ def test_stress_test_takes_the_predict_url_and_async(stack, capsys, later):
     output = capsys.readouterr().out
     assert code == 0, output
     assert summary_counts(output) == {"requests": 6, "successes": 6, "failures": 0}
-    assert ("/jobs, then polling" in output) is later
+    assert ("/jobs (then polling each job), 3 threads" in output) is later
