@@ -38,6 +38,9 @@ INFERENCE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)  
 INFERENCE = Histogram("worker_inference_seconds", "Model time per batch", buckets=INFERENCE_BUCKETS)
 
 GIL_SWITCH_INTERVAL = 0.0005  # seconds; see Worker.run
+# Heartbeats per HEARTBEAT_TTL: a worker is reaped only after missing this many in a row (Redis unreachable,
+# the process frozen or starved of CPU for the whole TTL), never for one late beat.
+HEARTBEAT_BEATS = 4
 
 log = logger.get("worker")
 
@@ -59,7 +62,7 @@ class Worker:
 
     Every batch lives in its own batch slot (processing list) in Redis from its claim to its
     acknowledgement, so a crash at any moment loses nothing: the reaper returns every slot of a dead
-    worker. A heartbeat thread also runs the reaper.
+    worker. Two more threads send the heartbeat and run the reaper.
     """
 
     def __init__(self, config: settings.Settings, queue: JobQueue, classifier) -> None:
@@ -89,6 +92,7 @@ class Worker:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         self._retry(lambda: self.queue.register(self.id, self.config.heartbeat_ttl), "register")
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
+        threading.Thread(target=self._reap_loop, name="reaper", daemon=True).start()
         publisher = threading.Thread(target=self._publish_loop, name="publisher")
         publisher.start()
         threading.Thread(target=self._feed, name="feeder", daemon=True).start()
@@ -242,24 +246,31 @@ class Worker:
         log.debug("batch done: %d jobs: %s", len(batch.results), ids)
 
     def _heartbeat_loop(self) -> None:
-        interval = self.config.heartbeat_ttl / 3
-        next_reap = 0.0
-        while not self._finished.wait(0 if next_reap == 0 else interval):
+        """Renew the heartbeat HEARTBEAT_BEATS times per HEARTBEAT_TTL until the last batch is done.
+
+        A thread of its own, apart from the reaper, so that nothing but Redis itself can delay a beat: the
+        model's kernels release the GIL, and the switch interval (see run) hands it over within a millisecond.
+        """
+        interval = self.config.heartbeat_ttl / HEARTBEAT_BEATS
+        while not self._finished.wait(interval):
             try:
                 self.queue.heartbeat(self.id, self.config.heartbeat_ttl)
-                if time.monotonic() >= next_reap:
-                    next_reap = time.monotonic() + self.config.reap_interval
-                    workers, requeued, dead_lettered = self.queue.reap()
-                    count_released(requeued, dead_lettered)
-                    if workers:
-                        log.warning(
-                            "reaped %d dead worker(s): %d job(s) requeued, %d dead-lettered",
-                            workers,
-                            requeued,
-                            dead_lettered,
-                        )
             except Exception as exc:  # noqa: BLE001 - this thread must outlive any error, or a live worker gets reaped
-                log.warning("heartbeat or reaper failed (%s: %s); retrying", type(exc).__name__, exc)
+                log.warning("heartbeat failed (%s: %s); retrying", type(exc).__name__, exc)
+
+    def _reap_loop(self) -> None:
+        """Every REAP_INTERVAL, return the jobs of workers whose heartbeat expired to the queue."""
+        while not self._finished.wait(self.config.reap_interval):
+            try:
+                workers, requeued, dead_lettered = self.queue.reap()
+            except Exception as exc:  # noqa: BLE001 - the next round tries again
+                log.warning("reaper failed (%s: %s); retrying", type(exc).__name__, exc)
+                continue
+            count_released(requeued, dead_lettered)
+            if workers:
+                log.warning(
+                    "reaped %d dead worker(s): %d job(s) requeued, %d dead-lettered", workers, requeued, dead_lettered
+                )
 
     def _retry(self, action, what: str, give_up_after: float | None = None):
         """Run `action` until Redis answers; give up after `give_up_after` s (None: only when stopping)."""

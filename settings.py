@@ -59,8 +59,8 @@ class Settings:
     accepted_formats: tuple[str, ...] = DEFAULT_ACCEPTED_FORMATS
     decode_budget_bytes: int = 512 * 1024 * 1024
     decode_wait: float = 1.0
-    heartbeat_ttl: float = 10.0
-    reap_interval: float = 5.0
+    heartbeat_ttl: float = 2.0
+    reap_interval: float = 0.5
     notifications: str = "auto"
     log_level: str = "INFO"
     metrics_host: str = "127.0.0.1"
