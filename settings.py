@@ -46,6 +46,9 @@ class Settings:
     # Secrets: kept out of repr(), so that no log line or error message that shows the settings shows them.
     api_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)
     api_keys_file: tuple[str, ...] = dataclasses.field(default=(), repr=False)  # the keys read from the file it names
+    proxy: str = "auto"
+    proxy_header_timeout: float = 10.0
+    proxy_body_timeout: float = 15.0
     web_processes: int = 1
     web_threads: int = 64
     web_nice: int = 10
@@ -254,6 +257,9 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "allowed_origins": _origins,
     "api_keys": _api_keys,
     "api_keys_file": _api_keys_file,
+    "proxy": _choice("auto", "nginx", "off"),
+    "proxy_header_timeout": _float(0.0, strict=True),
+    "proxy_body_timeout": _float(0.0, strict=True),
     "web_processes": _int(1, 64),
     "web_threads": _int(1, 1024),
     "web_nice": _int(0, 19),
