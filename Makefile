@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install nginx run test lint bench deliverables report clean
+.PHONY: install nginx run test lint bench soak deliverables report clean
 
 $(STAMP): requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ lint: $(STAMP)
 # --help for flags). The tools (benchmark, deliverables, report, process harness) live in tools/.
 bench: $(STAMP)
 	$(BIN)/python -m tools.bench
+
+# 20,000 requests through make run's stack, watching memory and Redis's keys (~15 min here; tools/soak.py --help).
+soak: $(STAMP) nginx
+	$(BIN)/python -m tools.soak
 
 deliverables: $(STAMP)
 	$(BIN)/python -m tools.deliverables
