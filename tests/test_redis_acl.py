@@ -98,6 +98,14 @@ def role_envs(secured: SecuredRedis) -> tuple[dict[str, str], dict[str, str]]:
     return worker, dict(worker, REDIS_URL=secured.url("web"))
 
 
+@pytest.fixture(scope="module")
+def worker(secured):
+    """A worker connected as the worker user, shared by the module."""
+    worker = start_worker(role_envs(secured)[0])
+    yield worker
+    worker.stop()
+
+
 def wait_mode(url: str, mode: str) -> dict | None:
     body = requests.get(url + "/readyz", timeout=5).json()
     return body if body.get("wait_mode") == mode else None
@@ -108,26 +116,21 @@ def refusals(admin: redis.Redis) -> set[tuple[str, str]]:
     return {(entry["username"], entry["object"]) for entry in admin.acl_log()}
 
 
-def test_the_whole_stack_runs_with_users_restricted_to_the_documented_rules(secured):
+def test_the_whole_stack_runs_with_users_restricted_to_the_documented_rules(secured, worker):
     admin, keys = secured.admin, JobQueue(secured.admin, secured.queue).keys
     # A worker that died holding a job, and a malformed job: the reaper's and the dead letters' scripts run too.
     stranded = Job.new(np.zeros((224, 224, 3), np.uint8), "nobody", 120)
     admin.sadd(keys.workers, "gone-1")
     admin.rpush(keys.processing("gone-1"), stranded.to_json())
     admin.lpush(keys.queue, b"{not json")
-    worker_env, web_env = role_envs(secured)
-    worker = start_worker(worker_env)
+    web = start_web(role_envs(secured)[1], gunicorn=True)
     try:
-        web = start_web(web_env, gunicorn=True)
-        try:
-            ready = wait_until(lambda: wait_mode(web.url, "notifications"), 30, "the probe to find notifications")
-            answers = [post_image(web.url) for _ in range(3)]
-            clients = [c for c in admin.client_list() if c.get("user") in ("web", "worker")]
-        finally:
-            web.stop()
-        wait_until(lambda: admin.exists(keys.result("nobody", stranded.id)), 30, "the stranded job's result")
+        ready = wait_until(lambda: wait_mode(web.url, "notifications"), 30, "the probe to find notifications")
+        answers = [post_image(web.url) for _ in range(3)]
+        clients = [c for c in admin.client_list() if c.get("user") in ("web", "worker")]
     finally:
-        worker.stop()
+        web.stop()
+    wait_until(lambda: admin.exists(keys.result("nobody", stranded.id)), 30, "the stranded job's result")
     assert [a.status_code for a in answers] == [200] * 3 and ready["workers"] == 1
     assert "reaped 1 dead worker" in worker.log
     assert json.loads(admin.lindex(keys.dead, 0))["reason"].startswith("job is not valid JSON")
@@ -137,19 +140,16 @@ def test_the_whole_stack_runs_with_users_restricted_to_the_documented_rules(secu
     assert refusals(admin) == {("web", "config|get")}, admin.acl_log()
 
 
-def test_with_notifications_off_and_config_denied_the_web_polls(secured):
+def test_with_notifications_off_and_config_denied_the_web_polls(secured, worker):
     secured.admin.config_set("notify-keyspace-events", "")
-    worker_env, web_env = role_envs(secured)
-    worker = start_worker(worker_env)
     try:
-        web = start_web(web_env)
+        web = start_web(role_envs(secured)[1])
         try:
             wait_until(lambda: wait_mode(web.url, "polling"), 30, "the web to settle on polling")
             assert post_image(web.url).status_code == 200
         finally:
             web.stop()
     finally:
-        worker.stop()
         secured.admin.config_set("notify-keyspace-events", "K$")
     assert refusals(secured.admin) <= {("web", "config|get")}
 
@@ -180,7 +180,7 @@ def test_tls_is_required_and_verified_on_the_tls_port(secured):
     if not secured.tls_ca:
         pytest.skip(secured.no_tls_reason)
     with pytest.raises(redis.ConnectionError):  # plain text on the TLS port
-        redis.Redis(port=secured.port, socket_timeout=2, password=PASSWORDS["default"]).ping()
+        connect(f"redis://:{PASSWORDS['default']}@127.0.0.1:{secured.port}/0").ping()
     unverified = secured.url("web").split("?")[0]  # TLS without the CA file: the throwaway certificate is refused
     with pytest.raises(redis.ConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
         connect(unverified).ping()
