@@ -152,7 +152,7 @@ class JobQueue:
         if ticket is None:
             return None
         status, _, shard = ticket.decode().partition(" ")
-        key = self.shards[int(shard) % len(self.shards)].result(SUBMITTED, job_id)
+        key = self.shards[int(shard) % len(self.shards) if shard.isdigit() else 0].result(SUBMITTED, job_id)
         result = retry_once(lambda: self.redis.get(key))
         if result is None:
             return {"status": status}
