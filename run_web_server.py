@@ -1,4 +1,4 @@
-"""The web API: accepts an image, queues it for the model workers, answers with the top-5 labels.
+"""The web API: accepts images, queues them for the model workers, answers with the top-k labels.
 
     python run_web_server.py                         # development server (threaded)
     gunicorn 'run_web_server:create_app()' ...       # production, see `make run`
@@ -8,9 +8,11 @@ Settings come from the environment / `.env` (see settings.py).
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 import uuid
+from contextlib import ExitStack
 
 from flask import Flask, Response, current_app, jsonify, request, send_from_directory
 from werkzeug.exceptions import HTTPException
@@ -20,10 +22,12 @@ import metrics
 import security
 import settings
 from helpers import DecodeBudget, DecodeBusy, ImageError, prepare_image
-from redis_protocol import REDIS_UNAVAILABLE, Job, JobQueue, ResultListener, ResultTimeout
+from redis_protocol import REDIS_UNAVAILABLE, SUBMITTED, Job, JobQueue, ResultListener, ResultTimeout
+from redis_protocol.job import DEFAULT_TOP_K, MAX_TOP_K
 from uploads import UploadRequest
 
 log = logger.get("web")
+JOB_ID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex: unguessable
 
 
 class Service:
@@ -53,7 +57,11 @@ def create_app(config: settings.Settings | None = None, queue: JobQueue | None =
     if queue is None:
         service.listener.start()
     app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Refused, _refused)
     app.add_url_rule("/predict", view_func=predict, methods=["POST"])
+    app.add_url_rule("/jobs", view_func=submit_job, methods=["POST"])
+    app.add_url_rule("/jobs/<job_id>", view_func=job_status, methods=["GET"])
+    app.add_url_rule("/jobs/<job_id>", view_func=cancel_job, methods=["DELETE"])
     app.add_url_rule("/healthz", view_func=healthz)
     app.add_url_rule("/readyz", view_func=readyz)
     metrics.init_app(app, service.queue)
@@ -87,43 +95,95 @@ def _http_error(exc: HTTPException):
     return response
 
 
+class Refused(Exception):
+    """A request the API turns down: answered as a JSON error with `status` (and Retry-After, if given)."""
+
+    def __init__(self, status: int, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.retry_after = status, message, retry_after
+
+
+def _refused(exc: Refused):
+    return error(exc.status, exc.message, exc.retry_after)
+
+
 def predict():
-    """POST /predict with a multipart file field `image`."""
-    service = _service()
-    upload = request.files.get("image")
-    if upload is None:
-        return error(400, "send the image as a multipart form file field named 'image'")
-    config = service.config
-    try:
-        pixels = prepare_image(
-            upload.read(),
-            config.max_image_pixels,
-            config.max_decode_bytes,
-            service.decode_budget,
-            formats=config.accepted_formats,
-        )
-    except ImageError as exc:
-        return error(400, str(exc))
-    except DecodeBusy:
-        return error(503, "the server is busy decoding other images; try again shortly", retry_after=1)
-    job = Job.new(pixels, service.origin, config.request_timeout, config.job_codec, config.job_quality)
-    with service.listener.expect(job.id):
-        try:
-            if not service.queue.enqueue(job, config.max_queue):
-                return error(503, "the server is busy (queue full); try again shortly", retry_after=1)
-            result = service.listener.wait(job.id, job.deadline)
-        except REDIS_UNAVAILABLE as exc:
-            log.warning("Redis unavailable for job %s: %s", job.id, exc)
-            return error(503, "the job queue (Redis) is unavailable; try again shortly", retry_after=1)
-        except ResultTimeout:
-            _give_up(service.queue, job)
-            return error(504, f"no result within {config.request_timeout:g} s (REQUEST_TIMEOUT)")
-    elapsed_ms = (time.time() - job.enqueued_at) * 1000
+    """POST /predict with one or more multipart file fields `image`: wait for the answers."""
+    service, config = _service(), _service().config
+    top_k = _top_k()
+    jobs = [
+        Job.new(pixels, service.origin, config.request_timeout, config.job_codec, config.job_quality, top_k)
+        for pixels in _prepared_uploads(service, config.max_images_per_request)
+    ]
+    results = _answers(service, jobs)
+    elapsed_ms = (time.time() - jobs[0].enqueued_at) * 1000
+    if len(jobs) > 1:
+        log.info("%d jobs answered in %.0f ms", len(jobs), elapsed_ms)
+        return jsonify(success=True, results=[_entry(result) for result in results])
+    [(job, result)] = zip(jobs, results, strict=True)
     if not result.get("success"):
         log.warning("job %s failed after %.0f ms: %s", job.id, elapsed_ms, logger.untrusted(result.get("error")))
         return error(int(result.get("status", 500)), result.get("error", "the job failed"))
     log.info("job %s answered in %.0f ms", job.id, elapsed_ms)
     return jsonify(result)
+
+
+def _top_k() -> int:
+    """The `top_k` query argument: how many classes each answer lists."""
+    raw = request.args.get("top_k")
+    if raw is None:
+        return DEFAULT_TOP_K
+    if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= MAX_TOP_K):
+        raise Refused(400, f"top_k must be a whole number from 1 to {MAX_TOP_K}")
+    return int(raw)
+
+
+def _prepared_uploads(service: Service, limit: int, limit_source: str = "MAX_IMAGES_PER_REQUEST") -> list:
+    """The uploaded `image` fields, each prepared for the model; Refused (and nothing queued) if any is bad."""
+    uploads = request.files.getlist("image")
+    if not uploads:
+        raise Refused(400, "send the image as a multipart form file field named 'image'")
+    if len(uploads) > limit:
+        raise Refused(400, f"{len(uploads)} images in one request; the limit is {limit} ({limit_source})")
+    config, prepared = service.config, []
+    for number, upload in enumerate(uploads, start=1):
+        try:
+            prepared.append(
+                prepare_image(upload.read(), config.max_image_pixels, config.max_decode_bytes, service.decode_budget,
+                              formats=config.accepted_formats)
+            )  # fmt: skip
+        except ImageError as exc:
+            named = f"image {number} ({upload.filename!r}): " if len(uploads) > 1 else ""
+            raise Refused(400, f"{named}{exc}") from None
+        except DecodeBusy:
+            raise Refused(503, "the server is busy decoding other images; try again shortly", retry_after=1) from None
+    return prepared
+
+
+def _answers(service: Service, jobs: list[Job]) -> list[dict]:
+    """Queue the jobs in one round trip and wait for each result, in order."""
+    config = service.config
+    with ExitStack() as expecting:
+        for job in jobs:
+            expecting.enter_context(service.listener.expect(job.id))
+        try:
+            if not service.queue.enqueue_many(jobs, config.max_queue):
+                raise Refused(503, "the server is busy (queue full); try again shortly", retry_after=1)
+            return [service.listener.wait(job.id, job.deadline, job.shard) for job in jobs]
+        except REDIS_UNAVAILABLE as exc:
+            log.warning("Redis unavailable for job %s: %s", jobs[0].id, exc)
+            raise Refused(503, "the job queue (Redis) is unavailable; try again shortly", retry_after=1) from None
+        except ResultTimeout:
+            for job in jobs:
+                _give_up(service.queue, job)
+            raise Refused(504, f"no result within {config.request_timeout:g} s (REQUEST_TIMEOUT)") from None
+
+
+def _entry(result: dict) -> dict:
+    """One image's part of a several-image answer."""
+    if result.get("success"):
+        return {key: value for key, value in result.items() if key != "success"}
+    return {"success": False, "error": result.get("error", "the job failed")}
 
 
 def _give_up(queue: JobQueue, job: Job) -> None:
@@ -139,6 +199,65 @@ def _give_up(queue: JobQueue, job: Job) -> None:
         log.warning("could not cancel job %s: %s", job.id, exc)
 
 
+def submit_job():
+    """POST /jobs with a multipart file field `image`: queue it and answer at once where to collect it."""
+    service, config = _service(), _service().config
+    top_k = _top_k()
+    [pixels] = _prepared_uploads(service, 1, "a job is one image; /predict takes several")
+    # A submitted job may wait in the queue, and its result be collected, until RESULT_TTL after now.
+    job = Job.new(pixels, SUBMITTED, config.result_ttl, config.job_codec, config.job_quality, top_k)
+    try:
+        queued = service.queue.submit(job, config.max_queue)
+    except REDIS_UNAVAILABLE as exc:
+        log.warning("Redis unavailable for submitted job %s: %s", job.id, exc)
+        raise Refused(503, "the job queue (Redis) is unavailable; try again shortly", retry_after=1) from None
+    if not queued:
+        raise Refused(503, "the server is busy (queue full); try again shortly", retry_after=1)
+    log.info("job %s submitted", job.id)
+    response = jsonify(success=True, id=job.id, status_url=f"/jobs/{job.id}")
+    response.status_code = 202
+    response.headers["Location"] = f"/jobs/{job.id}"
+    return response
+
+
+def job_status(job_id: str):
+    """GET /jobs/<id>: a submitted job's status, with its predictions once done."""
+    status = _known_job(job_id, lambda: _service().queue.job_status(job_id))
+    return jsonify(id=job_id, **_public_status(status))
+
+
+def cancel_job(job_id: str):
+    """DELETE /jobs/<id>: cancel a submitted job that no worker has taken yet."""
+    outcome = _known_job(job_id, lambda: _service().queue.cancel_submitted(job_id))
+    if outcome == 1:
+        log.info("job %s cancelled by its client", job_id)
+        return jsonify(success=True, id=job_id, status="cancelled")
+    if outcome == 0 or _service().queue.job_status(job_id):
+        return error(409, f"job {job_id} is running or done already; it can no longer be cancelled")
+    raise Refused(404, f"no job {job_id} (unknown, cancelled, or its result expired after RESULT_TTL)")
+
+
+def _known_job(job_id: str, read):
+    """What `read` says of a job; Refused 404 for an id that cannot be a job's, or when Redis knows none."""
+    if not JOB_ID.fullmatch(job_id):
+        raise Refused(404, f"no job {job_id!r}: job ids are 32 hexadecimal digits")
+    try:
+        value = read()
+    except REDIS_UNAVAILABLE as exc:
+        log.warning("Redis unavailable for job %s: %s", job_id, exc)
+        raise Refused(503, "the job queue (Redis) is unavailable; try again shortly", retry_after=1) from None
+    if value is None:
+        raise Refused(404, f"no job {job_id} (unknown, cancelled, or its result expired after RESULT_TTL)")
+    return value
+
+
+def _public_status(status: dict) -> dict:
+    """A job's status as GET /jobs/<id> shows it: a failed job's HTTP status stays inside."""
+    if status["status"] == "failed":
+        return {"status": "failed", "error": status.get("error", "the job failed")}
+    return {key: value for key, value in status.items() if key != "success"}
+
+
 def healthz():
     """GET /healthz: the process is alive."""
     return jsonify(status="ok")
@@ -150,12 +269,15 @@ def readyz():
     try:
         depth = service.queue.depth()
         workers = service.queue.live_workers()
+        models = service.queue.worker_models()
     except REDIS_UNAVAILABLE as exc:
         # The details (Redis's address among them) go to the log, not to whoever asks.
         log.warning("not ready: Redis unavailable: %s", exc)
         return jsonify(ready=False, redis=False, error="the job queue (Redis) is unavailable"), 503
     ready = workers > 0
-    body = dict(ready=ready, redis=True, workers=workers, queue_depth=depth, wait_mode=service.listener.mode)
+    body = dict(
+        ready=ready, redis=True, workers=workers, models=models, queue_depth=depth, wait_mode=service.listener.mode
+    )
     return jsonify(body), 200 if ready else 503
 
 

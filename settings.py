@@ -32,6 +32,8 @@ class SettingsError(ValueError):
 class Settings:
     redis_url: str = DEFAULT_REDIS_URL
     image_queue: str = "image_queue"
+    queue_shards: int = 1
+    worker_shards: tuple[int, ...] | None = None  # None: "all", every shard of the queue
     batch_size: int = 32
     batch_wait_ms: float = 0.0
     prefetch_batches: int | None = None  # None: "auto", decided by the worker from its model's device
@@ -57,6 +59,7 @@ class Settings:
     max_job_bytes: int = 1_048_576
     dead_letter_max: int = 1000
     max_upload_bytes: int = 16 * 1024 * 1024
+    max_images_per_request: int = 16
     max_image_pixels: int = 100_000_000
     max_decode_bytes: int = 150_000_000
     accepted_formats: tuple[str, ...] = DEFAULT_ACCEPTED_FORMATS
@@ -135,11 +138,11 @@ def _choice(*options: str) -> Callable[[str, str], str]:
     return parse
 
 
-def _auto_or(parse: Callable[[str, str], object]) -> Callable[[str, str], object]:
-    """`auto` (None: the program decides) or what `parse` accepts."""
+def _auto_or(parse: Callable[[str, str], object], word: str = "auto") -> Callable[[str, str], object]:
+    """`word` (None: the program decides) or what `parse` accepts."""
 
     def parse_or_auto(name: str, raw: str) -> object:
-        return None if raw.strip().lower() == "auto" else parse(name, raw)
+        return None if raw.strip().lower() == word else parse(name, raw)
 
     return parse_or_auto
 
@@ -164,9 +167,19 @@ def _redis_url(name: str, raw: str) -> str:
 
 def _queue_name(name: str, raw: str) -> str:
     value = raw.strip()
-    if not value or any(c.isspace() for c in value) or any(c in value for c in "*?[]"):
-        raise SettingsError(f"{name} must be a non-empty name without spaces or glob characters, got {raw!r}")
+    # Braces are left out because the shards' hash tags are made of them: `{image_queue:0}`.
+    if not value or any(c.isspace() for c in value) or any(c in value for c in "*?[]{}"):
+        raise SettingsError(f"{name} must be a non-empty name without spaces, braces or glob characters, got {raw!r}")
     return value
+
+
+def _shard_list(name: str, raw: str) -> tuple[int, ...]:
+    """A comma-separated list of shard numbers, e.g. `0,2`."""
+    parse = _int(0, 1023)
+    shards = tuple(sorted({parse(name, part.strip()) for part in raw.split(",") if part.strip()}))
+    if not shards:
+        raise SettingsError(f"{name} must be 'all' or shard numbers separated by commas, got {raw!r}")
+    return shards
 
 
 def _weights(name: str, raw: str) -> str:
@@ -244,6 +257,8 @@ def _log_level(name: str, raw: str) -> str:
 _PARSERS: dict[str, Callable[[str, str], object]] = {
     "redis_url": _redis_url,
     "image_queue": _queue_name,
+    "queue_shards": _int(1, 1024),
+    "worker_shards": _auto_or(_shard_list, "all"),
     "batch_size": _int(1, 1024),
     "batch_wait_ms": _float(0.0),
     "prefetch_batches": _auto_or(_int(0, 4)),
@@ -268,6 +283,7 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "max_job_bytes": _int(1024),
     "dead_letter_max": _int(1),
     "max_upload_bytes": _int(1),
+    "max_images_per_request": _int(1, 256),
     "max_image_pixels": _int(1),
     "max_decode_bytes": _int(1),
     "accepted_formats": _formats,
@@ -309,6 +325,12 @@ def _checked(settings: Settings) -> Settings:
         raise SettingsError(
             f"MAX_DECODE_BYTES ({settings.max_decode_bytes:,}) must not exceed DECODE_BUDGET_BYTES "
             f"({settings.decode_budget_bytes:,}): one image must fit in the web process's decode budget"
+        )
+    beyond = [shard for shard in settings.worker_shards or () if shard >= settings.queue_shards]
+    if beyond:
+        raise SettingsError(
+            f"WORKER_SHARDS names shard(s) {', '.join(map(str, beyond))}, but QUEUE_SHARDS={settings.queue_shards} "
+            f"numbers them 0 to {settings.queue_shards - 1}"
         )
     if settings.flask_debug and not is_loopback(settings.web_host):
         raise SettingsError(

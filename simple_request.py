@@ -1,9 +1,11 @@
-"""Classify one image with a running imgserve web API and print the top-5 labels.
+"""Classify one image with a running imgserve web API and print the top labels.
 
-    python simple_request.py IMAGE [--url http://127.0.0.1:5000] [--json] [--timeout 60]
+    python simple_request.py IMAGE [--url http://127.0.0.1:5000] [--top-k 5] [--async] [--json] [--timeout 60]
 
-Prints `1. church: 0.4136` style lines, or with --json the server's JSON answer. Exit code 0 on
-success, 1 when the server is unreachable, too slow or answers an error, 2 when IMAGE cannot be read.
+Prints `1. church: 0.4136` style lines, or with --json the server's JSON answer. --url takes the base URL
+or the /predict URL. --async submits the image (POST /jobs) and polls its status until it is done,
+showing the status on stderr. Exit code 0 on success, 1 when the server is unreachable, too slow or
+answers an error, 2 when IMAGE cannot be read.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import mimetypes
 import sys
+import time
 from pathlib import Path
 
 import requests
@@ -37,12 +40,26 @@ def read_image(path: str) -> bytes:
         raise ClientError(f"cannot read {path}: {exc.strerror}", code=2) from None
 
 
-def post_image(url: str, name: str, data: bytes, timeout: float) -> requests.Response:
-    """POST the image to URL/predict as the multipart field `image`; ClientError when no answer came."""
-    endpoint = url.rstrip("/") + "/predict"
+def base_url(url: str) -> str:
+    """The API's base URL from what a user may paste: the base, or the URL of /predict or /jobs."""
+    url = url.rstrip("/")
+    for route in ("/predict", "/jobs"):
+        if url.endswith(route):
+            return url[: -len(route)]
+    return url
+
+
+def post_image(url: str, name: str, data: bytes, timeout: float, top_k: int | None = None,
+               route: str = "/predict") -> requests.Response:  # fmt: skip
+    """POST the image to URL/predict (or `route`) as the multipart field `image`; ClientError when no answer came."""
     content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    params = {"top_k": top_k} if top_k else None
+    return _request("post", base_url(url) + route, timeout, files={"image": (name, data, content_type)}, params=params)
+
+
+def _request(method: str, endpoint: str, timeout: float, **kwargs: object) -> requests.Response:
     try:
-        return requests.post(endpoint, files={"image": (name, data, content_type)}, timeout=timeout)
+        return requests.request(method, endpoint, timeout=timeout, **kwargs)
     except requests.Timeout:
         raise ClientError(f"no answer from {endpoint} within {timeout:g} s (raise --timeout?)") from None
     except requests.ConnectionError:
@@ -60,7 +77,7 @@ def parse_answer(response: requests.Response) -> dict:
     if not isinstance(body, dict):
         snippet = " ".join(response.text.split())[:200]
         raise ClientError(f"the server answered {response.status_code} with something that is not JSON: {snippet!r}")
-    if response.status_code != 200 or not body.get("success"):
+    if response.status_code not in (200, 202) or not body.get("success", body.get("status") == "done"):
         message = body.get("error") or "no error message"
         raise ClientError(f"the server answered {response.status_code}: {message}")
     return body
@@ -71,11 +88,34 @@ def format_predictions(predictions: list[dict]) -> list[str]:
     return [f"{rank}. {p['label']}: {p['probability']:.4f}" for rank, p in enumerate(predictions, start=1)]
 
 
-def classify(path: str, url: str = DEFAULT_URL, timeout: float = 60.0) -> tuple[dict, str]:
-    """Send the image at `path`; (parsed JSON, raw JSON text). Raises ClientError."""
+def classify(path: str, url: str = DEFAULT_URL, timeout: float = 60.0, top_k: int | None = None) -> tuple[dict, str]:
+    """Send the image at `path` and wait for the answer; (parsed JSON, raw JSON text). Raises ClientError."""
     data = read_image(path)
-    response = post_image(url, Path(path).name, data, timeout)
+    response = post_image(url, Path(path).name, data, timeout, top_k)
     return parse_answer(response), response.text
+
+
+def classify_later(path: str, url: str = DEFAULT_URL, timeout: float = 60.0, top_k: int | None = None,
+                   progress=None) -> tuple[dict, str]:  # fmt: skip
+    """Submit the image (POST /jobs), then poll its status until it is done; (parsed JSON, raw JSON text).
+
+    `progress(status, seconds)` is called after each poll. Raises ClientError, also when the job failed."""
+    submitted = parse_answer(post_image(url, Path(path).name, read_image(path), timeout, top_k, route="/jobs"))
+    status_url, started, pause = base_url(url) + submitted["status_url"], time.monotonic(), 0.1
+    while time.monotonic() - started < timeout:
+        response = _request("get", status_url, timeout)
+        body = parse_answer(response) if response.status_code != 200 else response.json()
+        if progress:
+            progress(body.get("status", "?"), time.monotonic() - started)
+        if body.get("status") in ("done", "failed"):
+            return parse_answer(response), response.text
+        time.sleep(pause)
+        pause = min(pause * 1.5, 1.0)
+    raise ClientError(f"job {submitted['id']} was not done within {timeout:g} s (raise --timeout?)")
+
+
+def _show_progress(status: str, seconds: float) -> None:
+    print(f"\rjob {status} after {seconds:.1f} s ", end="", file=sys.stderr, flush=True)
 
 
 def positive_float(raw: str) -> float:
@@ -89,10 +129,20 @@ def positive_float(raw: str) -> float:
     return value
 
 
+def top_k(raw: str) -> int:
+    """argparse type: a whole number from 1 to 20."""
+    if not raw.isdigit() or not 1 <= int(raw) <= 20:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 20, got {raw!r}")
+    return int(raw)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("image", help="the image file to classify (JPEG, PNG, ...)")
     parser.add_argument("--url", default=DEFAULT_URL, help=f"the web API's base URL (default {DEFAULT_URL})")
+    parser.add_argument("--top-k", type=top_k, help="how many classes to list, 1 to 20 (default: the server's 5)")
+    parser.add_argument("--async", dest="later", action="store_true",
+                        help="submit the image as a job (POST /jobs), then poll until it is done")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the server's JSON answer as it came")
     parser.add_argument(
         "--timeout", type=positive_float, default=60.0, help="seconds to wait for the answer (default 60)"
@@ -103,9 +153,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        body, raw = classify(args.image, args.url, args.timeout)
+        if args.later:
+            body, raw = classify_later(args.image, args.url, args.timeout, args.top_k, _show_progress)
+            print(file=sys.stderr)
+        else:
+            body, raw = classify(args.image, args.url, args.timeout, args.top_k)
     except ClientError as exc:
-        print(f"simple_request.py: {exc}", file=sys.stderr)
+        print(("\n" if args.later else "") + f"simple_request.py: {exc}", file=sys.stderr)
         return exc.code
     print(raw.strip() if args.json else "\n".join(format_predictions(body["predictions"])))
     return 0

@@ -1,7 +1,10 @@
 """Send many /predict requests from a thread pool and summarize what came back.
 
     python stress_test.py [--url http://127.0.0.1:5000] [--image FILE] [--requests 500] [--concurrency 16]
-                          [--gap 0.05] [--timeout 120] [--csv FILE] [--plot FILE.png]
+                          [--gap 0.05] [--timeout 120] [--async] [--csv FILE] [--plot FILE.png]
+
+--url takes the base URL or the /predict URL. With --async each request submits the image as a job
+(POST /jobs) and polls its status until it is done; its latency runs until then.
 
 One request is submitted every --gap seconds (0.05 s, as in the original tutorial) to a pool of
 --concurrency threads; without --image a generated JPEG is sent. Every request is waited for
@@ -26,7 +29,7 @@ import numpy as np
 import requests
 from tqdm import tqdm
 
-from simple_request import DEFAULT_URL, ClientError, positive_float, read_image
+from simple_request import DEFAULT_URL, ClientError, base_url, positive_float, read_image
 
 THREAD_PREFIX = "stress"
 _local = threading.local()
@@ -95,12 +98,13 @@ def _session() -> requests.Session:
     return _local.session
 
 
-def send_one(url: str, image: bytes, index: int, run_started: float, timeout: float) -> Outcome:
-    """POST one image to URL/predict and record the outcome; never raises for network errors."""
+def send_one(url: str, image: bytes, index: int, run_started: float, timeout: float, later: bool = False) -> Outcome:
+    """POST one image to URL/predict (or submit it and poll, `later`) and record the outcome; never raises
+    for network errors."""
     started = time.perf_counter()
     outcome = Outcome(index, started - run_started, 0.0)
     try:
-        response = _session().post(url.rstrip("/") + "/predict", files={"image": ("image.jpg", image)}, timeout=timeout)
+        response = (_submit_and_collect if later else _predict)(base_url(url), image, started + timeout)
         outcome.status = response.status_code
         outcome.error = _answer_error(response)
     except requests.Timeout:
@@ -113,6 +117,30 @@ def send_one(url: str, image: bytes, index: int, run_started: float, timeout: fl
     return outcome
 
 
+def _predict(url: str, image: bytes, deadline: float) -> requests.Response:
+    remaining = max(0.001, deadline - time.perf_counter())
+    return _session().post(url + "/predict", files={"image": ("image.jpg", image)}, timeout=remaining)
+
+
+def _submit_and_collect(url: str, image: bytes, deadline: float) -> requests.Response:
+    """POST /jobs, then GET its status until it is done or failed; the last answer (an error answer as is)."""
+    response = _session().post(
+        url + "/jobs", files={"image": ("image.jpg", image)}, timeout=deadline - time.perf_counter()
+    )
+    if response.status_code != 202:
+        return response
+    status_url, pause = url + response.json()["status_url"], 0.02
+    while True:
+        remaining = deadline - time.perf_counter()
+        if remaining <= 0:
+            raise requests.Timeout()
+        response = _session().get(status_url, timeout=remaining)
+        if response.status_code != 200 or response.json().get("status") in ("done", "failed"):
+            return response
+        time.sleep(min(pause, remaining))
+        pause = min(pause * 1.5, 0.5)
+
+
 def _answer_error(response: requests.Response) -> str:
     try:
         body = response.json()
@@ -122,11 +150,20 @@ def _answer_error(response: requests.Response) -> str:
         return f"bad answer: not JSON (HTTP {response.status_code})"
     if response.status_code != 200:
         return f"HTTP {response.status_code}: {body.get('error', '')}"
-    return "" if body.get("success") else "bad answer: success is not true"
+    if body.get("status") == "failed":
+        return f"job failed: {body.get('error', '')}"
+    return "" if body.get("success") or body.get("status") == "done" else "bad answer: success is not true"
 
 
 def run(
-    url: str, image: bytes, n: int, concurrency: int, gap: float, timeout: float, progress: bool = True
+    url: str,
+    image: bytes,
+    n: int,
+    concurrency: int,
+    gap: float,
+    timeout: float,
+    progress: bool = True,
+    later: bool = False,
 ) -> tuple[list[Outcome], float]:
     """Send `n` requests, one every `gap` s, from `concurrency` threads; (outcomes by index, wall seconds).
 
@@ -144,7 +181,7 @@ def run(
         with ThreadPoolExecutor(concurrency, thread_name_prefix=THREAD_PREFIX) as pool:
             futures = []
             for index in range(n):
-                future = pool.submit(send_one, url, image, index, run_started, timeout)
+                future = pool.submit(send_one, url, image, index, run_started, timeout, later)
                 future.add_done_callback(tick)
                 futures.append(future)
                 if gap > 0 and index < n - 1:
@@ -224,6 +261,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=_positive_int, default=16, help="threads sending (default 16)")
     parser.add_argument("--gap", type=_non_negative, default=0.05, help="seconds between submissions (default 0.05)")
     parser.add_argument("--timeout", type=positive_float, default=120.0, help="seconds per request (default 120)")
+    parser.add_argument("--async", dest="later", action="store_true",
+                        help="submit each image as a job (POST /jobs) and poll until it is done")  # fmt: skip
     parser.add_argument("--csv", help="write one row per request to this CSV file")
     parser.add_argument("--plot", help="draw a latency histogram into this PNG file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -253,8 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     except ClientError as exc:
         print(f"stress_test.py: {exc}", file=sys.stderr)
         return exc.code
-    print(f"sending {args.requests} requests to {args.url}/predict, {args.concurrency} threads, gap {args.gap:g} s")
-    outcomes, wall = run(args.url, image, args.requests, args.concurrency, args.gap, args.timeout, not args.no_progress)
+    target = base_url(args.url) + ("/jobs, then polling each job," if args.later else "/predict")
+    print(f"sending {args.requests} requests to {target} {args.concurrency} threads, gap {args.gap:g} s")
+    outcomes, wall = run(args.url, image, args.requests, args.concurrency, args.gap, args.timeout,
+                         not args.no_progress, args.later)  # fmt: skip
     summary = summarize(outcomes, wall)
     print(format_summary(summary))
     if args.csv:

@@ -2,25 +2,28 @@
 
 The servers call this package and never spell a Redis key. One concern per module:
 
-    keys.py        every key name (declared once) and what each key holds
-    connection.py  the client, which never resends a command, and REDIS_UNAVAILABLE
+    keys.py        every key name (declared once, per shard) and what each key holds
+    connection.py  the client (plain or cluster, detected), which never resends a command; REDIS_UNAVAILABLE
     job.py         the job's wire format (JSON), parsed as untrusted input; dead-letter metadata
     scripts.py     the Lua scripts, each documenting its KEYS and ARGV
-    queue.py       JobQueue: the operations of both sides
+    queue.py       JobQueue: the operations of both sides, each on one shard (or spread over them)
+    claim.py       Claimer: how a worker takes batches from its shards in turn
     listener.py    ResultListener: how a waiting request learns that its result is there
 
-The rule that loses nothing: a job is in the queue, in one batch slot (processing list) of one worker,
-or in the dead letters. Every move between the queue and a processing list is one atomic server-side
-step (BLMOVE, LMOVE or a Lua script). A batch leaves its processing list only after its results are written,
-so a crash at any point loses nothing: the reaper returns the processing lists of a worker whose
-heartbeat expired to the head of the queue.
+The rule that loses nothing, in each shard: a job is in the shard's queue, in one batch slot (processing
+list) of one worker in that shard, or in the shard's dead letters. Every move between the queue and a
+processing list is one atomic server-side step (BLMOVE, LMOVE or a Lua script) within the shard's hash
+slot. A batch leaves its processing list only after its results are written, so a crash at any point
+loses nothing: the reaper of each shard returns the processing lists of a worker whose heartbeat there
+expired to the head of the shard's queue.
 
 Replays. A command whose reply is lost may have run. The client never resends by itself; each
 operation on the job path is either idempotent, and then retried once, or recovers another way:
 
     command                          idempotent   after a lost reply
     LPUSH job (enqueue)              no           pushed again in MULTI with an LREM of the first copy
-    BLMOVE + LLEN, LMOVE (claim)     no           not resent; the next claim takes back the slot's jobs
+    BLMOVE + LLEN, LMOVE (claim)     no           not resent; the slot is released (RELEASE, no attempt
+                                                  counted) before anything is claimed into it again
     SET result EX (publish)          yes          resent: the same value again
     DEL slot, or the ACK script      yes          resent: deletes nothing more; ACK (a batch with dead
       (acknowledge)                               letters) writes them only while the slot exists
@@ -28,17 +31,23 @@ operation on the job path is either idempotent, and then retried once, or recove
     GETEX result PX (take result)    yes          resent: the same value, kept 2 s after the first read
     LREM job (cancel)                yes          resent
     SET heartbeat PX + SADD          yes          resent
+    SET ticket EX (submit)           yes          resent
+    SET ticket XX GET (take)         yes          resent: finds the ticket it set (running), not cancelled
+    CANCEL script                    yes          resent: finds no ticket, and the client hears 404
 """
 
+from .claim import Claimer
 from .connection import REDIS_UNAVAILABLE, connect
 from .job import DeadLetter, Job, JobError, error_result, job_metadata
-from .keys import SLOTS, Keys
+from .keys import SLOTS, SUBMITTED, Keys
 from .listener import ResultListener, ResultTimeout
 from .queue import JobQueue
 
 __all__ = [
     "REDIS_UNAVAILABLE",
     "SLOTS",
+    "SUBMITTED",
+    "Claimer",
     "DeadLetter",
     "Job",
     "JobError",

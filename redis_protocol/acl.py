@@ -12,24 +12,25 @@ queue with `python -m tools.redis_acl`.
 
 from __future__ import annotations
 
-from .keys import Keys
+from .keys import Keys, ticket_key
 
 # Commands each role sends, by where: queue.py (both sides), listener.py and the scripts in scripts.py.
 WEB_COMMANDS = (
-    "lpush", "lrem", "multi", "exec",  # enqueue (again in MULTI after a lost reply), cancel
-    "getex",                           # take a result
-    "llen", "smembers", "exists",      # queue depth and dead letters (/metrics), live workers (/readyz)
-    "set",                             # the probe for keyspace events where CONFIG is denied
+    "lpush", "lrem", "multi", "exec",  # enqueue (again in MULTI after a lost reply), cancel a waiting job
+    "getex", "get",                    # take a result; a submitted job's ticket and result (GET /jobs/<id>)
+    "set", "del",                      # a submitted job's ticket; the probe for keyspace events without CONFIG
+    "evalsha", "script|load",          # the CANCEL script (DELETE /jobs/<id>)
+    "llen", "smembers", "mget",        # queue depth and dead letters (/metrics), live workers and models (/readyz)
     "psubscribe", "punsubscribe",      # the result listener
-    "ping", "select",                  # health checks; a database other than 0
+    "info", "ping", "select",          # is it a cluster (connection.is_cluster); health checks; a database but 0
 )  # fmt: skip
 WORKER_COMMANDS = (
     "blmove", "lmove", "llen", "lrange",     # claim a batch, resume a claim
-    "set", "del",                            # publish results, acknowledge
-    "sadd", "srem", "smembers", "exists",    # heartbeat, unregister; the reaper's script
+    "set", "del", "mget",                    # publish results and take tickets (SET XX GET), acknowledge; liveness
+    "sadd", "srem", "smembers", "exists",    # heartbeat, unregister; the reaper
     "evalsha", "script|load",                # the ACK, RELEASE and REAP scripts (loaded on first use)
-    "rpush", "lpush", "ltrim",               # inside the scripts: requeue, dead letters
-    "ping", "select",
+    "rpush", "lpush", "ltrim", "get",        # inside the scripts: requeue, dead letters
+    "info", "ping", "select",
 )  # fmt: skip
 
 
@@ -45,6 +46,8 @@ def key_patterns(queue: str, role: str) -> list[str]:
             patterns += [keys.queue, f"{keys.queue}:*"]
         else:  # the web reads the workers' set and heartbeats, and the dead letters' count; writes the rest
             patterns += [keys.queue, keys.result_prefix + "*", keys.dead, keys.workers, keys.heartbeat_prefix + "*"]
+    if role == "web":  # tickets carry the queue's name untagged, whatever the shards (keys.ticket_key)
+        patterns.append(ticket_key(queue, "*"))
     return patterns
 
 

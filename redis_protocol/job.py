@@ -21,6 +21,7 @@ from image_codecs import DEFAULT_QUALITY, PayloadError, decode_image, encode_ima
 
 DEFAULT_MAX_JOB_BYTES = 1_048_576  # a 224x224x3 job is about 200 KB raw, less with the other codecs
 MAX_NAME_CHARS = 200  # ids, origins, dtype and codec names are short; longer ones are not ours
+DEFAULT_TOP_K, MAX_TOP_K = 5, 20  # classes in an answer: what clients get unless they ask (?top_k=), and the most
 
 
 class JobError(ValueError):
@@ -40,16 +41,25 @@ class Job:
     deadline: float
     attempts: int = 0
     codec: str = "raw"  # how `image` packs the pixels: image_codecs.encode_image
+    top_k: int = DEFAULT_TOP_K  # how many classes the answer lists
     # True when `image` is base64 text made by Job.new: it needs no JSON escaping, so to_json can
     # splice it in instead of having json.dumps scan 200 KB of it.
     _image_is_base64: bool = field(default=False, init=False, repr=False, compare=False)
+    # The shard JobQueue.enqueue put it in (its result is written there too); not on the wire.
+    shard: int = field(default=0, init=False, repr=False, compare=False)
 
     @classmethod
     def new(
-        cls, pixels: np.ndarray, origin: str, timeout: float, codec: str = "raw", quality: int = DEFAULT_QUALITY
+        cls,
+        pixels: np.ndarray,
+        origin: str,
+        timeout: float,
+        codec: str = "raw",
+        quality: int = DEFAULT_QUALITY,
+        top_k: int = DEFAULT_TOP_K,
     ) -> Job:
         """A job for `pixels`, packed with `codec` (JOB_CODEC; `quality` for a lossy one, JOB_QUALITY), due
-        `timeout` seconds from now."""
+        `timeout` seconds from now, answered with the `top_k` most probable classes."""
         image, codec = encode_image(pixels, codec, quality)
         now = time.time()
         job = cls(
@@ -61,6 +71,7 @@ class Job:
             enqueued_at=now,
             deadline=now + timeout,
             codec=codec,
+            top_k=top_k,
         )
         job._image_is_base64 = True
         return job
@@ -91,6 +102,7 @@ class Job:
             deadline=_finite(data["deadline"], "deadline"),
             attempts=_count(data.get("attempts", 0), "attempts"),
             codec=_name({"codec": data.get("codec", "raw")}, "codec"),
+            top_k=_top_k(data.get("top_k", DEFAULT_TOP_K)),
         )
 
     def pixels(self) -> np.ndarray:
@@ -184,6 +196,14 @@ def _count(value: object, name: str) -> int:
         value = int(value)
     if not _is_int(value) or value < 0:
         raise JobError(f"{_WRONG} {name!r} must be a whole number >= 0")
+    return value
+
+
+def _top_k(value: object) -> int:
+    if isinstance(value, float) and value.is_integer():  # as a Lua script may re-encode it
+        value = int(value)
+    if not _is_int(value) or not 1 <= value <= MAX_TOP_K:
+        raise JobError(f"{_WRONG} 'top_k' must be a whole number from 1 to {MAX_TOP_K}")
     return value
 
 

@@ -1,15 +1,27 @@
 """Every Redis key name of the protocol, declared once (`{q}` is IMAGE_QUEUE, default `image_queue`).
 
-{q}                               LIST    pending jobs (JSON). The web server LPUSHes; workers take from
+The queue is split into QUEUE_SHARDS shards. With one shard on a plain Redis the keys are named as below
+with `{q}` as is; otherwise every key of shard N starts with the hash tag `{{q}:N}` (e.g. `{image_queue:2}`),
+so that Redis Cluster puts all the keys of a shard in one slot and each Lua script touches one slot.
+`{s}` below is that prefix: `{q}`, or `{{q}:N}`.
+
+{s}                               LIST    pending jobs (JSON). The web server LPUSHes; workers take from
                                           the right, so the list is FIFO and its right end is the head.
-{q}:processing:{worker}:{slot}    LIST    one claimed batch of one worker, until it is acknowledged.
+{s}:processing:{worker}:{slot}    LIST    one claimed batch of one worker, until it is acknowledged.
                                           A worker has SLOTS batch slots; a serial worker uses slot 0.
-{q}:heartbeat:{worker}            STRING  "alive"; TTL HEARTBEAT_TTL, renewed by the worker.
-{q}:workers                       SET     ids of workers that may own processing lists.
-{q}:dead                          LIST    dead letters, newest first, at most DEAD_LETTER_MAX:
+{s}:heartbeat:{worker}            STRING  the worker's model, as JSON ({"model", "weights"}); TTL HEARTBEAT_TTL,
+                                          renewed by a worker serving the shard.
+{s}:workers                       SET     ids of workers that may own processing lists in the shard.
+{s}:dead                          LIST    dead letters, newest first, at most DEAD_LETTER_MAX:
                                           {"reason", "worker", "at", "job": metadata}, never the image.
-{q}:result:{origin}:{id}          STRING  result JSON for job `id` sent by web process `origin`; expires
-                                          a few seconds after the job's deadline (RESULT_TTL at most).
+{s}:result:{origin}:{id}          STRING  result JSON for job `id` sent by web process `origin` to this
+                                          shard; expires a few seconds after the job's deadline (RESULT_TTL
+                                          at most). Submitted jobs (POST /jobs) have the origin SUBMITTED:
+                                          no web process waits for them, any one reads their results.
+{q}:ticket:{id}                   STRING  a submitted job's status and shard until it has a result: "queued N",
+                                          then "running N" once a worker took it; deleted when it is cancelled.
+                                          Not in a shard: any web process finds it by the id alone. TTL until
+                                          its result would expire.
 """
 
 from __future__ import annotations
@@ -22,24 +34,30 @@ SLOTS = 8
 # Keyspace events for string commands: enough to see the SET of a result key.
 NOTIFY_FLAGS = "K$"
 
+# The origin of submitted jobs (POST /jobs): no web process waits on them, any one reads their results.
+# Web processes' own origins are 12 hex digits, so they never meet this one.
+SUBMITTED = "submitted"
+
 
 class Keys:
-    """The key names of one queue."""
+    """The key names of one shard of a queue."""
 
-    def __init__(self, queue: str) -> None:
-        self.queue = queue
-        self.workers = f"{queue}:workers"
-        self.dead = f"{queue}:dead"
-        self.processing_prefix = f"{queue}:processing:"
-        self.heartbeat_prefix = f"{queue}:heartbeat:"
-        self.result_prefix = f"{queue}:result:"
+    def __init__(self, queue: str, shard: int | None = None) -> None:
+        """`shard` None: the untagged names of a single-shard queue on a plain Redis."""
+        self.shard = shard or 0
+        self.queue = queue if shard is None else f"{{{queue}:{shard}}}"
+        self.workers = f"{self.queue}:workers"
+        self.dead = f"{self.queue}:dead"
+        self.processing_prefix = f"{self.queue}:processing:"
+        self.heartbeat_prefix = f"{self.queue}:heartbeat:"
+        self.result_prefix = f"{self.queue}:result:"
 
     def processing(self, worker: str, slot: int = 0) -> str:
         """The processing list of one of a worker's batch slots."""
         return f"{self.processing_prefix}{worker}:{slot}"
 
     def processing_lists(self, worker: str) -> list[str]:
-        """Every processing list a worker may own."""
+        """Every processing list a worker may own in this shard."""
         return [self.processing(worker, slot) for slot in range(SLOTS)]
 
     def heartbeat(self, worker: str) -> str:
@@ -48,6 +66,20 @@ class Keys:
     def result(self, origin: str, job_id: str) -> str:
         return f"{self.result_prefix}{origin}:{job_id}"
 
-    def result_channel_pattern(self, db: int, origin: str) -> str:
-        """The keyspace-notification channels of every result key of one web process."""
-        return f"__keyspace@{db}__:{self.result_prefix}{origin}:*"
+
+def shard_keys(queue: str, shards: int, tagged: bool) -> list[Keys]:
+    """The keys of every shard: hash-tagged when `tagged` (a cluster) or when there are several shards."""
+    if shards == 1 and not tagged:
+        return [Keys(queue)]
+    return [Keys(queue, shard) for shard in range(shards)]
+
+
+def result_channel_pattern(queue: str, tagged: bool, db: int, origin: str) -> str:
+    """The keyspace-notification channels of every result key of one web process, in every shard."""
+    prefix = f"{{{queue}:*}}" if tagged else queue  # braces are literal in a glob pattern
+    return f"__keyspace@{db}__:{prefix}:result:{origin}:*"
+
+
+def ticket_key(queue: str, job_id: str) -> str:
+    """The ticket of a submitted job: its status and shard, found by the id alone."""
+    return f"{queue}:ticket:{job_id}"

@@ -1,5 +1,9 @@
 """The Lua scripts of the protocol. Each runs atomically inside Redis; each documents its KEYS and ARGV.
 
+Every key a script touches is passed in KEYS, and all of them are keys of one shard, so in a Redis Cluster
+each script runs on one slot. A key the script can only name once it has read a job (the result key of a
+job it dead-letters) is declared up front by the caller, who reads the processing lists first.
+
 No script fails halfway: Redis does not roll back a script that raises, so whatever could raise (cjson
 on an element anyone may have pushed) runs under pcall, and an element it cannot handle is dead-lettered.
 """
@@ -26,13 +30,20 @@ return 1
 
 # The part shared by REAP and RELEASE: `release` moves a processing list back to the head of the
 # queue. A job out of attempts, too large, or unreadable goes to the dead letters instead (metadata
-# and reason, never the image), and its client gets an error result when the job names it.
+# and reason, never the image), and its client gets an error result when the job names it and the
+# caller declared that result key (`answerable`, from KEYS).
 # Both scripts take the same first seven ARGV:
 #   ARGV[1] result key prefix   ARGV[2] MAX_ATTEMPTS    ARGV[3] RESULT_TTL   ARGV[4] seconds a result
 #   outlives its job's deadline  ARGV[5] MAX_JOB_BYTES  ARGV[6] DEAD_LETTER_MAX  ARGV[7] now (Unix time)
 _RELEASE = """
 local result_prefix, max_attempts, result_ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local grace, max_bytes, dead_max, now = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local answerable = {}
+
+-- KEYS[first..] are result keys the caller declared.
+local function declare_results(first)
+  for i = first, #KEYS do answerable[KEYS[i]] = true end
+end
 
 local function finite(v)
   return type(v) == 'number' and v == v and v ~= math.huge and v ~= -math.huge
@@ -54,8 +65,10 @@ local function answer(job, reason)
   if type(job) ~= 'table' or type(job.id) ~= 'string' or type(job.origin) ~= 'string' then return end
   local ttl = result_ttl
   if finite(job.deadline) then ttl = math.max(1, math.min(result_ttl, math.floor(job.deadline - now) + grace)) end
+  local key = result_prefix .. job.origin .. ':' .. job.id
+  if not answerable[key] then return end  -- not declared: its client gets a 504 at its deadline instead
   local msg = cjson.encode({success = false, status = 500, error = 'job failed: ' .. reason})
-  redis.call('SET', result_prefix .. job.origin .. ':' .. job.id, msg, 'EX', ttl)
+  redis.call('SET', key, msg, 'EX', ttl)
 end
 
 local function read(raw)
@@ -102,33 +115,33 @@ local function release(plist, queue, dead, worker, count_attempt, why)
 end
 """
 
-# Takes back the jobs of every worker whose heartbeat expired, counting an attempt, and forgets
-# those workers. Idempotent: a replay finds nothing left to take.
-#   KEYS[1]  the workers set     KEYS[2]  the queue     KEYS[3]  the dead-letter list
-#   ARGV[1..7] as for release (above)
-#   ARGV[8]  heartbeat key prefix   ARGV[9]  processing list prefix   ARGV[10]  batch slots per worker
-# Returns {workers reaped, jobs requeued, jobs dead-lettered}.
+# Takes back the jobs of one worker whose heartbeat expired in this shard, counting an attempt, and forgets
+# the worker there. Does nothing while its heartbeat lives (it came back since the caller looked).
+# Idempotent: a replay finds nothing left to take.
+#   KEYS[1]  the worker's heartbeat   KEYS[2]  the workers set   KEYS[3]  the queue   KEYS[4]  the dead letters
+#   KEYS[5 .. 4+ARGV[9]]  the worker's processing lists (one per batch slot)
+#   KEYS[5+ARGV[9] ..]    result keys of the jobs in them, which the script may answer
+#   ARGV[1..7] as for release (above)   ARGV[8]  the worker's id   ARGV[9]  batch slots per worker
+# Returns {workers reaped (0 or 1), jobs requeued, jobs dead-lettered}.
 REAP = (
     _RELEASE
     + """
-local requeued, dead_lettered, reaped = 0, 0, 0
-for _, worker in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  if redis.call('EXISTS', ARGV[8] .. worker) == 0 then
-    for slot = 0, tonumber(ARGV[10]) - 1 do
-      local r = release(ARGV[9] .. worker .. ':' .. slot, KEYS[2], KEYS[3], worker, 1,
-                        'worker ' .. worker .. ' stopped sending heartbeats')
-      requeued, dead_lettered = requeued + r[1], dead_lettered + r[2]
-    end
-    redis.call('SREM', KEYS[1], worker)
-    reaped = reaped + 1
-  end
+if redis.call('EXISTS', KEYS[1]) == 1 then return {0, 0, 0} end
+local slots = tonumber(ARGV[9])
+declare_results(5 + slots)
+local requeued, dead_lettered = 0, 0
+for i = 5, 4 + slots do
+  local r = release(KEYS[i], KEYS[3], KEYS[4], ARGV[8], 1, 'worker ' .. ARGV[8] .. ' stopped sending heartbeats')
+  requeued, dead_lettered = requeued + r[1], dead_lettered + r[2]
 end
-return {reaped, requeued, dead_lettered}
+redis.call('SREM', KEYS[2], ARGV[8])
+return {1, requeued, dead_lettered}
 """
 )
 
 # Returns one processing list to the head of the queue. Idempotent: a replay finds the list gone.
 #   KEYS[1]  the processing list   KEYS[2]  the queue   KEYS[3]  the dead-letter list
+#   KEYS[4..]  result keys of the jobs in the list, which the script may answer
 #   ARGV[1..7] as for release (above)
 #   ARGV[8]  the worker's id (for the dead letters)
 #   ARGV[9]  1 to count a delivery attempt (the batch failed), 0 not to (a clean shutdown)
@@ -137,6 +150,20 @@ return {reaped, requeued, dead_lettered}
 RELEASE = (
     _RELEASE
     + """
+declare_results(4)
 return release(KEYS[1], KEYS[2], KEYS[3], ARGV[8], tonumber(ARGV[9]), ARGV[10])
 """
 )
+
+
+# CANCEL: cancel a submitted job that no worker has taken yet.
+#   KEYS[1]  the job's ticket ({q}:ticket:{id}: "queued N" or "running N", N its shard)
+# Returns 1 when the job was queued (its ticket is now deleted, so the worker that claims it skips it),
+# 0 when a worker already took it, -1 when there is no ticket (unknown, expired or cancelled before).
+CANCEL = """
+local status = redis.call('GET', KEYS[1])
+if not status then return -1 end
+if string.sub(status, 1, 7) ~= 'queued ' then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+"""

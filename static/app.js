@@ -13,6 +13,7 @@
   const caption = document.getElementById("preview-caption");
   const list = document.getElementById("predictions");
   const heading = document.getElementById("result-heading");
+  const weightsWarning = document.getElementById("weights-warning");
 
   let currentFile = null;
   let inFlight = null; // AbortController of the request being waited for
@@ -119,6 +120,20 @@
     return message;
   }
 
+  // Random weights make every answer meaningless: say so, whether /readyz or an answer tells us.
+  function warnIfRandom(weights) {
+    if (weights.includes("none")) weightsWarning.hidden = false;
+  }
+
+  async function checkModel() {
+    try {
+      const body = await readJson(await fetch("readyz"));
+      if (body && Array.isArray(body.models)) warnIfRandom(body.models.map(function (m) { return m.weights; }));
+    } catch (err) {
+      // Not ready or unreachable: the upload itself will say so.
+    }
+  }
+
   async function classify(file) {
     if (inFlight) inFlight.abort();
     const controller = new AbortController();
@@ -135,6 +150,7 @@
       const response = await fetch("predict", { method: "POST", body: data, signal: controller.signal });
       const body = await readJson(response);
       if (response.ok && body && body.success && Array.isArray(body.predictions)) {
+        warnIfRandom([body.weights]);
         renderPredictions(body.predictions);
         setBusy(false, "Done: the five most likely classes for " + file.name + ".");
       } else {
@@ -186,4 +202,5 @@
       classify(currentFile);
     }
   });
+  checkModel();
 })();

@@ -227,3 +227,17 @@ def test_redis_down_shows_the_503_with_retry_hint(page, tmp_path):
         expect(page.get_by_role("heading", name="Top 5")).to_have_count(0)
     finally:
         web.stop()
+
+
+def test_random_weights_are_announced_on_the_page(stack, page):
+    page.goto(stack.url + "/")
+    expect(page.get_by_role("note")).to_contain_text("random weights")
+
+
+def test_a_server_with_real_weights_shows_no_warning(stack, page):
+    models = {"ready": True, "models": [{"model": "resnet50", "weights": "imagenet"}]}
+    page.route("**/readyz", lambda route: route.fulfill(json=models))
+    with page.expect_response("**/readyz"):
+        page.goto(stack.url + "/")
+    page.wait_for_timeout(200)  # the page's script handles the answer
+    expect(page.locator("#weights-warning")).to_be_hidden()

@@ -176,3 +176,29 @@ def test_summary_without_successes_has_no_latency():
     assert summary.max is None
     text = stress_test.format_summary(summary)
     assert "latency: n/a" in text and "make run" in text
+
+
+# ---- submitted jobs, top_k, the /predict URL --------------------------------------------------
+
+
+def test_simple_request_async_submits_polls_and_prints_the_top_k(stack, image_file):
+    result = run_script("simple_request.py", str(image_file), "--url", stack.url + "/predict", "--async",
+                        "--top-k", "3")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 3 and "job done after" in result.stderr
+
+
+@pytest.mark.parametrize("value", ["0", "21", "x"])
+def test_simple_request_refuses_a_top_k_out_of_range(image_file, value):
+    result = run_script("simple_request.py", str(image_file), "--top-k", value)
+    assert result.returncode == 2 and "1 to 20" in result.stderr
+
+
+@pytest.mark.parametrize("later", [False, True], ids=["predict", "async"])
+def test_stress_test_takes_the_predict_url_and_async(stack, capsys, later):
+    argv = ["--url", stack.url + "/predict/", "--requests", "6", "--concurrency", "3", "--gap", "0", "--no-progress"]
+    code = stress_test.main(argv + (["--async"] if later else []))
+    output = capsys.readouterr().out
+    assert code == 0, output
+    assert summary_counts(output) == {"requests": 6, "successes": 6, "failures": 0}
+    assert ("/jobs, then polling" in output) is later

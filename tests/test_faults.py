@@ -32,7 +32,7 @@ class NumberedModel:
         self.seen: Counter[int] = Counter()
         self.failures = 0  # batches to fail before working
 
-    def classify(self, images: np.ndarray) -> list[list[dict]]:
+    def classify(self, images: np.ndarray, k: int = 5) -> list[list[dict]]:
         if self.failures:
             self.failures -= 1
             raise RuntimeError("injected inference failure")

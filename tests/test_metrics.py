@@ -183,7 +183,7 @@ def test_worker_metrics_count_dead_lettered_and_expired_jobs(stack, redis_server
 class BrokenClassifier:
     """Stands in for the model to make inference fail."""
 
-    def classify(self, images: np.ndarray) -> list:
+    def classify(self, images: np.ndarray, k: int = 5) -> list:
         raise RuntimeError("inference exploded")
 
 

@@ -12,7 +12,7 @@ from schemathesis.checks import not_a_server_error
 
 from local_redis import free_port
 from settings import PROJECT_DIR
-from tools.processes import live_stack, sample_image_bytes, server_env, start_web
+from tools.processes import live_stack, sample_image_bytes, server_env, start_web, wait_until
 
 SPEC = PROJECT_DIR / "openapi.yaml"
 REQUEST_TIMEOUT = 150  # seconds; generous, so a busy CPU does not turn into a 504
@@ -34,10 +34,18 @@ schema = schemathesis.openapi.from_path(
             "operations": [
                 # A schema-valid `image` is any bytes; most are not an image, and 400 is the right answer.
                 {
-                    "include-path": "/predict",
-                    "include-method": "POST",
+                    "include-operation-id": "predict",
                     "checks": {"positive_data_acceptance": {"expected-statuses": [200, 400]}},
-                }
+                },
+                {
+                    "include-operation-id": "submitJob",
+                    "checks": {"positive_data_acceptance": {"expected-statuses": [202, 400]}},
+                },
+                # A schema-valid job id is any string; almost none names a job.
+                {
+                    "include-operation-id": ["jobStatus", "cancelJob"],
+                    "checks": {"positive_data_acceptance": {"expected-statuses": [200, 404, 409]}},
+                },
             ]
         }
     ),
@@ -58,12 +66,26 @@ def test_served_description_is_the_repository_file(live_web):
     assert response.content == SPEC.read_bytes()
 
 
-def test_a_real_image_gets_a_200_that_fits_the_schema(live_web):
-    """A real photo through the real model: its 200 answer fits the schema (generated bodies rarely decode)."""
-    case = schema["/predict"]["POST"].Case(body={"image": sample_image_bytes()})
+@pytest.mark.parametrize("images", [1, 2])
+def test_real_images_get_a_200_that_fits_the_schema(live_web, images):
+    """Real photos through the real model: the 200 answer fits the schema (generated bodies rarely decode)."""
+    case = schema["/predict"]["POST"].Case(body={"image": [sample_image_bytes()] * images})
     response = case.call_and_validate(base_url=live_web.url, timeout=REQUEST_TIMEOUT + 30)
     assert response.status_code == 200
-    assert len(response.json()["predictions"]) == 5
+    body = response.json()
+    assert len(body["predictions"]) == 5 if images == 1 else len(body["results"]) == images
+
+
+def test_a_submitted_job_and_its_status_fit_the_schema(live_web):
+    case = schema["/jobs"]["POST"].Case(body={"image": sample_image_bytes()}, query={"top_k": 2})
+    submitted = case.call_and_validate(base_url=live_web.url)
+    assert submitted.status_code == 202
+    job_id = submitted.json()["id"]
+    status = schema["/jobs/{job_id}"]["GET"].Case(path_parameters={"job_id": job_id})
+    wait_until(lambda: status.call_and_validate(base_url=live_web.url).json()["status"] == "done", 60, "the job")
+    assert len(status.call_and_validate(base_url=live_web.url).json()["predictions"]) == 2
+    cancel = schema["/jobs/{job_id}"]["DELETE"].Case(path_parameters={"job_id": job_id})
+    assert cancel.call_and_validate(base_url=live_web.url).status_code == 409
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +101,7 @@ def test_redis_down_answers_fit_the_schema(web_without_redis):
     response = readyz.call_and_validate(base_url=web_without_redis.url, excluded_checks=[not_a_server_error])
     assert response.status_code == 503 and response.json()["redis"] is False
 
-    predict = schema["/predict"]["POST"].Case(body={"image": sample_image_bytes()})
+    predict = schema["/predict"]["POST"].Case(body={"image": [sample_image_bytes()]})
     response = predict.call_and_validate(base_url=web_without_redis.url, excluded_checks=[not_a_server_error])
     assert response.status_code == 503 and response.headers["retry-after"] == ["1"]
 

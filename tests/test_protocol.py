@@ -22,7 +22,18 @@ def test_job_json_round_trip_and_size():
     raw = job.to_json()
     assert Job.from_json(raw) == job
     wire = json.loads(raw)
-    assert set(wire) == {"id", "origin", "image", "shape", "dtype", "enqueued_at", "deadline", "attempts", "codec"}
+    assert set(wire) == {
+        "id",
+        "origin",
+        "image",
+        "shape",
+        "dtype",
+        "enqueued_at",
+        "deadline",
+        "attempts",
+        "codec",
+        "top_k",
+    }
     assert wire["image"] == job.image and wire["shape"] == [224, 224, 3]
     assert len(job.image) == 200_704
     assert len(raw) < 201_000

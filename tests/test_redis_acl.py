@@ -23,7 +23,7 @@ import requests
 from local_redis import LocalRedis, free_port
 from redis_protocol import Job, JobQueue, connect
 from tools import redis_acl
-from tools.processes import post_image, server_env, start_web, start_worker, wait_until
+from tools.processes import post_image, sample_image_bytes, server_env, start_web, start_worker, wait_until
 
 PASSWORDS = {role: f"{role}-{uuid.uuid4().hex}" for role in ("default", "web", "worker")}
 
@@ -116,6 +116,19 @@ def refusals(admin: redis.Redis) -> set[tuple[str, str]]:
     return {(entry["username"], entry["object"]) for entry in admin.acl_log()}
 
 
+def submit_collect_and_cancel(url: str) -> tuple[str, int]:
+    """POST /jobs, then GET /jobs/<id> until done; POST another and DELETE it. (The first's status, the
+    DELETE's HTTP status: 200 cancelled, or 409 when a worker took the job first.)"""
+    image = {"image": ("photo.jpg", sample_image_bytes(), "image/jpeg")}
+    first = requests.post(url + "/jobs", files=image, timeout=30).json()["id"]
+    status = wait_until(
+        lambda: (s := requests.get(f"{url}/jobs/{first}", timeout=30).json()["status"]) in ("done", "failed") and s,
+        30, "the submitted job's result",
+    )  # fmt: skip
+    second = requests.post(url + "/jobs", files=image, timeout=30).json()["id"]
+    return status, requests.delete(f"{url}/jobs/{second}", timeout=30).status_code
+
+
 def test_the_whole_stack_runs_with_users_restricted_to_the_documented_rules(secured, worker):
     admin, keys = secured.admin, JobQueue(secured.admin, secured.queue).keys
     # A worker that died holding a job, and a malformed job: the reaper's and the dead letters' scripts run too.
@@ -127,11 +140,13 @@ def test_the_whole_stack_runs_with_users_restricted_to_the_documented_rules(secu
     try:
         ready = wait_until(lambda: wait_mode(web.url, "notifications"), 30, "the probe to find notifications")
         answers = [post_image(web.url) for _ in range(3)]
+        submitted = submit_collect_and_cancel(web.url)
         clients = [c for c in admin.client_list() if c.get("user") in ("web", "worker")]
     finally:
         web.stop()
     wait_until(lambda: admin.exists(keys.result("nobody", stranded.id)), 30, "the stranded job's result")
     assert [a.status_code for a in answers] == [200] * 3 and ready["workers"] == 1
+    assert submitted[0] == "done" and submitted[1] in (200, 409)
     assert "reaped 1 dead worker" in worker.log
     assert json.loads(admin.lindex(keys.dead, 0))["reason"].startswith("job is not valid JSON")
     assert {c["user"] for c in clients} == {"web", "worker"}

@@ -13,7 +13,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import settings
 from helpers import DecodeBudget
+from redis_protocol import SUBMITTED
 from run_web_server import create_app
+
+MODEL = {"model": "stand-in", "weights": "none"}
 
 
 class StandInQueue:
@@ -23,25 +26,43 @@ class StandInQueue:
         self.accept, self.down = accept, down
         self.enqueued: list = []
 
-    def enqueue(self, job, max_queue: int) -> bool:
+    def enqueue_many(self, jobs: list, max_queue: int) -> bool:
         if self.down:
             raise redis.ConnectionError("Connection refused")
-        self.enqueued.append(job)
+        self.enqueued.extend(jobs)
         return self.accept
 
-    def take_result(self, origin: str, job_id: str) -> dict:
-        return {"success": True, "predictions": [{"label": "castle", "probability": 0.5}]}
+    def submit(self, job, max_queue: int) -> bool:
+        return self.enqueue_many([job], max_queue)
+
+    def job_status(self, job_id: str) -> dict | None:
+        return {"status": "queued"} if any(job.id == job_id for job in self.enqueued) else None
+
+    def cancel_submitted(self, job_id: str) -> int:
+        return 1 if self.job_status(job_id) else -1
+
+    def take_result(self, origin: str, job_id: str, shard: int = 0) -> dict:
+        return {"success": True, "predictions": [{"label": "castle", "probability": 0.5}], **MODEL}
+
+    def worker_models(self) -> list[dict]:
+        return [MODEL]
 
     def depth(self) -> int:
         if self.down:  # redis-py names the address it could not reach
             raise redis.ConnectionError("Error 111 connecting to 10.1.2.3:6379. Connection refused.")
         return len(self.enqueued)
 
+    def depths(self) -> list[int]:
+        return [self.depth()]
+
     def live_workers(self) -> int:
         return 1
 
     def dead_letter_count(self) -> int:
         return 0
+
+    def dead_letter_counts(self) -> list[int]:
+        return [0]
 
 
 def client_for(queue: StandInQueue, **env: str):
@@ -257,7 +278,7 @@ def test_reading_from_another_site_is_not_refused():
 
 
 class FailingQueue(StandInQueue):
-    def take_result(self, origin: str, job_id: str) -> dict:
+    def take_result(self, origin: str, job_id: str, shard: int = 0) -> dict:
         return {"success": False, "status": 500, "error": "boom\n[2026-01-01 00:00:00.000] [web] forged"}
 
 
@@ -266,6 +287,102 @@ def test_a_result_error_from_redis_is_logged_on_one_line(capsys):
     assert_error(client.post("/predict", **upload(png(40, 30))), 500, "boom")
     lines = [line for line in capsys.readouterr().err.splitlines() if "boom" in line or "forged" in line]
     assert len(lines) == 1 and lines[0].endswith("boom\\n[2026-01-01 00:00:00.000] [web] forged"), lines
+
+
+# ---- several images, top_k, submitted jobs, model identity --------------------------------------
+
+
+def uploads(*files: tuple[bytes, str]) -> dict:
+    return {
+        "data": {"image": [(io.BytesIO(data), name) for data, name in files]},
+        "content_type": "multipart/form-data",
+    }
+
+
+def test_the_single_image_answer_keeps_its_fields_and_names_the_model():
+    client, _ = client_for(StandInQueue())
+    body = client.post("/predict", **upload(png(40, 30))).get_json()
+    assert body == {"success": True, "predictions": [{"label": "castle", "probability": 0.5}], **MODEL}
+
+
+def test_several_images_are_queued_together_and_answered_in_order():
+    queue = StandInQueue()
+    client, _ = client_for(queue)
+    response = client.post("/predict", **uploads(*[(png(40 + i, 30), f"{i}.png") for i in range(3)]))
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["success"] is True and len(body["results"]) == 3
+    assert all(entry["predictions"][0]["label"] == "castle" and entry["weights"] == "none" for entry in body["results"])
+    assert len(queue.enqueued) == 3 and len({job.id for job in queue.enqueued}) == 3
+
+
+def test_one_bad_image_among_several_is_named_and_nothing_is_queued():
+    queue = StandInQueue()
+    client, _ = client_for(queue)
+    response = client.post("/predict", **uploads((png(40, 30), "good.png"), (b"not a picture", "bad.png")))
+    assert_error(response, 400, "image 2 ('bad.png')")
+    assert queue.enqueued == []
+
+
+def test_more_images_than_the_limit_is_400_naming_the_setting():
+    queue = StandInQueue()
+    client, _ = client_for(queue, MAX_IMAGES_PER_REQUEST="2")
+    response = client.post("/predict", **uploads(*[(png(40, 30), f"{i}.png") for i in range(3)]))
+    assert_error(response, 400, "MAX_IMAGES_PER_REQUEST")
+    assert queue.enqueued == []
+
+
+@pytest.mark.parametrize("path", ["/predict", "/jobs"])
+def test_top_k_is_carried_by_the_job(path):
+    queue = StandInQueue()
+    client, _ = client_for(queue)
+    client.post(path, **upload(png(40, 30)))
+    client.post(path + "?top_k=20", **upload(png(40, 30)))
+    assert [job.top_k for job in queue.enqueued] == [5, 20]
+
+
+@pytest.mark.parametrize("path", ["/predict", "/jobs"])
+@pytest.mark.parametrize("value", ["0", "21", "-1", "3.5", "x", "", "٣"])
+def test_top_k_out_of_range_is_400_and_nothing_is_queued(path, value):
+    queue = StandInQueue()
+    client, _ = client_for(queue)
+    assert_error(client.post(f"{path}?top_k={value}", **upload(png(40, 30))), 400, "top_k must be")
+    assert queue.enqueued == []
+
+
+def test_a_submitted_job_is_answered_at_once_with_where_to_collect_it():
+    queue = StandInQueue()
+    client, _ = client_for(queue, RESULT_TTL="600")
+    response = client.post("/jobs", **upload(png(40, 30)))
+    body = response.get_json()
+    assert response.status_code == 202 and body["success"] is True
+    assert body["status_url"] == f"/jobs/{body['id']}" and response.headers["Location"] == body["status_url"]
+    [job] = queue.enqueued
+    assert job.id == body["id"] and job.origin == SUBMITTED and 590 < job.deadline - job.enqueued_at <= 600
+    assert client.get(body["status_url"]).get_json() == {"id": job.id, "status": "queued"}
+
+
+def test_a_submitted_job_takes_one_image():
+    client, _ = client_for(StandInQueue())
+    assert_error(client.post("/jobs", **uploads((png(40, 30), "a.png"), (png(40, 30), "b.png"))), 400, "limit is 1")
+
+
+@pytest.mark.parametrize("method", ["get", "delete"])
+@pytest.mark.parametrize("job_id", ["nope", "0" * 32, "A" * 32, "0" * 33])
+def test_an_unknown_job_is_404_json(method, job_id):
+    client, _ = client_for(StandInQueue())
+    assert_error(getattr(client, method)(f"/jobs/{job_id}"), 404, "no job")
+
+
+def test_a_full_queue_refuses_a_submitted_job():
+    client, _ = client_for(StandInQueue(accept=False))
+    response = assert_error(client.post("/jobs", **upload(png(40, 30))), 503, "queue full")
+    assert response["success"] is False
+
+
+def test_readyz_names_the_workers_models():
+    client, _ = client_for(StandInQueue())
+    assert client.get("/readyz").get_json()["models"] == [MODEL]
 
 
 # ---- API keys -----------------------------------------------------------------------------------
@@ -308,9 +425,9 @@ def test_with_api_keys_every_listed_key_may_predict_and_open_routes_stay_open(tm
 
 def test_a_route_added_later_is_closed_until_listed_as_open():
     client, app = client_for(StandInQueue(), API_KEYS=KEY)
-    app.add_url_rule("/jobs/<job_id>", "job_status", lambda job_id: {"id": job_id})
-    assert_error(client.get("/jobs/1"), 401, "API key")
-    assert client.get("/jobs/1", headers=bearer(KEY)).get_json() == {"id": "1"}
+    app.add_url_rule("/later/<item>", "later", lambda item: {"item": item})
+    assert_error(client.get("/later/1"), 401, "API key")
+    assert client.get("/later/1", headers=bearer(KEY)).get_json() == {"item": "1"}
 
 
 def test_api_keys_never_reach_the_log_or_the_metrics(capsys):
@@ -326,3 +443,10 @@ def test_api_keys_never_reach_the_log_or_the_metrics(capsys):
 def test_without_api_keys_the_api_is_open():
     client, _ = client_for(StandInQueue(), API_KEYS="")
     assert client.post("/predict", headers=bearer("anything"), **upload(png(40, 30))).status_code == 200
+
+
+@pytest.mark.parametrize("method, path", [("POST", "/jobs"), ("GET", "/jobs/abc"), ("DELETE", "/jobs/abc")])
+def test_with_api_keys_the_job_routes_need_a_key_too(method, path):
+    client, _ = client_for(StandInQueue(), API_KEYS=KEY)
+    assert_error(client.open(path, method=method, **upload(png(40, 30))), 401, "API key")
+    assert client.open(path, method=method, headers=bearer(KEY), **upload(png(40, 30))).status_code != 401

@@ -18,7 +18,7 @@ FORGED = "\n[2026-01-01 00:00:00.000] [model] [run_model_server.py] forged"
 
 
 class StandInQueue:
-    def finish_batch(self, worker_id, results, dead, slot=0) -> bool:
+    def finish_batch(self, worker_id, results, dead, slot=0, shard=0) -> bool:
         return True
 
 

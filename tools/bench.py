@@ -17,7 +17,10 @@ weights, the same compute as the real ones) and prints, each against its goal:
  8. Redis alone: its CPU per request for our command mix, so how many requests one Redis core carries
  9. GPU feed: one worker and a stand-in model that sleeps for an H100's time per batch (tools/gpu_feed.py)
 10. preparing one upload (castle, a 48 MP JPEG, 4096x4096 RGBA and 6300x6300 PNGs): CPU and peak memory
-11. the front door (tools/front_door.py): web CPU per request by step, the web server before issue 13 beside
+11. Redis Cluster: phase 8's mix over QUEUE_SHARDS=3 on a local 3-primary cluster: jobs per shard, Redis CPU
+    per request on each node and commands per request, beside phase 8's single-Redis figures
+    (`--cluster-only`: phases 8 and 11 alone, about a minute)
+12. the front door (tools/front_door.py): web CPU per request by step, the web server before issue 13 beside
     this one, every JOB_CODEC (bytes, CPU on each side, pixel error), JPEG decoders; cores per 1,000 requests/s
 
 Clients, web server, Redis and workers all share this machine's cores; the output says how much
@@ -46,8 +49,8 @@ import requests
 
 import settings
 from image_codecs import CODECS
-from local_redis import LocalRedis, free_port
-from redis_protocol import Job, JobQueue, connect
+from local_redis import LocalCluster, LocalRedis, free_port
+from redis_protocol import Claimer, Job, JobQueue, connect
 from tools.processes import CASTLE, PROJECT, Child, WebServer, Worker, sample_image_bytes, server_env
 from tools.standin import StandInModel
 
@@ -56,6 +59,7 @@ OWN_COMMANDS = {"info", "lindex", "echo", "monitor"}
 MONITOR_END = "imgserve-bench-monitor-end"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 BATCH_FOR_MIX = 32  # jobs per batch in the Redis-alone phase
+CLUSTER_SHARDS = 3  # shards, and primaries, in the cluster phase
 
 
 @dataclass(frozen=True)
@@ -831,6 +835,93 @@ def redis_mix(url: str, queue_name: str, seconds: float, job_json: bytes) -> int
     return done
 
 
+def redis_cluster(report: Report, seconds: float, image: bytes, codec: str, single: dict, processes: int = 2) -> dict:
+    """(11) Phase 8's mix, each client spreading its jobs over CLUSTER_SHARDS shards of a local Redis Cluster
+    whose shards each live on their own primary, and claiming them back shard by shard as a worker does."""
+    from multiprocessing import get_context
+
+    from helpers import prepare_image
+
+    report.section(
+        f"11. Redis Cluster: phase 8's mix over QUEUE_SHARDS={CLUSTER_SHARDS} on a local {CLUSTER_SHARDS}-primary "
+        "cluster, no HTTP, no model"
+    )
+    job_json = Job.new(prepare_image(image), "mix", 3600, codec).to_json()
+    with LocalCluster(primaries=CLUSTER_SHARDS) as cluster:
+        names = [cluster.spread_queue_name(f"bench-cluster-{i}", CLUSTER_SHARDS) for i in range(processes)]
+        nodes = [redis.Redis(port=node.port) for node in cluster.nodes]
+        before, cpu = [command_counts(n) for n in nodes], [process_cpu(node.process.pid) for node in cluster.nodes]
+        started = time.perf_counter()
+        with get_context("spawn").Pool(processes) as pool:
+            runs = pool.starmap(cluster_mix, [(cluster.url, name, seconds, job_json) for name in names])
+        elapsed = time.perf_counter() - started
+        used = [process_cpu(node.process.pid) - c for node, c in zip(cluster.nodes, cpu, strict=True)]
+        commands = sum((serving_commands(b, command_counts(n)) for b, n in zip(before, nodes, strict=True)), Counter())
+        for node in nodes:
+            node.close()
+    return _describe_cluster(report, runs, elapsed, used, commands, single)
+
+
+def _describe_cluster(
+    report: Report, runs: list[list[int]], elapsed: float, used: list[float], commands: Counter, single: dict
+) -> dict:
+    per_shard = [sum(run[shard] for run in runs) for shard in range(CLUSTER_SHARDS)]
+    done = sum(per_shard)
+    out = {
+        "requests": done,
+        "requests_per_s": done / elapsed,
+        "jobs_per_shard": per_shard,
+        "spread_max_over_min": max(per_shard) / min(per_shard),
+        "redis_cpu_ms_per_request_by_node": [1000 * u / done for u in used],
+        "redis_cpu_ms_per_request": 1000 * sum(used) / done,
+        "commands_per_request": sum(commands.values()) / done,
+        "commands": {name: n / done for name, n in commands.most_common()},
+    }
+    report.say(
+        f"   {len(runs)} client processes: {done / elapsed:.0f} requests/s; jobs per shard {per_shard} "
+        f"(largest / smallest {out['spread_max_over_min']:.3f})"
+    )
+    report.say(
+        "   Redis CPU per request on each node: "
+        + ", ".join(f"{ms:.3f} ms" for ms in out["redis_cpu_ms_per_request_by_node"])
+        + f"; all nodes together {out['redis_cpu_ms_per_request']:.3f} ms, "
+        f"against {single['redis_cpu_ms_per_request']:.3f} ms on the single Redis of phase 8"
+    )
+    report.say(
+        f"   {out['commands_per_request']:.2f} commands/request against {single['commands_per_request']:.2f} on the "
+        f"single Redis: {_breakdown(commands, done)}"
+    )
+    report.say(
+        "      (a worker's batch comes from one shard: per request a third of phase 8's batch, so the claim's "
+        "BLMOVE/LLEN and the acknowledgement count about three times as often per job)"
+    )
+    return out
+
+
+def cluster_mix(url: str, queue_name: str, seconds: float, job_json: bytes) -> list[int]:
+    """Phase 8's mix on a sharded queue, for `seconds`: enqueue BATCH_FOR_MIX jobs (spread over the shards), claim
+    them back shard by shard, publish, take every result. Returns the jobs done in each shard."""
+    queue = JobQueue(connect(url), queue_name, result_ttl=60, shards=CLUSTER_SHARDS)
+    claimer = Claimer(queue, "mix-worker", range(CLUSTER_SHARDS), BATCH_FOR_MIX, 0)
+    claimer.registered.update(range(CLUSTER_SHARDS))
+    template, result = Job.from_json(job_json), _null_result()
+    per_shard, done, end = [0] * CLUSTER_SHARDS, 0, time.monotonic() + seconds
+    while time.monotonic() < end:
+        jobs = [replace(template, id=f"{done + i}") for i in range(BATCH_FOR_MIX)]
+        for job in jobs:
+            queue.enqueue(job, max_queue=10 * BATCH_FOR_MIX)
+            per_shard[job.shard] += 1
+        claimed = 0
+        while claimed < len(jobs):
+            shard, raws = claimer.claim(0)
+            queue.finish_batch("mix-worker", [(Job.from_json(raw), result) for raw in raws], [], 0, shard)
+            claimed += len(raws)
+        for job in jobs:
+            queue.take_result(job.origin, job.id, job.shard)
+        done += len(jobs)
+    return per_shard
+
+
 def _redis_pid(client: redis.Redis) -> int:
     return int(client.info("server")["process_id"])
 
@@ -947,10 +1038,26 @@ def run(args: argparse.Namespace) -> Report:
         measure_stack(report, plan, client, env, counter, queue, (model, classifier), stack, server.url)
         report.results["ceiling"] = ceiling(report, plan, client, env, counter)
         report.results["redis_alone"] = redis_alone(report, plan.redis_window, image, server.url, config.job_codec)
+    report.results["redis_cluster"] = redis_cluster(
+        report, plan.redis_window, image, config.job_codec, report.results["redis_alone"]
+    )
     report.results["gpu_feed"] = gpu_feed(report, plan, config.job_codec)
     report.results["decode_cost"] = decode_cost(report)
     report.results["front_door"] = front_door(report, plan)
     verdicts(report)
+    return report
+
+
+def run_cluster_only(args: argparse.Namespace) -> Report:
+    """Phases 8 and 11 alone: the single Redis and the cluster with the same mix, one after the other."""
+    plan, config, report, image = QUICK if args.quick else FULL, settings.load(), Report(), sample_image_bytes()
+    when = time.strftime("%Y-%m-%d %H:%M:%S")
+    report.say(f"imgserve benchmark, phases 8 and 11 only, {when}; {os.cpu_count()} cores")
+    with LocalRedis() as server:
+        single = redis_alone(report, plan.redis_window, image, server.url, config.job_codec)
+    report.results["redis_alone"] = single
+    report.results["redis_cluster"] = redis_cluster(report, plan.redis_window, image, config.job_codec, single)
+    cluster_verdicts(report)
     return report
 
 
@@ -1042,16 +1149,24 @@ FRONT_DOOR_CLIENTS = 4
 
 
 def front_door(report: Report, plan: Plan) -> dict:
-    """(11) Web and Redis CPU per request: by step, the web server before issue 13 beside this one, every codec."""
+    """(12) Web and Redis CPU per request: by step, the web server before issue 13 beside this one, every codec."""
     from tools import front_door as tool
 
-    report.section(f"11. The front door: CPU per request by step, old web server and new, every JOB_CODEC "
+    report.section(f"12. The front door: CPU per request by step, old web server and new, every JOB_CODEC "
                    f"({FRONT_DOOR_CLIENTS} clients, a stand-in worker)")  # fmt: skip
     say = lambda text: report.say("   " + text.strip())  # noqa: E731
     out = tool.run(("decoders", "steps", "compare", "codecs"), tool.BASE_REV, plan.front_door_rounds,
                    plan.front_door_window, FRONT_DOOR_CLIENTS, say)  # fmt: skip
     new = out["compare"]["new"]
     full_batches = report.results["redis_alone"]["redis_cpu_ms_per_request"]
+    ceiling = report.results["ceiling"]["by_web_processes"][report.results["ceiling"]["best"]]["requests_per_s"]
+    per_core_second = 1000 / (new["web_ms"] + new["redis_ms"] + new["worker_ms"])
+    report.say(
+        f"   the serving ceiling restated: {per_core_second:.0f} requests per core-second of the whole stack without "
+        f"the model (web + Redis + worker, clients excluded), so {per_core_second * (os.cpu_count() or 1):.0f} "
+        f"requests/s on {os.cpu_count()} idle cores; phase 5 measured {ceiling:.0f} requests/s with its clients "
+        "on the same cores"
+    )
     report.say(
         f"   per 1,000 requests/s: web {new['web_ms']:.1f} cores, Redis {new['redis_ms']:.2f} cores "
         f"({full_batches:.2f} with full {BATCH_FOR_MIX}-job batches, phase 8); per H100 worker "
@@ -1113,8 +1228,16 @@ def verdicts(report: Report) -> None:
             report.goal(f"worker CPU per job, {key}", cpu, "<= 0.15 ms", cpu <= 0.15, f"{cpu:.3f} ms")
             report.goal(f"Redis CPU per job (worker side), {key}", redis_ms, "<= 0.05 ms", redis_ms <= 0.05,
                         f"{redis_ms:.3f} ms")  # fmt: skip
+    cluster_verdicts(report)
     front_door_goals(report)
     report.say("These figures are only as quiet as the machine was: re-run `make bench` on an otherwise idle machine.")
+
+
+def cluster_verdicts(report: Report) -> None:
+    """The cluster phase's figure against its goal: jobs spread evenly over the shards."""
+    spread = report.results["redis_cluster"]["spread_max_over_min"]
+    shown = f"{spread:.3f} ({report.results['redis_cluster']['jobs_per_shard']})"
+    report.goal("jobs per shard on the cluster, largest / smallest", spread, "<= 1.10", spread <= 1.10, shown)
 
 
 def front_door_goals(report: Report) -> None:
@@ -1133,6 +1256,9 @@ def front_door_goals(report: Report) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="shorter phases (about 3 minutes) for development")
+    parser.add_argument(
+        "--cluster-only", action="store_true", help="only phases 8 and 11: one Redis against a Redis Cluster"
+    )
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     parser.add_argument("--markdown", type=Path, help="also write the goals table and the output to this file")
     parser.add_argument(
@@ -1147,7 +1273,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        report = run(args)
+        report = run_cluster_only(args) if args.cluster_only else run(args)
     except settings.SettingsError as exc:
         print(f"tools.bench: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -47,10 +47,16 @@ def server_env(redis_url: str, queue: str, **extra: object) -> dict[str, str]:
 
 
 def _env_value(default: object) -> str:
-    """A setting's default as its variable spells it: None is "auto", a tuple a comma-separated list."""
+    """A setting's default as its variable spells it: a tuple is a comma-separated list; None (the program
+    decides: PREFETCH_BATCHES auto, WORKER_SHARDS all) is empty, which load() reads as the default."""
     if default is None:
-        return "auto"
+        return ""
     return ",".join(default) if isinstance(default, tuple) else str(default)
+
+
+def env_queue(env: dict[str, str]) -> JobQueue:
+    """A client for the queue, and its shards, that a child's environment names."""
+    return JobQueue(connect(env["REDIS_URL"]), env["IMAGE_QUEUE"], shards=int(env.get("QUEUE_SHARDS") or 1))
 
 
 class Child:
@@ -105,15 +111,13 @@ class Worker(Child):
         return stack.start_worker(self.env, *args, **output)
 
     def wait_registered(self, timeout: float = 120) -> Worker:
-        """Wait until the worker is in the queue's workers set (its model is loaded by then); learn its id."""
-        queue = JobQueue(connect(self.env["REDIS_URL"]), self.env["IMAGE_QUEUE"])
+        """Wait until the worker is in the queue's workers sets (its model is loaded by then); learn its id."""
+        queue = env_queue(self.env)
         mine = f"{socket.gethostname()}-{self.process.pid}-"  # Worker.id in run_model_server.py
         deadline = time.monotonic() + timeout
         try:
             while not self.id:
-                self.id = next(
-                    (w.decode() for w in queue.redis.smembers(queue.keys.workers) if w.startswith(mine.encode())), ""
-                )
+                self.id = next((w for w in queue.worker_ids() if w.startswith(mine)), "")
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"the worker did not register within {timeout} s:\n{self.log[-3000:]}")
                 time.sleep(0.05)
@@ -232,34 +236,37 @@ class PublishedResults:
     """Every result published on a queue while the block runs, by job id, with when it was published.
 
     Read from Redis's keyspace notifications: each SET of a result key is one publication, whichever
-    worker made it, so a result published twice is seen twice.
+    worker made it, so a result published twice is seen twice. In a cluster, from every primary.
     """
 
-    def __init__(self, redis_url: str, queue_name: str) -> None:
-        self.queue = JobQueue(connect(redis_url), queue_name)
+    def __init__(self, redis_url: str, queue_name: str, shards: int = 1) -> None:
+        self.queue = JobQueue(connect(redis_url), queue_name, shards=shards)
         self.times: dict[str, list[float]] = {}
-        self._pubsub = self.queue.redis.pubsub()
+        self._pubsubs = [node.pubsub() for node in self.queue.nodes()]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._listen, daemon=True)
 
     def __enter__(self) -> PublishedResults:
         assert self.queue.enable_notifications()
-        self._pubsub.psubscribe(self.queue.result_channel_pattern("*"))  # every web process's results
+        for pubsub in self._pubsubs:
+            pubsub.psubscribe(self.queue.result_channel_pattern("*"))  # every web process's results
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(5)
-        self._pubsub.close()
+        for pubsub in self._pubsubs:
+            pubsub.close()
         self.queue.redis.close()
 
     def _listen(self) -> None:
         while not self._stop.is_set():
-            message = self._pubsub.get_message(timeout=0.1)
-            if message and message["type"] == "pmessage" and message["data"] == b"set":
-                job_id = message["channel"].rsplit(b":", 1)[1].decode()
-                self.times.setdefault(job_id, []).append(time.monotonic())
+            for pubsub in self._pubsubs:
+                message = pubsub.get_message(timeout=0.1 / len(self._pubsubs))
+                if message and message["type"] == "pmessage" and message["data"] == b"set":
+                    job_id = message["channel"].rsplit(b":", 1)[1].decode()
+                    self.times.setdefault(job_id, []).append(time.monotonic())
 
     @property
     def counts(self) -> Counter:

@@ -21,7 +21,7 @@ import numpy as np
 
 import logger
 import settings
-from model import keras_labels, top_k
+from model import TOP_K, keras_labels, top_k
 from redis_protocol import JobQueue
 
 
@@ -30,6 +30,7 @@ class StandInModel:
     computed from all-zero probabilities; counts its images and its busy time."""
 
     device = "stand-in"
+    identity = {"model": "stand-in", "weights": "none"}
 
     def __init__(self, seconds_per_image: float = 0.0) -> None:
         self.seconds_per_image = seconds_per_image
@@ -37,13 +38,13 @@ class StandInModel:
         self.busy = 0.0
         self.images = 0
 
-    def classify(self, images: np.ndarray) -> list[list[dict]]:
+    def classify(self, images: np.ndarray, k: int = TOP_K) -> list[list[dict]]:
         started = time.perf_counter()
         if self.seconds_per_image:
             time.sleep(self.seconds_per_image * len(images))
         self.busy += time.perf_counter() - started
         self.images += len(images)
-        return top_k(np.zeros((len(images), 1000), np.float32), self.labels)
+        return top_k(np.zeros((len(images), 1000), np.float32), self.labels, k)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,98 @@
+"""How a worker claims batches from the shards it serves: fairly, blocking where it can, and going on
+with the other shards while one cannot be reached.
+
+One shard: the claim blocks on it for up to a second, as a single queue always did. Several: each claim
+visits the shards in turn, starting after the one served last, without blocking (so a busy shard cannot
+starve the others); when all are empty it blocks on the next one for ROTATE_BLOCK seconds, then visits
+them all again. An idle worker thus sends (shards + 1) commands per ROTATE_BLOCK and otherwise waits in
+Redis, and a job that arrives on another shard waits at most ROTATE_BLOCK for it.
+
+A claim whose reply was lost may have moved jobs into the slot's processing list: that list is released
+back to the head of its shard's queue (no attempt counted) before anything is claimed into it again, so
+nothing is moved twice and nothing stays stranded. A shard that failed is left alone for a moment
+(doubling up to MAX_BACKOFF) while the others are served.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import redis
+
+import logger
+
+from .connection import REDIS_UNAVAILABLE
+from .queue import JobQueue
+
+SINGLE_BLOCK = 1.0  # seconds a claim blocks on the only shard (then the caller checks whether to stop)
+ROTATE_BLOCK = 0.1  # seconds a claim blocks on one of several shards before visiting the others again
+MIN_BACKOFF, MAX_BACKOFF = 0.5, 5.0
+
+log = logger.get(__name__)
+
+
+class Claimer:
+    """Claims one worker's batches over its shards (one thread: the worker's feeder)."""
+
+    def __init__(self, queue: JobQueue, worker: str, shards: Iterable[int], size: int, wait: float) -> None:
+        self.queue = queue
+        self.worker = worker
+        self.shards = list(shards)
+        self.size = size
+        self.wait = wait
+        self._next = 0  # index in `shards` of the one visited first
+        self._stranded: set[tuple[int, int]] = set()  # (shard, slot) whose last claim may have moved jobs
+        self._backoff: dict[int, tuple[float, float]] = {}  # shard -> (retry after, current backoff)
+        # Shards the worker has heartbeated in (its heartbeat adds them): only those are claimed from, so
+        # that the reaper of a shard knows every worker that holds jobs there.
+        self.registered: set[int] = set()
+
+    def claim(self, slot: int) -> tuple[int, list[bytes]]:
+        """(shard, jobs) claimed into `slot`; no jobs when every shard stayed empty.
+
+        Raises REDIS_UNAVAILABLE when no shard could be reached (the caller backs off and calls again)."""
+        order = self._order()
+        if not order:
+            raise redis.ConnectionError("the worker is registered in none of its shards yet")
+        if len(order) == 1:
+            return order[0], self._claim(order[0], slot, SINGLE_BLOCK)
+        reachable, error = [], None
+        for shard in order:
+            try:
+                batch = self._claim(shard, slot, 0)
+            except REDIS_UNAVAILABLE as exc:
+                error = exc
+                continue
+            if batch:
+                return shard, batch
+            reachable.append(shard)
+        if error and not reachable:
+            raise error
+        return reachable[0], self._claim(reachable[0], slot, ROTATE_BLOCK)
+
+    def _order(self) -> list[int]:
+        """The registered shards from the next in turn, leaving out those backing off (unless all are)."""
+        turn = [shard for shard in self.shards[self._next :] + self.shards[: self._next] if shard in self.registered]
+        now = time.monotonic()
+        ready = [shard for shard in turn if self._backoff.get(shard, (0.0, 0.0))[0] <= now]
+        return ready or turn
+
+    def _claim(self, shard: int, slot: int, block: float) -> list[bytes]:
+        """Claim from one shard, first releasing what a failed claim may have left in the slot."""
+        try:
+            if (shard, slot) in self._stranded:
+                self.queue.release(self.worker, "a claim failed", count_attempt=False, slot=slot, shard=shard)
+                self._stranded.discard((shard, slot))
+            batch = self.queue.claim_batch(self.worker, self.size, self.wait, block, slot=slot, shard=shard)
+        except REDIS_UNAVAILABLE as exc:
+            self._stranded.add((shard, slot))
+            backoff = min(self._backoff.get(shard, (0.0, MIN_BACKOFF / 2))[1] * 2, MAX_BACKOFF)
+            self._backoff[shard] = (time.monotonic() + backoff, backoff)
+            if len(self.shards) > 1:  # with one shard the caller says it, as it backs off
+                log.warning("cannot claim from shard %d (%s: %s); serving the others, back in %.1f s",
+                            shard, type(exc).__name__, exc, backoff)  # fmt: skip
+            raise
+        self._backoff.pop(shard, None)
+        self._next = (self.shards.index(shard) + 1) % len(self.shards)
+        return batch
