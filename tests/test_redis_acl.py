@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 import redis
 import requests
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from local_redis import LocalRedis, free_port
 from redis_protocol import Job, JobQueue, connect
@@ -112,8 +114,11 @@ def wait_mode(url: str, mode: str) -> dict | None:
 
 
 def refusals(admin: redis.Redis) -> set[tuple[str, str]]:
-    """(user, command or key) of every refusal in Redis's ACL log."""
-    return {(entry["username"], entry["object"]) for entry in admin.acl_log()}
+    """(user, command or key) of every refusal in Redis's ACL log, a command without its subcommand (Redis 6.2
+    logs none). CLIENT left out: redis-py names itself with CLIENT SETINFO on connecting, and goes on when refused
+    (Redis 6.2 logs that refusal; 7.0, which lacks SETINFO, does not)."""
+    entries = ((entry["username"], entry["object"].split("|")[0]) for entry in admin.acl_log())
+    return {(user, name) for user, name in entries if name != "client"}
 
 
 def submit_collect_and_cancel(url: str) -> tuple[str, int]:
@@ -152,7 +157,7 @@ def test_the_whole_stack_runs_with_users_restricted_to_the_documented_rules(secu
     assert {c["user"] for c in clients} == {"web", "worker"}
     assert all(c["laddr"].endswith(f":{secured.port}") for c in clients), "every connection on the port under test"
     # The web's CONFIG (turning notifications on) is the one refusal: nothing the servers need was refused.
-    assert refusals(admin) == {("web", "config|get")}, admin.acl_log()
+    assert refusals(admin) == {("web", "config")}, admin.acl_log()
 
 
 def test_with_notifications_off_and_config_denied_the_web_polls(secured, worker):
@@ -166,7 +171,7 @@ def test_with_notifications_off_and_config_denied_the_web_polls(secured, worker)
             web.stop()
     finally:
         secured.admin.config_set("notify-keyspace-events", "K$")
-    assert refusals(secured.admin) <= {("web", "config|get")}
+    assert refusals(secured.admin) <= {("web", "config")}
 
 
 @pytest.mark.parametrize(
@@ -195,8 +200,13 @@ def test_tls_is_required_and_verified_on_the_tls_port(secured):
     if not secured.tls_ca:
         pytest.skip(secured.no_tls_reason)
     with pytest.raises(redis.ConnectionError):  # plain text on the TLS port
-        connect(f"redis://:{PASSWORDS['default']}@127.0.0.1:{secured.port}/0").ping()
+        once(f"redis://:{PASSWORDS['default']}@127.0.0.1:{secured.port}/0").ping()
     unverified = secured.url("web").split("?")[0]  # TLS without the CA file: the throwaway certificate is refused
     with pytest.raises(redis.ConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
-        connect(unverified).ping()
-    assert connect(secured.url("web")).ping()
+        once(unverified).ping()
+    assert once(secured.url("web")).ping()
+
+
+def once(url: str) -> redis.Redis:
+    """A client that tries once (connect() would first keep asking whether the server is a cluster)."""
+    return redis.Redis.from_url(url, socket_timeout=2, retry=Retry(NoBackoff(), 0))
