@@ -39,6 +39,9 @@ INFERENCE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)  
 INFERENCE = Histogram("worker_inference_seconds", "Model time per batch", buckets=INFERENCE_BUCKETS)
 
 GIL_SWITCH_INTERVAL = 0.0005  # seconds; see Worker.run
+# Heartbeats per HEARTBEAT_TTL: a worker is reaped only after missing this many in a row (Redis unreachable,
+# the process frozen or starved of CPU for the whole TTL), never for one late beat.
+HEARTBEAT_BEATS = 4
 
 log = logger.get("worker")
 
@@ -61,8 +64,8 @@ class Worker:
 
     Every batch lives in its own batch slot (processing list) in Redis from its claim to its
     acknowledgement, so a crash at any moment loses nothing: the reaper returns every slot of a dead
-    worker. A heartbeat thread also runs the reaper. The worker serves the shards WORKER_SHARDS names (all by
-    default): it claims from them in turn (redis_protocol.claim) and heartbeats and reaps in each.
+    worker. Two more threads send the heartbeat and run the reaper. The worker serves the shards WORKER_SHARDS
+    names (all by default): it claims from them in turn (redis_protocol.claim) and heartbeats and reaps in each.
     """
 
     def __init__(self, config: settings.Settings, queue: JobQueue, classifier) -> None:
@@ -95,6 +98,7 @@ class Worker:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         self._retry(self._register, "register")
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
+        threading.Thread(target=self._reap_loop, name="reaper", daemon=True).start()
         publisher = threading.Thread(target=self._publish_loop, name="publisher")
         publisher.start()
         threading.Thread(target=self._feed, name="feeder", daemon=True).start()
@@ -280,18 +284,29 @@ class Worker:
         return None
 
     def _heartbeat_loop(self) -> None:
-        interval = self.config.heartbeat_ttl / 3
-        next_reap = 0.0
-        while not self._finished.wait(0 if next_reap == 0 else interval):
-            reap = time.monotonic() >= next_reap
-            if reap:
-                next_reap = time.monotonic() + self.config.reap_interval
+        """Renew the heartbeat in every shard HEARTBEAT_BEATS times per HEARTBEAT_TTL until the last batch is done.
+
+        A thread of its own, apart from the reaper, so that nothing but Redis itself can delay a beat: the
+        model's kernels release the GIL, and the switch interval (see run) hands it over within a millisecond.
+        """
+        interval = self.config.heartbeat_ttl / HEARTBEAT_BEATS
+        while not self._finished.wait(interval):
             for shard in self.shards:
                 try:
-                    if self._beat(shard) is None and reap:
-                        self._reap(shard)
+                    self._beat(shard)
                 except Exception as exc:  # noqa: BLE001 - this thread must outlive any error, or a live worker gets reaped
-                    log.warning("heartbeat or reaper failed (%s: %s); retrying", type(exc).__name__, exc)
+                    log.warning("heartbeat failed (%s: %s); retrying", type(exc).__name__, exc)
+
+    def _reap_loop(self) -> None:
+        """Every REAP_INTERVAL, in every shard served, return the jobs of workers whose heartbeat expired."""
+        while not self._finished.wait(self.config.reap_interval):
+            for shard in self.shards:
+                try:
+                    self._reap(shard)
+                except REDIS_UNAVAILABLE:
+                    pass  # the heartbeat thread logs the shard's outage; the next round tries again
+                except Exception as exc:  # noqa: BLE001 - the next round tries again
+                    log.warning("reaper failed in shard %d (%s: %s); retrying", shard, type(exc).__name__, exc)
 
     def _reap(self, shard: int) -> None:
         workers, requeued, dead_lettered = self.queue.reap([shard])

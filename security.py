@@ -1,4 +1,8 @@
-"""What the web API tells browsers: security headers on every answer, and cross-site POSTs refused.
+"""Who may call the web API, and what it tells browsers: API keys, security headers on every answer,
+and cross-site POSTs refused.
+
+API keys (API_KEYS, API_KEYS_FILE): when any is set, every route but OPEN_ENDPOINTS needs
+`Authorization: Bearer <key>`, so a route added later is closed until it is listed there.
 
 A page on any other site can make its visitors' browsers POST a form to /predict (a "simple" request,
 sent without asking first). Browsers say where such a request comes from, in `Origin` and
@@ -7,9 +11,11 @@ sent without asking first). Browsers say where such a request comes from, in `Or
 
 from __future__ import annotations
 
+import hmac
+from collections.abc import Iterable
 from urllib.parse import urlsplit
 
-from flask import Flask, Response, abort, request
+from flask import Flask, Response, abort, jsonify, request
 
 # The upload page loads its script and style from static/ and shows the chosen file from a blob: URL.
 CONTENT_SECURITY_POLICY = (
@@ -24,13 +30,41 @@ HEADERS = {
     "Cross-Origin-Resource-Policy": "same-origin",
 }
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Open without a key: liveness and readiness probes, Prometheus, the page and the API's description.
+# (The page's own script sends no key: with API_KEYS set, it cannot classify.) None: an unknown path (a 404).
+OPEN_ENDPOINTS = frozenset({"healthz", "readyz", "metrics", "index", "openapi_document", "static", None})
 
 
-def init_app(app: Flask, allowed_origins: tuple[str, ...]) -> None:
-    """Refuse cross-site requests that change state, except from `allowed_origins`; add HEADERS to every answer."""
+def init_app(app: Flask, allowed_origins: tuple[str, ...], api_keys: tuple[str, ...] = ()) -> None:
+    """Refuse requests without a valid key when `api_keys` are set, and cross-site requests that change state,
+    except from `allowed_origins`; add HEADERS to every answer."""
     allowed = frozenset(allowed_origins)
+    if api_keys:
+        keys = [key.encode() for key in api_keys]
+        app.before_request(lambda: _refuse_without_key(keys))
     app.before_request(lambda: _refuse_cross_site(allowed))
     app.after_request(lambda response: _add_headers(response, allowed))
+
+
+def key_matches(given: bytes, keys: Iterable[bytes]) -> bool:
+    """Whether `given` is one of `keys`, in time that depends on neither: every key is compared, each
+    with hmac.compare_digest (whose time depends only on the length of the key given)."""
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(given, key)
+    return found
+
+
+def _refuse_without_key(keys: list[bytes]) -> Response | None:
+    if request.endpoint in OPEN_ENDPOINTS or request.method == "OPTIONS":  # a CORS preflight carries no key
+        return None
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and key_matches(given.strip().encode(), keys):
+        return None
+    response = jsonify(success=False, error="a valid API key is required: send Authorization: Bearer <key>")
+    response.status_code = 401
+    response.headers["WWW-Authenticate"] = 'Bearer realm="imgserve"'
+    return response
 
 
 def is_cross_site(origin: str | None, fetch_site: str | None, host: str) -> bool:

@@ -1,7 +1,8 @@
 """`make run`: start the whole stack and stop all of it on Ctrl-C.
 
 Starts a local Redis on 127.0.0.1:6379 (no persistence) unless REDIS_URL is set, one model
-worker, and the web app under gunicorn (threaded workers). Exits when any part exits.
+worker, the web app under gunicorn (threaded workers), and nginx in front of it on WEB_PORT
+(PROXY, see proxy.py). Exits when any part exits.
 """
 
 from __future__ import annotations
@@ -13,13 +14,16 @@ import subprocess
 import sys
 import tempfile
 import threading
+from pathlib import Path
 
 import logger
+import proxy
 import settings
 import stack
 from local_redis import LocalRedis
 
 LOCAL_REDIS_PORT = 6379
+NGINX, GUNICORN = "the proxy (nginx)", "the web server (gunicorn)"
 log = logger.get("serve")
 
 
@@ -45,15 +49,44 @@ def main() -> int:
             log.info("started a local Redis at %s (no persistence)", redis_server.url)
         # A fresh directory per run for the web processes' Prometheus values (stale files would add old counts).
         metrics_dir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="imgserve-metrics-"))
+        try:
+            nginx = proxy.find_nginx(config)
+        except proxy.ProxyUnavailable as exc:
+            log.error("%s", exc)
+            return 2
+        # nginx's folder outlives nginx: the callbacks below run first (last in, first out).
+        prefix = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="imgserve-proxy-")) if nginx else None
         # Own sessions: Ctrl-C reaches only this supervisor, which then stops the children in order.
         children: dict[str, subprocess.Popen] = {}
         cleanup.callback(_stop_all, children, config.request_timeout + 10)
-        children["the web server (gunicorn)"] = stack.start_web(env, metrics_dir, start_new_session=True)
+        children.update(_start_web(config, env, metrics_dir, nginx, prefix))
         children["the model worker"] = stack.start_worker(env, start_new_session=True)
         url = f"http://{config.web_host}:{config.web_port}"
         log.info("web server on %s; the worker needs a few seconds to load the model", url)
         log.info("try: curl -F image=@photo.jpg %s/predict    (Ctrl-C stops everything)", url)
         return _supervise(children, stop)
+
+
+def _start_web(
+    config: settings.Settings, env: dict[str, str], metrics_dir: str, nginx: str | None, prefix: str | None
+) -> dict[str, subprocess.Popen]:
+    """gunicorn on WEB_PORT; or, with `nginx`, nginx on WEB_PORT passing complete requests to gunicorn on a
+    Unix socket in the private folder `prefix`. In the order they should stop."""
+    if nginx is None:
+        if config.proxy == "auto":
+            log.warning(
+                "nginx not found: serving with gunicorn alone, where each slow or idle client holds one of its %d "
+                "threads. Install it (%s), or set PROXY=off to silence this.",
+                config.web_processes * config.web_threads,
+                proxy.INSTALL_HINT,
+            )
+        return {GUNICORN: stack.start_web(env, metrics_dir, start_new_session=True)}
+    upstream = f"unix:{Path(prefix) / 'gunicorn.sock'}"
+    log.info("nginx (%s) in front of gunicorn: slow clients wait in nginx, not in gunicorn's threads", nginx)
+    return {
+        NGINX: proxy.start(config, nginx, Path(prefix), upstream, start_new_session=True),
+        GUNICORN: stack.start_web(env, metrics_dir, bind=upstream, start_new_session=True),
+    }
 
 
 def _supervise(children: dict[str, subprocess.Popen], stop: threading.Event) -> int:
@@ -67,11 +100,11 @@ def _supervise(children: dict[str, subprocess.Popen], stop: threading.Event) -> 
 
 
 def _stop_all(children: dict[str, subprocess.Popen], grace: float) -> None:
-    """Stop the children one by one, in order: the web server first finishes its requests in flight
-    while the worker still serves them; then the worker finishes its batch."""
-    for child in children.values():
+    """Stop the children one by one, in order: nginx, then the web server, first finish their requests in
+    flight while the worker still serves them; then the worker finishes its batch."""
+    for name, child in children.items():
         if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
+            child.send_signal(proxy.STOP_SIGNAL if name == NGINX else signal.SIGTERM)
         try:
             child.wait(grace)
         except subprocess.TimeoutExpired:

@@ -6,6 +6,7 @@ which the entry points print and turn into exit code 2.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import re
@@ -44,6 +45,12 @@ class Settings:
     web_host: str = "127.0.0.1"
     web_port: int = 5000
     allowed_origins: tuple[str, ...] = ()
+    # Secrets: kept out of repr(), so that no log line or error message that shows the settings shows them.
+    api_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)
+    api_keys_file: tuple[str, ...] = dataclasses.field(default=(), repr=False)  # the keys read from the file it names
+    proxy: str = "auto"
+    proxy_header_timeout: float = 10.0
+    proxy_body_timeout: float = 15.0
     web_processes: int = 1
     web_threads: int = 64
     web_nice: int = 10
@@ -58,13 +65,18 @@ class Settings:
     accepted_formats: tuple[str, ...] = DEFAULT_ACCEPTED_FORMATS
     decode_budget_bytes: int = 512 * 1024 * 1024
     decode_wait: float = 1.0
-    heartbeat_ttl: float = 10.0
-    reap_interval: float = 5.0
+    heartbeat_ttl: float = 2.0
+    reap_interval: float = 0.5
     notifications: str = "auto"
     log_level: str = "INFO"
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9100
     flask_debug: bool = False
+
+    @property
+    def accepted_api_keys(self) -> tuple[str, ...]:
+        """Every key API_KEYS and API_KEYS_FILE accept; empty: the API is open."""
+        return self.api_keys + self.api_keys_file
 
     @property
     def redis_url_safe(self) -> str:
@@ -209,6 +221,35 @@ def _origins(name: str, raw: str) -> tuple[str, ...]:
     return tuple(origins)
 
 
+MIN_API_KEY_LENGTH = 16
+
+
+def _api_keys(name: str, raw: str) -> tuple[str, ...]:
+    keys = tuple(dict.fromkeys(k.strip() for k in raw.split(",") if k.strip()))
+    # Never the key itself in the message: it may be a real key with a typo.
+    for number, key in enumerate(keys, start=1):
+        if len(key) < MIN_API_KEY_LENGTH or any(c.isspace() or not c.isprintable() for c in key):
+            raise SettingsError(
+                f"{name}: key number {number} must be at least {MIN_API_KEY_LENGTH} printable characters "
+                f"without spaces (e.g. from `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
+            )
+    return keys
+
+
+def _api_keys_file(name: str, raw: str) -> tuple[str, ...]:
+    """The keys in a file: one per line (or comma-separated); blank lines and lines starting with # ignored."""
+    path = Path(raw.strip()).expanduser()
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"{name}: cannot read {str(path)!r} ({type(exc).__name__})") from None
+    lines = (line.strip() for line in text.splitlines())
+    keys = _api_keys(name, ",".join(line for line in lines if line and not line.startswith("#")))
+    if not keys:
+        raise SettingsError(f"{name}: {str(path)!r} holds no key")
+    return keys
+
+
 def _log_level(name: str, raw: str) -> str:
     return _choice("debug", "info", "warning", "error")(name, raw).upper()
 
@@ -229,6 +270,11 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "web_host": _host,
     "web_port": _int(1, 65535),
     "allowed_origins": _origins,
+    "api_keys": _api_keys,
+    "api_keys_file": _api_keys_file,
+    "proxy": _choice("auto", "nginx", "off"),
+    "proxy_header_timeout": _float(0.0, strict=True),
+    "proxy_body_timeout": _float(0.0, strict=True),
     "web_processes": _int(1, 64),
     "web_threads": _int(1, 1024),
     "web_nice": _int(0, 19),

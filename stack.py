@@ -18,16 +18,17 @@ METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 WEB_APP = "run_web_server:create_app()"
 
 
-def gunicorn_command(config: settings.Settings, app: str = WEB_APP) -> list[str]:
+def gunicorn_command(config: settings.Settings, app: str = WEB_APP, bind: str | None = None) -> list[str]:
     """The production web server: gthread workers, one result listener per process.
 
-    `app` is the WSGI app gunicorn loads; the tools pass a wrapper of this one to measure it."""
+    `app` is the WSGI app gunicorn loads; the tools pass a wrapper of this one to measure it. `bind` (e.g.
+    unix:/path, behind a proxy) replaces WEB_HOST:WEB_PORT."""
     return [
         sys.executable, "-m", "gunicorn",
         "--worker-class", "gthread",
         "--workers", str(config.web_processes),
         "--threads", str(config.web_threads),
-        "--bind", f"{config.web_host}:{config.web_port}",
+        "--bind", bind or f"{config.web_host}:{config.web_port}",
         "--graceful-timeout", str(int(config.request_timeout) + 5),
         "--log-level", "warning",
         "--config", str(PROJECT_DIR / "gunicorn.conf.py"),
@@ -35,11 +36,13 @@ def gunicorn_command(config: settings.Settings, app: str = WEB_APP) -> list[str]
     ]  # fmt: skip
 
 
-def start_web(env: Mapping[str, str], metrics_dir: str, app: str = WEB_APP, **popen: object) -> subprocess.Popen:
+def start_web(
+    env: Mapping[str, str], metrics_dir: str, app: str = WEB_APP, bind: str | None = None, **popen: object
+) -> subprocess.Popen:
     """gunicorn serving the web app, with the settings in `env` and an empty folder for its metrics."""
     config = settings.load(env=env)
     return subprocess.Popen(
-        gunicorn_command(config, app), cwd=PROJECT_DIR, env={**env, METRICS_DIR_ENV: metrics_dir}, **popen
+        gunicorn_command(config, app, bind), cwd=PROJECT_DIR, env={**env, METRICS_DIR_ENV: metrics_dir}, **popen
     )
 
 

@@ -47,8 +47,6 @@ from tools.processes import (
 
 PIXELS = np.zeros((224, 224, 3), np.uint8)
 DROP = object()  # marks a field to leave out of a hand-written job
-# Short liveness settings so that a dead worker is noticed within seconds.
-FAST_REAPING = dict(HEARTBEAT_TTL=2, REAP_INTERVAL=0.5)
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -142,7 +140,6 @@ def stack(redis_server):
         REQUEST_TIMEOUT=120,
         MAX_UPLOAD_BYTES=4_000_000,
         METRICS_PORT=metrics_port,
-        **FAST_REAPING,
     )
     worker = start_worker(env)
     web = start_web(env)
@@ -233,7 +230,7 @@ def test_job_that_kills_every_worker_is_dead_lettered_and_its_client_answered(re
     native code would); MAX_ATTEMPTS=2, so two such deaths dead-letter it."""
     name = f"poison-{uuid.uuid4().hex[:6]}"
     # A long batch wait keeps a claimed job in the worker's hands for 2 s before the model runs.
-    env = server_env(redis_server.url, name, MAX_ATTEMPTS=2, BATCH_SIZE=4, BATCH_WAIT_MS=2000, **FAST_REAPING)
+    env = server_env(redis_server.url, name, MAX_ATTEMPTS=2, BATCH_SIZE=4, BATCH_WAIT_MS=2000)
     children = [Worker(env) for _ in range(3)]
     web = None
     queue = JobQueue(connect(redis_server.url), name)
@@ -530,7 +527,7 @@ def test_redis_password_comes_from_redis_url_and_is_never_logged():
 def test_redis_outage_fails_fast_and_everything_resumes_without_restarts():
     redis_server = LocalRedis().start()  # our own, to stop and start again on the same port
     name = "outage"
-    env = server_env(redis_server.url, name, BATCH_SIZE=4, BATCH_WAIT_MS=5, REQUEST_TIMEOUT=60, **FAST_REAPING)
+    env = server_env(redis_server.url, name, BATCH_SIZE=4, BATCH_WAIT_MS=5, REQUEST_TIMEOUT=60)
     worker = web = None
     client = connect(redis_server.url)
     queue = JobQueue(client, name)

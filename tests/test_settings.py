@@ -160,3 +160,28 @@ def test_the_test_harness_spells_every_default_as_its_variable():
 
     config = load(env=server_env("redis://127.0.0.1:1/0", "q"), dotenv=False)
     assert config.accepted_formats == settings.DEFAULT_ACCEPTED_FORMATS and config.allowed_origins == ()
+
+
+def test_api_keys_from_the_variable_and_the_file(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("# comment\n" + "f" * 16 + "\n\n" + "g" * 20 + "," + "h" * 16 + "\n")
+    config = load(env={"API_KEYS": "a" * 16 + ", " + "b" * 32, "API_KEYS_FILE": str(keys)})
+    assert config.accepted_api_keys == ("a" * 16, "b" * 32, "f" * 16, "g" * 20, "h" * 16)
+    assert "aaaa" not in repr(config) and "ffff" not in repr(config)
+    assert load(env={}).accepted_api_keys == ()
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [("API_KEYS", "short-secret-12"), ("API_KEYS", "a" * 16 + ",with space inside1"), ("API_KEYS_FILE", "/no/file")],
+)
+def test_weak_or_unreadable_api_keys_name_the_variable_but_not_the_key(name, value):
+    with pytest.raises(SettingsError, match=name) as raised:
+        load(env={name: value})
+    assert "short-secret" not in str(raised.value) and "with space" not in str(raised.value)
+
+
+def test_an_api_keys_file_without_keys_is_refused(tmp_path):
+    (tmp_path / "keys").write_text("# none yet\n")
+    with pytest.raises(SettingsError, match="API_KEYS_FILE.*no key"):
+        load(env={"API_KEYS_FILE": str(tmp_path / "keys")})

@@ -383,3 +383,70 @@ def test_a_full_queue_refuses_a_submitted_job():
 def test_readyz_names_the_workers_models():
     client, _ = client_for(StandInQueue())
     assert client.get("/readyz").get_json()["models"] == [MODEL]
+
+
+# ---- API keys -----------------------------------------------------------------------------------
+
+KEY, OTHER_KEY = "k-" + "a1" * 12, "k-" + "b2" * 12
+
+
+def bearer(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, bearer("k-" + "a1" * 11 + "a0"), {"Authorization": f"Basic {KEY}"}, {"Authorization": KEY}, bearer("")],
+    ids=["none", "wrong-key", "other-scheme", "no-scheme", "empty"],
+)
+def test_with_api_keys_predict_without_a_valid_key_is_401_json(headers):
+    queue = StandInQueue()
+    client, _ = client_for(queue, API_KEYS=f"{KEY},{OTHER_KEY}")
+    refused_before = request_counts(client).get(("/predict", "POST", "401"), 0)
+    response = client.post("/predict", headers=headers, **upload(png(40, 30)))
+    assert_error(response, 401, "API key")
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert queue.enqueued == [] and request_counts(client)[("/predict", "POST", "401")] == refused_before + 1
+
+
+def test_with_api_keys_every_listed_key_may_predict_and_open_routes_stay_open(tmp_path):
+    (tmp_path / "keys").write_text(f"# the partner's key\n{OTHER_KEY}\n\n")
+    queue = StandInQueue()
+    client, _ = client_for(queue, API_KEYS=KEY, API_KEYS_FILE=str(tmp_path / "keys"))
+    for key in (KEY, OTHER_KEY):
+        assert client.post("/predict", headers=bearer(key), **upload(png(40, 30))).status_code == 200
+    loose = {"Authorization": f"bearer  {KEY} "}  # the scheme is case-insensitive (RFC 9110)
+    assert client.post("/predict", headers=loose, **upload(png(40, 30))).status_code == 200
+    for path in ("/healthz", "/readyz", "/metrics", "/", "/openapi.yaml"):
+        assert client.get(path).status_code == 200, path
+    assert client.get("/no-such-page").status_code == 404
+    assert len(queue.enqueued) == 3
+
+
+def test_a_route_added_later_is_closed_until_listed_as_open():
+    client, app = client_for(StandInQueue(), API_KEYS=KEY)
+    app.add_url_rule("/later/<item>", "later", lambda item: {"item": item})
+    assert_error(client.get("/later/1"), 401, "API key")
+    assert client.get("/later/1", headers=bearer(KEY)).get_json() == {"item": "1"}
+
+
+def test_api_keys_never_reach_the_log_or_the_metrics(capsys):
+    client, _ = client_for(StandInQueue(), API_KEYS=KEY, LOG_LEVEL="DEBUG")
+    client.post("/predict", headers=bearer(KEY), **upload(png(40, 30)))
+    client.post("/predict", headers=bearer(KEY[:-1] + "x"), **upload(png(40, 30)))
+    metrics_page = client.get("/metrics").get_data(as_text=True)
+    output = capsys.readouterr()
+    for text in (output.out, output.err, metrics_page):
+        assert KEY[4:20] not in text and KEY[4:-1] not in text
+
+
+def test_without_api_keys_the_api_is_open():
+    client, _ = client_for(StandInQueue(), API_KEYS="")
+    assert client.post("/predict", headers=bearer("anything"), **upload(png(40, 30))).status_code == 200
+
+
+@pytest.mark.parametrize("method, path", [("POST", "/jobs"), ("GET", "/jobs/abc"), ("DELETE", "/jobs/abc")])
+def test_with_api_keys_the_job_routes_need_a_key_too(method, path):
+    client, _ = client_for(StandInQueue(), API_KEYS=KEY)
+    assert_error(client.open(path, method=method, **upload(png(40, 30))), 401, "API key")
+    assert client.open(path, method=method, headers=bearer(KEY), **upload(png(40, 30))).status_code != 401

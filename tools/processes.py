@@ -167,6 +167,45 @@ def start_web(env: dict[str, str], gunicorn: bool = False, processes: int = 1) -
     return WebServer(env, gunicorn, processes).wait_ready()
 
 
+class Stack(Child):
+    """The whole stack as `make run` starts it (serve.py: a worker, gunicorn, nginx as PROXY says) on a free
+    port, against the Redis in REDIS_URL."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__([sys.executable, "serve.py"], dict(env, WEB_PORT=str(self.port), WEB_HOST="127.0.0.1"))
+
+    def wait_ready(self, timeout: float = 120) -> Stack:
+        """Wait until /readyz answers 200: the web server answers and a worker has loaded its model."""
+        self.wait_for_http(self.url + "/readyz", timeout)
+        return self
+
+    def pids(self) -> dict[str, list[int]]:
+        """The stack's processes by command (`nginx`, `gunicorn`, `run_model_server.py`), from /proc."""
+        found: dict[str, list[int]] = {}
+        for pid in _descendants(self.process.pid):
+            try:
+                command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except FileNotFoundError:
+                continue
+            name = next((n for n in ("nginx", "gunicorn", "run_model_server.py") if n in command), None)
+            if name:
+                found.setdefault(name, []).append(pid)
+        return found
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid`, from /proc's children lists."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += [int(c) for c in (task / "children").read_text().split()]
+        except FileNotFoundError:
+            continue
+    return children + [d for child in children for d in _descendants(child)]
+
+
 @contextlib.contextmanager
 def live_stack(env: dict[str, str], **web_options: object) -> Iterator[tuple[Worker, WebServer]]:
     """A worker and a web server for the duration of the block; both stopped even if one fails to start."""
