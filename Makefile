@@ -37,7 +37,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# The model alone vs the whole serving path, in one run (~12 min here; `python -m tools.bench --quick` ~4 min;
+# The model alone vs the whole serving path, in one run (~15 min here; `python -m tools.bench --quick` ~4 min;
 # --help for flags). The tools (benchmark, deliverables, report, process harness) live in tools/.
 bench: $(STAMP)
 	$(BIN)/python -m tools.bench
