@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import requests
 
+import settings
+import stack
 from helpers import prepare_image
 from image_codecs import CODECS, LOSSLESS, decode_image
 from local_redis import LocalRedis
@@ -114,17 +116,9 @@ class _WebIn(WebServer):
     def _start(self, args: list[str], **output: object) -> subprocess.Popen:
         if self.cwd is None:
             return super()._start(args, **output)
-        import stack
-
-        command = stack.gunicorn_command(_settings(self.env), self.app)
+        command = stack.gunicorn_command(settings.load(env=self.env, dotenv=False), self.app)
         env = dict(self.env, **{stack.METRICS_DIR_ENV: self._metrics_dir.name}, PYTHONPATH=str(self.cwd))
         return subprocess.Popen(command, cwd=self.cwd, env=env, **output)
-
-
-def _settings(env: dict[str, str]):
-    import settings
-
-    return settings.load(env=env, dotenv=False)
 
 
 def medians(windows: list[Window]) -> Window:
