@@ -109,7 +109,8 @@ def _refused(exc: Refused):
 
 def predict():
     """POST /predict with one or more multipart file fields `image`: wait for the answers."""
-    service, config = _service(), _service().config
+    service = _service()
+    config = service.config
     top_k = _top_k()
     jobs = [
         Job.new(pixels, service.origin, config.request_timeout, config.job_codec, config.job_quality, top_k)
@@ -201,7 +202,8 @@ def _give_up(queue: JobQueue, job: Job) -> None:
 
 def submit_job():
     """POST /jobs with a multipart file field `image`: queue it and answer at once where to collect it."""
-    service, config = _service(), _service().config
+    service = _service()
+    config = service.config
     top_k = _top_k()
     [pixels] = _prepared_uploads(service, 1, "a job is one image; /predict takes several")
     # A submitted job may wait in the queue, and its result be collected, until RESULT_TTL after now.

@@ -126,11 +126,12 @@ class JobQueue:
         shard the job goes to, so that any web process finds the result.
         """
         ticket, ttl = ticket_key(self.name, job.id), self._result_ttl(job.deadline, time.time())
-        shard = self._next_with_room(math.ceil(max_queue / len(self.shards)))
+        limit = math.ceil(max_queue / len(self.shards))
+        shard = self._next_with_room(limit)
         if shard is None:
             return False
         retry_once(lambda: self.redis.set(ticket, f"queued {shard}", ex=ttl))
-        if self._push(self.shards[shard], [job.to_json()], math.ceil(max_queue / len(self.shards))):
+        if self._push(self.shards[shard], [job.to_json()], limit):
             job.shard = shard
             return True
         retry_once(lambda: self.redis.delete(ticket))
