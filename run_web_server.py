@@ -24,6 +24,7 @@ import settings
 from helpers import DecodeBudget, DecodeBusy, ImageError, prepare_image
 from redis_protocol import REDIS_UNAVAILABLE, SUBMITTED, Job, JobQueue, ResultListener, ResultTimeout
 from redis_protocol.job import DEFAULT_TOP_K, MAX_TOP_K
+from redis_protocol.queue import distinct_models
 from uploads import UploadRequest
 
 log = logger.get("web")
@@ -270,15 +271,15 @@ def readyz():
     service = _service()
     try:
         depth = service.queue.depth()
-        workers = service.queue.live_workers()
-        models = service.queue.worker_models()
+        alive = service.queue.live_worker_models()  # one read of the heartbeats: who is alive, running what
     except REDIS_UNAVAILABLE as exc:
         # The details (Redis's address among them) go to the log, not to whoever asks.
         log.warning("not ready: Redis unavailable: %s", exc)
         return jsonify(ready=False, redis=False, error="the job queue (Redis) is unavailable"), 503
-    ready = workers > 0
+    ready = bool(alive)
+    models = distinct_models(alive.values())
     body = dict(
-        ready=ready, redis=True, workers=workers, models=models, queue_depth=depth, wait_mode=service.listener.mode
+        ready=ready, redis=True, workers=len(alive), models=models, queue_depth=depth, wait_mode=service.listener.mode
     )
     return jsonify(body), 200 if ready else 503
 

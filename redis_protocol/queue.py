@@ -241,24 +241,28 @@ class JobQueue:
 
     def live_workers(self) -> int:
         """Number of registered workers whose heartbeat has not expired, in any shard that can be reached."""
-        shards = self._per_shard(self._liveness)
-        return len({worker for shard in shards if shard for worker, alive in shard.items() if alive})
+        return len(self.live_worker_models())
 
     def worker_models(self) -> list[dict]:
         """The distinct models ({"model", "weights"}) that live workers announce in their heartbeats."""
-        beats = self._per_shard(self._heartbeats)
-        models = {_model_of(beat) for shard in beats if shard for beat in shard.values() if beat is not None}
-        return [dict(model) for model in sorted(models)]
+        return distinct_models(self.live_worker_models().values())
+
+    def live_worker_models(self) -> dict[str, dict]:
+        """Each live worker (heartbeat not expired, in any shard that can be reached) and the model it announces."""
+        shards = self._per_shard(self._heartbeats)
+        return {
+            worker: dict(_model_of(beat))
+            for shard in shards
+            if shard
+            for worker, beat in shard.items()
+            if beat is not None
+        }
 
     def _heartbeats(self, keys: Keys) -> dict[str, bytes | None]:
         """Each worker registered in one shard, and its heartbeat there (None once expired)."""
         workers = [w.decode() for w in self.redis.smembers(keys.workers)]
         beats = self.redis.mget([keys.heartbeat(w) for w in workers]) if workers else []
         return dict(zip(workers, beats, strict=True))
-
-    def _liveness(self, keys: Keys) -> dict[str, bool]:
-        """Each worker registered in one shard, and whether its heartbeat there has not expired."""
-        return {worker: beat is not None for worker, beat in self._heartbeats(keys).items()}
 
     def claimed(self, worker: str, shard: int | None = None) -> list[bytes]:
         """Every job a worker holds claimed and unacknowledged, in all its batch slots (of one shard, or all)."""
@@ -452,7 +456,7 @@ class JobQueue:
 
     def _dead_workers(self, keys: Keys) -> list[str]:
         """Workers registered in a shard whose heartbeat there has expired."""
-        return sorted(worker for worker, alive in retry_once(lambda: self._liveness(keys)).items() if not alive)
+        return sorted(worker for worker, beat in retry_once(lambda: self._heartbeats(keys)).items() if beat is None)
 
     def _reap_worker(self, keys: Keys, worker: str) -> list[int]:
         """Run REAP for one worker of a shard, declaring its slots and the result keys of the jobs in them."""
@@ -502,6 +506,11 @@ def notification_flags(client: redis.Redis) -> str:
     """One server's notify-keyspace-events flags (raises ResponseError where CONFIG is denied)."""
     value = next(iter(client.config_get("notify-keyspace-events").values()), "")
     return value.decode() if isinstance(value, bytes) else value
+
+
+def distinct_models(models: Iterable[dict]) -> list[dict]:
+    """Each model once, in a stable order."""
+    return [dict(model) for model in sorted({tuple(sorted(m.items())) for m in models})]
 
 
 def _model_of(heartbeat: bytes) -> tuple[tuple[str, str], ...]:

@@ -44,8 +44,8 @@ class StandInQueue:
     def take_result(self, origin: str, job_id: str, shard: int = 0) -> dict:
         return {"success": True, "predictions": [{"label": "castle", "probability": 0.5}], **MODEL}
 
-    def worker_models(self) -> list[dict]:
-        return [MODEL]
+    def live_worker_models(self) -> dict[str, dict]:
+        return {"worker-1": MODEL}
 
     def depth(self) -> int:
         if self.down:  # redis-py names the address it could not reach
@@ -54,9 +54,6 @@ class StandInQueue:
 
     def depths(self) -> list[int]:
         return [self.depth()]
-
-    def live_workers(self) -> int:
-        return 1
 
     def dead_letter_count(self) -> int:
         return 0
