@@ -28,7 +28,7 @@ nginx:
 	fi
 
 run: $(STAMP) nginx
-	$(BIN)/python serve.py
+	$(BIN)/python -m imgserve.launch.serve
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

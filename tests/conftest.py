@@ -6,8 +6,8 @@ import uuid
 
 import pytest
 
-from local_redis import LocalRedis
-from redis_protocol import JobQueue, connect
+from imgserve.launch.local_redis import LocalRedis
+from imgserve.protocol import JobQueue, connect
 
 
 @pytest.fixture(scope="session")

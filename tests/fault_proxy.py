@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 
-from local_redis import free_port
+from imgserve.launch.local_redis import free_port
 
 PHASES = ("before", "after", "mid")
 

@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from local_redis import LocalRedis
-from redis_protocol import Job, JobQueue, connect
+from imgserve.launch.local_redis import LocalRedis
+from imgserve.protocol import Job, JobQueue, connect
 
 PIXELS = np.zeros((224, 224, 3), np.uint8)
 

@@ -7,7 +7,7 @@ from collections import Counter
 
 import numpy as np
 
-from model import keras_labels
+from imgserve.worker.model import keras_labels
 from tools.bench import Report, batch_sizes, serving_commands
 from tools.standin import StandInModel
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from local_redis import free_port
-from model import keras_labels
+from imgserve.launch.local_redis import free_port
+from imgserve.worker.model import keras_labels
 from tools import report
 from tools.processes import live_stack, sample_image_bytes, server_env, start_web
 

@@ -14,9 +14,9 @@ import uuid
 import pytest
 import requests
 
-import stress_test
-from local_redis import free_port
-from model import keras_labels
+from imgserve.client import stress_test
+from imgserve.launch.local_redis import free_port
+from imgserve.worker.model import keras_labels
 from tools.processes import PROJECT, live_stack, sample_image_bytes, server_env
 
 LABELS = set(keras_labels().tolist())

@@ -24,11 +24,11 @@ from prometheus_client import REGISTRY
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
-import settings
-from local_redis import LocalCluster, LocalRedis
-from redis_protocol import SLOTS, SUBMITTED, Claimer, Job, JobQueue, ResultListener, connect
-from redis_protocol.claim import ROTATE_BLOCK
-from run_model_server import parse_args
+from imgserve import settings
+from imgserve.launch.local_redis import LocalCluster, LocalRedis
+from imgserve.protocol import SLOTS, SUBMITTED, Claimer, Job, JobQueue, ResultListener, connect
+from imgserve.protocol.claim import ROTATE_BLOCK
+from imgserve.worker.cli import parse_args
 from tests.test_faults import MALFORMED, NumberedModel, RunningWorker, numbered_job, worker_config
 from tests.test_reliability import freeze_holding_jobs
 from tools import processes
@@ -137,7 +137,7 @@ def json_job_without_image() -> bytes:
 
 
 def dead_letter(raw: bytes):
-    from redis_protocol import DeadLetter
+    from imgserve.protocol import DeadLetter
 
     return DeadLetter(raw, "unreadable")
 

@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from local_redis import free_port
-from model import keras_labels
+from imgserve.launch.local_redis import free_port
+from imgserve.worker.model import keras_labels
 from tools.processes import (
     Child,
     PublishedResults,

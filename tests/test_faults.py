@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-import settings
-from redis_protocol import SLOTS, Job, JobQueue, connect
-from run_model_server import Worker
+from imgserve import settings
+from imgserve.protocol import SLOTS, Job, JobQueue, connect
+from imgserve.worker.pipeline import Worker
 from tests.fault_proxy import FaultProxy
 from tools.processes import Child, server_env, wait_until
 

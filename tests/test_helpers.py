@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, ImageOps
 
-from helpers import DecodeBudget, DecodeBusy, ImageError, decode_cost, prepare_image
+from imgserve.imaging.prepare import DecodeBudget, DecodeBusy, ImageError, decode_cost, prepare_image
 
 
 def image_bytes(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
@@ -282,7 +282,7 @@ def sixteen_bit(width: int, height: int) -> Image.Image:
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "I;16", "P"])
 def test_a_large_image_is_converted_only_once_reduced(monkeypatch, mode):
     """Alpha compositing and 16-bit scaling (numpy int64) run on the reduced image, not at full size."""
-    import helpers
+    from imgserve.imaging import prepare as helpers
 
     if mode == "I;16":
         image = sixteen_bit(2000, 1600)

@@ -3,8 +3,8 @@ import base64
 import numpy as np
 import pytest
 
-import settings
-from image_codecs import CODECS, LOSSY, PayloadError, decode_array, decode_image, encode_array, encode_image
+from imgserve import settings
+from imgserve.imaging.codecs import CODECS, LOSSY, PayloadError, decode_array, decode_image, encode_array, encode_image
 
 SHAPE = (224, 224, 3)
 

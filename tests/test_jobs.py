@@ -11,7 +11,7 @@ import pytest
 import requests
 from PIL import Image
 
-from local_redis import free_port
+from imgserve.launch.local_redis import free_port
 from tools.processes import sample_image_bytes, server_env, start_web, start_worker, wait_until
 
 

@@ -1,7 +1,7 @@
 import io
 import re
 
-import logger
+from imgserve import logger
 
 LINE = re.compile(
     r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}\] \[(?P<server>[^\]]+)\] \[(?P<script>[^\]]+)\] (?P<action>.*)$"

@@ -16,10 +16,10 @@ from prometheus_client import REGISTRY
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
-import run_model_server
-import settings
-from local_redis import free_port
-from redis_protocol import Job, JobQueue, connect
+from imgserve import settings
+from imgserve.launch.local_redis import free_port
+from imgserve.protocol import Job, JobQueue, connect
+from imgserve.worker import pipeline
 from tools.processes import live_stack, post_image, sample_image_bytes, server_env, start_web, wait_until
 
 PREDICT_OK = {"endpoint": "/predict", "method": "POST", "status": "200"}
@@ -147,7 +147,7 @@ def test_gunicorn_processes_metrics_add_up(stack, tmp_path):
 def test_worker_metrics_count_done_jobs_batches_and_inference(stack):
     _, web, worker_metrics = stack
     before = scrape(worker_metrics)
-    for outcome in run_model_server.JOB_OUTCOMES:
+    for outcome in pipeline.JOB_OUTCOMES:
         assert ("worker_jobs_total", (("outcome", outcome),)) in before, outcome
     assert post_image(web.url).status_code == 200
     done_before = value(before, "worker_jobs_total", outcome="done")
@@ -190,7 +190,7 @@ class BrokenClassifier:
 @pytest.mark.parametrize("max_attempts, outcome", [(3, "requeued"), (1, "dead_lettered")])
 def test_failed_inference_is_counted(redis_client, queue_name, max_attempts, outcome):
     queue = JobQueue(redis_client, queue_name, result_ttl=60, max_attempts=max_attempts)
-    worker = run_model_server.Worker(settings.load(env={}), queue, BrokenClassifier())
+    worker = pipeline.Worker(settings.load(env={}), queue, BrokenClassifier())
     queue.enqueue(Job.new(np.zeros((224, 224, 3), np.uint8), "test", 60), max_queue=10)
     raws = queue.claim_batch(worker.id, size=4, wait=0, block=1)
     assert len(raws) == 1

@@ -10,11 +10,11 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 
-from local_redis import free_port
-from settings import PROJECT_DIR
+from imgserve.launch.local_redis import free_port
+from imgserve.web.app import WEB_DIR
 from tools.processes import live_stack, sample_image_bytes, server_env, start_web, wait_until
 
-SPEC = PROJECT_DIR / "openapi.yaml"
+SPEC = WEB_DIR / "openapi.yaml"
 REQUEST_TIMEOUT = 150  # seconds; generous, so a busy CPU does not turn into a 504
 
 

@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from redis_protocol import REDIS_UNAVAILABLE, DeadLetter, Job, JobQueue, ResultListener, ResultTimeout, connect
+from imgserve.protocol import REDIS_UNAVAILABLE, DeadLetter, Job, JobQueue, ResultListener, ResultTimeout, connect
 
 PIXELS = np.zeros((224, 224, 3), np.uint8)
 
@@ -65,7 +65,7 @@ def test_a_parsed_job_with_an_odd_image_field_is_escaped_when_written_again():
     [(b"{not json", "not valid JSON"), (b"[1, 2]", "not a JSON object"), (b'{"id": "x"}', "lacks field")],
 )
 def test_unparseable_jobs_raise_job_error(raw, reason):
-    from redis_protocol import JobError
+    from imgserve.protocol import JobError
 
     with pytest.raises(JobError, match=reason):
         Job.from_json(raw)
@@ -298,7 +298,7 @@ def test_wait_times_out(queue):
 
 @pytest.mark.parametrize("flags, expected", [("K$", "notifications"), ("", "polling")])
 def test_without_config_command_the_listener_probes_for_events(flags, expected):
-    from local_redis import LocalRedis
+    from imgserve.launch.local_redis import LocalRedis
 
     args = ("--rename-command", "CONFIG", "", "--notify-keyspace-events", flags)
     with LocalRedis(extra_args=args) as server:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import prepare_image
+from imgserve.imaging.prepare import prepare_image
 from tools.processes import CASTLE
 
 KERAS_CACHE = Path.home() / ".keras" / "models" / "resnet50_weights_tf_dim_ordering_tf_kernels.h5"
@@ -26,7 +26,7 @@ def weights_file() -> Path | None:
 @pytest.mark.skipif(weights_file() is None, reason="no ResNet50 ImageNet weights file (set REAL_WEIGHTS)")
 @pytest.mark.skipif(not CASTLE.exists(), reason="../shared/images/castle_image.jpg is absent")
 def test_castle_photo_is_a_church_or_castle_with_real_weights():
-    from model import Classifier
+    from imgserve.worker.model import Classifier
 
     classifier = Classifier(str(weights_file()))
     [top5] = classifier.classify(prepare_image(CASTLE.read_bytes())[None])

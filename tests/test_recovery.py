@@ -17,9 +17,9 @@ import uuid
 import numpy as np
 import pytest
 
-from local_redis import free_port
-from redis_protocol import Job, JobQueue, connect
-from settings import Settings
+from imgserve.launch.local_redis import free_port
+from imgserve.protocol import Job, JobQueue, connect
+from imgserve.settings import Settings
 from tests.test_reliability import freeze_holding_jobs, metric
 from tools.processes import server_env, start_worker, wait_until
 

@@ -22,8 +22,8 @@ import requests
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from local_redis import LocalRedis, free_port
-from redis_protocol import Job, JobQueue, connect
+from imgserve.launch.local_redis import LocalRedis, free_port
+from imgserve.protocol import Job, JobQueue, connect
 from tools import redis_acl
 from tools.processes import post_image, sample_image_bytes, server_env, start_web, start_worker, wait_until
 

@@ -29,9 +29,9 @@ import requests
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from local_redis import LocalRedis, free_port
-from redis_protocol import Job, JobQueue, ResultListener, connect, job_metadata
-from redis_protocol.queue import TAKEN_RESULT_TTL_MS
+from imgserve.launch.local_redis import LocalRedis, free_port
+from imgserve.protocol import Job, JobQueue, ResultListener, connect, job_metadata
+from imgserve.protocol.queue import TAKEN_RESULT_TTL_MS
 from tools import processes
 from tools.processes import (
     Child,

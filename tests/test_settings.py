@@ -1,7 +1,7 @@
 import pytest
 
-import settings
-from settings import SettingsError, hide_password, load
+from imgserve import settings
+from imgserve.settings import SettingsError, hide_password, load
 
 
 def test_defaults():
@@ -83,10 +83,10 @@ def test_password_is_hidden_only_when_present():
 
 
 def test_entry_point_exits_2_naming_the_variable(monkeypatch, capsys):
-    import run_model_server
+    from imgserve.worker import cli
 
     monkeypatch.setenv("BATCH_SIZE", "zero")
-    assert run_model_server.main([]) == 2
+    assert cli.main([]) == 2
     assert "BATCH_SIZE" in capsys.readouterr().err
 
 

@@ -14,9 +14,8 @@ import uuid
 import pytest
 import requests
 
-import proxy
-import serve
-import settings
+from imgserve import settings
+from imgserve.launch import proxy, serve
 from tools.processes import Stack, WebServer, sample_image_bytes, server_env
 from tools.slowloris import SlowClients, probe
 

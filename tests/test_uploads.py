@@ -9,7 +9,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.formparser import FormDataParser
 from werkzeug.test import EnvironBuilder
 
-from uploads import UploadRequest
+from imgserve.web.uploads import UploadRequest
 
 JPEG_LIKE = bytes(range(256)) * 300 + b"\r\n--not-the-boundary\r\n" + b"\xff\xd9"
 

@@ -11,10 +11,10 @@ import redis
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-import settings
-from helpers import DecodeBudget
-from redis_protocol import SUBMITTED
-from run_web_server import create_app
+from imgserve import settings
+from imgserve.imaging.prepare import DecodeBudget
+from imgserve.protocol import SUBMITTED
+from imgserve.web.app import create_app
 
 MODEL = {"model": "stand-in", "weights": "none"}
 

@@ -9,10 +9,9 @@ import json
 import numpy as np
 import pytest
 
-import logger
-import run_model_server
-import settings
-from redis_protocol import Job
+from imgserve import logger, settings
+from imgserve.protocol import Job
+from imgserve.worker import cli, pipeline
 
 FORGED = "\n[2026-01-01 00:00:00.000] [model] [run_model_server.py] forged"
 
@@ -30,7 +29,7 @@ def worker_log_of(raws: list[bytes]) -> str:
     out = io.StringIO()
     logger.setup("model", "DEBUG", stream=out)
     config = settings.load(env={}, dotenv=False)
-    worker = run_model_server.Worker(config, StandInQueue(), StandInModel())
+    worker = pipeline.Worker(config, StandInQueue(), StandInModel())
     worker._publish(worker._infer(worker._decode(0, raws)))
     return out.getvalue()
 
@@ -54,13 +53,13 @@ def test_strings_read_from_redis_are_logged_escaped_on_one_line():
 )
 def test_worker_metrics_listen_on_metrics_host_not_web_host(monkeypatch, env, bound):
     calls = []
-    monkeypatch.setattr(run_model_server, "start_http_server", lambda port, addr: calls.append((port, addr)))
-    run_model_server.serve_metrics(settings.load(env={"METRICS_PORT": "9123", **env}, dotenv=False))
+    monkeypatch.setattr(cli, "start_http_server", lambda port, addr: calls.append((port, addr)))
+    cli.serve_metrics(settings.load(env={"METRICS_PORT": "9123", **env}, dotenv=False))
     assert calls == [(9123, bound)]
 
 
 def test_metrics_port_0_serves_no_metrics(monkeypatch):
     calls = []
-    monkeypatch.setattr(run_model_server, "start_http_server", lambda port, addr: calls.append((port, addr)))
-    run_model_server.serve_metrics(settings.load(env={"METRICS_PORT": "0"}, dotenv=False))
+    monkeypatch.setattr(cli, "start_http_server", lambda port, addr: calls.append((port, addr)))
+    cli.serve_metrics(settings.load(env={"METRICS_PORT": "0"}, dotenv=False))
     assert calls == []

@@ -47,10 +47,10 @@ import numpy as np
 import redis
 import requests
 
-import settings
-from image_codecs import CODECS
-from local_redis import LocalCluster, LocalRedis, free_port
-from redis_protocol import Claimer, Job, JobQueue, connect
+from imgserve import settings
+from imgserve.imaging.codecs import CODECS
+from imgserve.launch.local_redis import LocalCluster, LocalRedis, free_port
+from imgserve.protocol import Claimer, Job, JobQueue, connect
 from tools.processes import CASTLE, PROJECT, Child, WebServer, Worker, sample_image_bytes, server_env
 from tools.standin import StandInModel
 
@@ -428,7 +428,7 @@ def model_limit(report: Report, plan: Plan, batch_size: int) -> tuple[dict, obje
     """(1) The model alone in this process: compiled call vs Keras model.predict, per batch size.
 
     Returns the figures and the loaded Classifier, for re-measuring later in the run."""
-    from model import Classifier
+    from imgserve.worker.model import Classifier
 
     report.section("1. Raw model limit: ResNet50 alone (model.Classifier.predict on uint8 batches, random weights)")
     classifier = Classifier("none")
@@ -729,8 +729,8 @@ def step_costs(report: Report, image: bytes, repeats: int) -> dict:
     """CPU time of the heaviest per-request steps, each run alone in this process (median of `repeats`)."""
     from werkzeug.test import EnvironBuilder
 
-    from helpers import prepare_image
-    from uploads import UploadRequest
+    from imgserve.imaging.prepare import prepare_image
+    from imgserve.web.uploads import UploadRequest
 
     files = {"image": ("castle_image.jpg", image, "image/jpeg")}
     uploads = [requests.Request("POST", "http://x/predict", files=files).prepare() for _ in range(repeats)]
@@ -776,7 +776,7 @@ def redis_alone(report: Report, seconds: float, image: bytes, url: str, codec: s
     """
     from multiprocessing import get_context
 
-    from helpers import prepare_image
+    from imgserve.imaging.prepare import prepare_image
 
     report.section(
         f"8. Redis alone: the per-request command mix with real {BATCH_FOR_MIX}-job batches, no HTTP, no model"
@@ -840,7 +840,7 @@ def redis_cluster(report: Report, seconds: float, image: bytes, codec: str, sing
     whose shards each live on their own primary, and claiming them back shard by shard as a worker does."""
     from multiprocessing import get_context
 
-    from helpers import prepare_image
+    from imgserve.imaging.prepare import prepare_image
 
     report.section(
         f"11. Redis Cluster: phase 8's mix over QUEUE_SHARDS={CLUSTER_SHARDS} on a local {CLUSTER_SHARDS}-primary "

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import requests
 
-import stack
-from local_redis import LocalRedis, free_port
+from imgserve.launch import stack
+from imgserve.launch.local_redis import LocalRedis, free_port
 
 PROJECT = Path(__file__).resolve().parent.parent
 CASTLE = PROJECT.parent / "shared" / "images" / "castle_image.jpg"

@@ -41,7 +41,7 @@ def old_prepare(data: bytes) -> np.ndarray:
 
 def measure_one(path: Path, way: str) -> dict:
     """In this (fresh) process: prepare the file once, the old or the new way."""
-    from helpers import ImageError, prepare_image
+    from imgserve.imaging.prepare import ImageError, prepare_image
 
     data = path.read_bytes()
     prepare = old_prepare if way == "old" else prepare_image

@@ -20,10 +20,10 @@ import time
 import uuid
 from collections.abc import Callable
 
-from helpers import prepare_image
-from local_redis import LocalRedis
-from redis_protocol import Job
-from settings import Settings
+from imgserve.imaging.prepare import prepare_image
+from imgserve.launch.local_redis import LocalRedis
+from imgserve.protocol import Job
+from imgserve.settings import Settings
 from tools.processes import PROJECT, sample_image_bytes, server_env, start_web, start_worker
 
 DOCS = PROJECT / "deliverables"

@@ -35,12 +35,12 @@ from pathlib import Path
 import numpy as np
 import requests
 
-import settings
-import stack
-from helpers import prepare_image
-from image_codecs import CODECS, LOSSLESS, decode_image
-from local_redis import LocalRedis
-from redis_protocol import Job, connect
+from imgserve import settings
+from imgserve.imaging.codecs import CODECS, LOSSLESS, decode_image
+from imgserve.imaging.prepare import prepare_image
+from imgserve.launch import stack
+from imgserve.launch.local_redis import LocalRedis
+from imgserve.protocol import Job, connect
 from tools.bench import Client, CpuMeter, _redis_pid, closed_loop, running, start_worker, with_children
 from tools.processes import PROJECT, WebServer, sample_image_bytes, server_env
 

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import redis
 
-from helpers import prepare_image
-from local_redis import LocalRedis
-from redis_protocol import Job, JobQueue, connect
+from imgserve.imaging.prepare import prepare_image
+from imgserve.launch.local_redis import LocalRedis
+from imgserve.protocol import Job, JobQueue, connect
 
 PROJECT = Path(__file__).resolve().parent.parent
 CASTLE = PROJECT.parent / "shared" / "images" / "castle_image.jpg"
@@ -147,7 +147,7 @@ def step_costs(repeats: int = 300) -> dict[str, float]:
 
     import zstandard
 
-    from image_codecs import _undo_row_deltas
+    from imgserve.imaging.codecs import _undo_row_deltas
 
     pixels = castle_pixels()
     zstd_raw = Job.new(pixels, "bench", 60, "zstd").to_json()

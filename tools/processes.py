@@ -19,10 +19,10 @@ from pathlib import Path
 
 import requests
 
-import stack
-from local_redis import free_port
-from redis_protocol import JobQueue, connect
-from settings import PROJECT_DIR, Settings
+from imgserve.launch import stack
+from imgserve.launch.local_redis import free_port
+from imgserve.protocol import JobQueue, connect
+from imgserve.settings import PROJECT_DIR, Settings
 
 PROJECT = PROJECT_DIR
 SHARED_IMAGES = PROJECT.parent / "shared" / "images"
@@ -174,7 +174,9 @@ class Stack(Child):
     def __init__(self, env: dict[str, str]) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        super().__init__([sys.executable, "serve.py"], dict(env, WEB_PORT=str(self.port), WEB_HOST="127.0.0.1"))
+        super().__init__(
+            [sys.executable, "-m", "imgserve.launch.serve"], dict(env, WEB_PORT=str(self.port), WEB_HOST="127.0.0.1")
+        )
 
     def wait_ready(self, timeout: float = 120) -> Stack:
         """Wait until /readyz answers 200: the web server answers and a worker has loaded its model."""

@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-import settings
-from redis_protocol.acl import rules
+from imgserve import settings
+from imgserve.protocol.acl import rules
 
 
 def commands(queue: str, aclfile: bool = False) -> list[str]:

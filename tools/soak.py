@@ -27,9 +27,9 @@ from pathlib import Path
 import redis
 import requests
 
-from local_redis import LocalRedis
-from redis_protocol import JobQueue
-from redis_protocol.queue import TAKEN_RESULT_TTL_MS
+from imgserve.launch.local_redis import LocalRedis
+from imgserve.protocol import JobQueue
+from imgserve.protocol.queue import TAKEN_RESULT_TTL_MS
 from tools.processes import Stack, sample_image_bytes, server_env
 
 GROWTH_LIMIT = 0.10

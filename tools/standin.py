@@ -19,10 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-import logger
-import settings
-from model import TOP_K, keras_labels, top_k
-from redis_protocol import JobQueue
+from imgserve import logger, settings
+from imgserve.protocol import JobQueue
+from imgserve.worker.model import TOP_K, keras_labels, top_k
 
 
 class StandInModel:
@@ -48,7 +47,7 @@ class StandInModel:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from run_model_server import Worker
+    from imgserve.worker.pipeline import Worker
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds-per-image", type=float, default=0.0)

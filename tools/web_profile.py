@@ -21,9 +21,9 @@ from functools import wraps
 
 from flask import Flask, jsonify, request
 
-import metrics
-import run_web_server as web
-from redis_protocol import Job
+from imgserve.protocol import Job
+from imgserve.web import app as web
+from imgserve.web import metrics
 
 _totals: dict[str, float] = defaultdict(float)
 _counts: dict[str, int] = defaultdict(int)

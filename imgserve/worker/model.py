@@ -9,7 +9,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ star
 
 import numpy as np
 
-import logger
+from imgserve import logger
 
 log = logger.get(__name__)
 

@@ -16,11 +16,9 @@ import tempfile
 import threading
 from pathlib import Path
 
-import logger
-import proxy
-import settings
-import stack
-from local_redis import LocalRedis
+from imgserve import logger, settings
+from imgserve.launch import proxy, stack
+from imgserve.launch.local_redis import LocalRedis
 
 LOCAL_REDIS_PORT = 6379
 NGINX, GUNICORN = "the proxy (nginx)", "the web server (gunicorn)"

@@ -9,13 +9,15 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 
-import settings
-from settings import PROJECT_DIR
+from imgserve import settings
+from imgserve.settings import PROJECT_DIR
 
 # Where gunicorn's web processes add up their Prometheus values (one folder per server, empty at start).
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
-WEB_APP = "run_web_server:create_app()"
+WEB_APP = "imgserve.web.app:create_app()"
+GUNICORN_CONF = Path(__file__).resolve().parent / "gunicorn.conf.py"
 
 
 def gunicorn_command(config: settings.Settings, app: str = WEB_APP, bind: str | None = None) -> list[str]:
@@ -31,7 +33,7 @@ def gunicorn_command(config: settings.Settings, app: str = WEB_APP, bind: str | 
         "--bind", bind or f"{config.web_host}:{config.web_port}",
         "--graceful-timeout", str(int(config.request_timeout) + 5),
         "--log-level", "warning",
-        "--config", str(PROJECT_DIR / "gunicorn.conf.py"),
+        "--config", str(GUNICORN_CONF),
         app,
     ]  # fmt: skip
 

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 
 import redis
 
-import logger
+from imgserve import logger
 
 from .connection import REDIS_UNAVAILABLE
 from .queue import JobQueue

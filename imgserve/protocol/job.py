@@ -16,8 +16,8 @@ from functools import cached_property
 
 import numpy as np
 
-from helpers import IMAGE_DTYPE, IMAGE_SHAPE
-from image_codecs import DEFAULT_QUALITY, PayloadError, decode_image, encode_image
+from imgserve.imaging import IMAGE_DTYPE, IMAGE_SHAPE
+from imgserve.imaging.codecs import DEFAULT_QUALITY, PayloadError, decode_image, encode_image
 
 DEFAULT_MAX_JOB_BYTES = 1_048_576  # a 224x224x3 job is about 200 KB raw, less with the other codecs
 MAX_NAME_CHARS = 200  # ids, origins, dtype and codec names are short; longer ones are not ours

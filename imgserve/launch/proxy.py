@@ -16,10 +16,9 @@ import signal
 import subprocess
 from pathlib import Path
 
-import settings
-from settings import PROJECT_DIR
+from imgserve import settings
 
-TEMPLATE = PROJECT_DIR / "nginx.conf.template"
+TEMPLATE = Path(__file__).resolve().parent / "nginx.conf.template"
 # Connections nginx holds at once: idle and slow clients, and two per request it is passing on.
 CONNECTIONS = 4096
 STOP_SIGNAL = signal.SIGQUIT  # nginx's graceful stop: it finishes the requests in flight, as gunicorn's SIGTERM does

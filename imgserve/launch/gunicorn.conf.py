@@ -1,7 +1,7 @@
-"""Gunicorn settings shared by `make run` (serve.py passes --config) and anyone running gunicorn here.
+"""Gunicorn's settings for the web app: stack.gunicorn_command passes this file with --config, beside the
+command-line flags it sets itself (workers, threads, bind) from the settings.
 
-Gunicorn also reads ./gunicorn.conf.py by itself when started from this directory. Command-line
-flags (workers, threads, bind) stay in serve.py.
+Gunicorn reads this file only when told to: it is not in the folder gunicorn starts from.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def child_exit(server, worker) -> None:
 
 def post_fork(server, worker) -> None:
     """Lower this web process's CPU priority by WEB_NICE; the threads it starts later inherit it."""
-    import settings
+    from imgserve import settings
 
     try:
         nice = settings.load().web_nice

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 
 import redis
 
-import logger
+from imgserve import logger
 
 from .connection import node_client
 from .keys import Keys

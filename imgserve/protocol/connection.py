@@ -23,7 +23,7 @@ from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
 
-import logger
+from imgserve import logger
 
 log = logger.get(__name__)
 

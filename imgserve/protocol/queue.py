@@ -23,7 +23,7 @@ from .job import DEFAULT_MAX_JOB_BYTES, DeadLetter, Job, error_result, job_metad
 from .keys import NOTIFY_FLAGS, SLOTS, SUBMITTED, Keys, result_channel_pattern, shard_keys, ticket_key
 
 if TYPE_CHECKING:
-    from settings import Settings
+    from imgserve.settings import Settings
 
 # A result lives this long after its job's deadline: long enough for the web server that waits until
 # the deadline to read it, short enough that a result nobody waits for anymore does not linger.

@@ -27,8 +27,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-import logger
-from redis_protocol import REDIS_UNAVAILABLE, JobQueue
+from imgserve import logger
+from imgserve.protocol import REDIS_UNAVAILABLE, JobQueue
 
 log = logger.get(__name__)
 

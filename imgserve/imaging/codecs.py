@@ -24,7 +24,6 @@ import numpy as np
 import pybase64
 import simplejpeg
 import zstandard
-from PIL import Image
 
 LOSSLESS = ("raw", "zstd", "zstd2")
 LOSSY = ("jpeg", "webp")
@@ -163,12 +162,16 @@ def _decode_jpeg(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _encode_webp(pixels: np.ndarray, quality: int) -> bytes:
+    from PIL import Image  # only for webp: the protocol (job.py) imports this module and must not load Pillow
+
     out = io.BytesIO()
     Image.fromarray(pixels, "RGB").save(out, "WEBP", quality=quality, method=0)  # method 0: the fastest
     return out.getvalue()
 
 
 def _decode_webp(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    from PIL import Image  # see _encode_webp
+
     try:
         with Image.open(io.BytesIO(data), formats=("WEBP",)) as image:
             if image.size != (shape[1], shape[0]):

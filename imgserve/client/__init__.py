@@ -1,0 +1,1 @@
+"""HTTP clients of the web API: simple_request.py (one image) and stress_test.py (many threads)."""

@@ -1,0 +1,7 @@
+"""`python -m imgserve.worker`: a model worker (see cli.py)."""
+
+import sys
+
+from imgserve.worker.cli import main
+
+sys.exit(main())
