@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import settings
 from helpers import DecodeBudget
 from redis_protocol import SUBMITTED
+from redis_protocol.keys import OPEN_OWNER
 from run_web_server import create_app
 
 MODEL = {"model": "stand-in", "weights": "none"}
@@ -25,6 +26,7 @@ class StandInQueue:
     def __init__(self, accept: bool = True, down: bool = False) -> None:
         self.accept, self.down = accept, down
         self.enqueued: list = []
+        self.held: dict[str, set[str]] = {}
 
     def enqueue_many(self, jobs: list, max_queue: int) -> bool:
         if self.down:
@@ -35,11 +37,22 @@ class StandInQueue:
     def submit(self, job, max_queue: int) -> bool:
         return self.enqueue_many([job], max_queue)
 
-    def job_status(self, job_id: str) -> dict | None:
-        return {"status": "queued"} if any(job.id == job_id for job in self.enqueued) else None
+    def job_status(self, job_id: str, owner: str = OPEN_OWNER) -> dict | None:
+        mine = any(job.id == job_id and (job.owner or OPEN_OWNER) == owner for job in self.enqueued)
+        return {"status": "queued"} if mine else None
 
-    def cancel_submitted(self, job_id: str) -> int:
-        return 1 if self.job_status(job_id) else -1
+    def cancel_submitted(self, job_id: str, owner: str = OPEN_OWNER) -> int:
+        return 1 if self.job_status(job_id, owner) else -1
+
+    def hold(self, owner: str, jobs: list, limit: int) -> bool:
+        self.held.setdefault(owner, set())
+        if len(self.held[owner]) + len(jobs) > limit:
+            return False
+        self.held[owner] |= {job.id for job in jobs}
+        return True
+
+    def release_hold(self, owner: str, job_ids: list[str]) -> None:
+        self.held.get(owner, set()).difference_update(job_ids)
 
     def take_result(self, origin: str, job_id: str, shard: int = 0) -> dict:
         return {"success": True, "predictions": [{"label": "castle", "probability": 0.5}], **MODEL}
