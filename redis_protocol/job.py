@@ -80,6 +80,8 @@ class Job:
     def to_json(self) -> bytes:
         """The job as queued: compact JSON, UTF-8, with `id` first and `image` last."""
         wire = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+        if not self.owner:  # only submitted jobs have one
+            del wire["owner"]
         if not self._image_is_base64:
             return json.dumps(wire, separators=(",", ":")).encode()
         del wire["image"]

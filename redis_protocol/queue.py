@@ -528,14 +528,14 @@ class JobQueue:
 
 
 def read_result(raw: bytes, job_id: str) -> dict:
-    """A result key's value as a well-formed result: {"success": True, "predictions": [...], ...} or
+    """A result key's value as a well-formed result: {"success": True, ...} (`predictions` a list) or
     {"success": False, "error": str, "status": 400..599}. Anything else (not UTF-8, not JSON, not an object,
     fields of the wrong types) is logged and becomes a failure: the key is untrusted input like a job."""
     try:
         answer = json.loads(raw)
     except (ValueError, RecursionError):
         answer = None
-    if isinstance(answer, dict) and answer.get("success") is True and isinstance(answer.get("predictions"), list):
+    if isinstance(answer, dict) and answer.get("success") is True and isinstance(answer.get("predictions", []), list):
         return answer
     if isinstance(answer, dict) and answer.get("success") is False and isinstance(answer.get("error"), str):
         status = answer.get("status")

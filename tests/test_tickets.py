@@ -76,7 +76,7 @@ def test_an_unreadable_ticket_is_an_unknown_job_and_is_logged(queue, ticket, cap
 
 @pytest.mark.parametrize(
     "result",
-    [b"\xff\xfe", b"not json", b"[1, 2]", b'"done"', b"{}", b'{"success": true}',
+    [b"\xff\xfe", b"not json", b"[1, 2]", b'"done"', b"{}", b'{"success": "yes"}',
      b'{"success": true, "predictions": 3}', b'{"success": 1, "predictions": []}', b'{"success": false}',
      b'{"success": false, "error": 5}'],
 )  # fmt: skip
