@@ -57,6 +57,7 @@ class Settings:
     web_nice: int = 10
     max_attempts: int = 3
     max_queue: int = 1000
+    max_queue_per_key: int | None = None  # None: auto (queue_share_per_key)
     max_job_bytes: int = 1_048_576
     dead_letter_max: int = 1000
     max_upload_bytes: int = 16 * 1024 * 1024
@@ -78,6 +79,15 @@ class Settings:
     def accepted_api_keys(self) -> tuple[str, ...]:
         """Every key API_KEYS and API_KEYS_FILE accept; empty: the API is open."""
         return self.api_keys + self.api_keys_file
+
+    @property
+    def queue_share_per_key(self) -> int | None:
+        """MAX_QUEUE_PER_KEY: jobs one API key may have queued or running; auto: MAX_QUEUE shared evenly
+        between the keys (MAX_QUEUE itself for one key). None without API keys: MAX_QUEUE alone applies."""
+        keys = self.accepted_api_keys
+        if not keys:
+            return None
+        return self.max_queue_per_key or max(1, self.max_queue // len(set(keys)))
 
     @property
     def redis_url_safe(self) -> str:
@@ -281,6 +291,7 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "web_nice": _int(0, 19),
     "max_attempts": _int(1),
     "max_queue": _int(1),
+    "max_queue_per_key": _auto_or(_int(1)),
     "max_job_bytes": _int(1024),
     "dead_letter_max": _int(1),
     "max_upload_bytes": _int(1),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import re
+import sys
 import uuid
 
 import pytest
@@ -12,7 +13,7 @@ import requests
 from PIL import Image
 
 from imgserve.launch.local_redis import free_port
-from tools.processes import sample_image_bytes, server_env, start_web, start_worker, wait_until
+from tools.processes import Child, env_queue, sample_image_bytes, server_env, start_web, start_worker, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +111,51 @@ def test_top_k_sets_how_many_classes_come_back(env, webs):
     for top_k, answer in answers.items():
         probabilities = [p["probability"] for p in answer["predictions"]]
         assert len(probabilities) == top_k and probabilities == sorted(probabilities, reverse=True)
+
+
+def start_standin(env: dict[str, str], seconds_per_image: float) -> tuple[Child, str]:
+    """A stand-in model worker (tools/standin.py), and its id once it has registered."""
+    queue = env_queue(env)
+    before = queue.worker_ids()
+    worker = Child([sys.executable, "-m", "tools.standin", "--seconds-per-image", str(seconds_per_image)], env)
+    try:
+        found = wait_until(lambda: queue.worker_ids() - before, 60, "the stand-in worker to register")
+    finally:
+        queue.redis.close()
+    return worker, next(iter(found))
+
+
+def test_a_job_whose_worker_died_on_its_last_attempt_says_failed_and_the_client_stops(env, webs, tmp_path):
+    """MAX_ATTEMPTS=1: a worker killed (kill -9) while it holds two submitted jobs; another worker's reaper
+    dead-letters them, and GET /jobs/<id> then says failed, as simple_request.py --async does."""
+    web = webs[0]
+    workers_env = dict(env, MAX_ATTEMPTS="1", HEARTBEAT_TTL="2", REAP_INTERVAL="0.5", BATCH_SIZE="4",
+                       BATCH_WAIT_MS="500", METRICS_PORT="0")  # fmt: skip
+    image = tmp_path / "castle.jpg"
+    image.write_bytes(sample_image_bytes())
+    client = Child([sys.executable, "simple_request.py", str(image), "--url", web.url, "--async", "--timeout", "120"],
+                   env)  # fmt: skip
+    ours = submit(web.url).json()["id"]
+    queue = env_queue(env)
+    survivor = victim = None
+    try:
+        wait_until(lambda: queue.depth() == 2, 30, "both jobs queued")
+        victim, victim_id = start_standin(workers_env, 60)  # takes both in one batch, then holds it a minute
+        wait_until(lambda: requests.get(f"{web.url}/jobs/{ours}", timeout=10).json()["status"] == "running", 30,
+                   "the job to be running")  # fmt: skip
+        assert len(queue.claimed(victim_id)) == 2
+        victim.process.kill()
+        victim.process.wait(30)
+        survivor, _ = start_standin(workers_env, 0)
+        status_url = f"{web.url}/jobs/{ours}"
+        body = wait_until(lambda: (b := requests.get(status_url, timeout=10).json())["status"] != "running" and b, 60,
+                          "the reaper to settle the job")  # fmt: skip
+        assert client.process.wait(60) == 1
+    finally:
+        for child in (client, victim, survivor):
+            if child is not None:
+                child.stop()
+        queue.redis.close()
+    assert body == {"id": ours, "status": "failed", "error": body["error"]}
+    assert "MAX_ATTEMPTS=1" in body["error"] and "stopped sending heartbeats" in body["error"]
+    assert "job failed" in client.log and "MAX_ATTEMPTS=1" in client.log and "not done within" not in client.log

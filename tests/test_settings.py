@@ -185,3 +185,19 @@ def test_an_api_keys_file_without_keys_is_refused(tmp_path):
     (tmp_path / "keys").write_text("# none yet\n")
     with pytest.raises(SettingsError, match="API_KEYS_FILE.*no key"):
         load(env={"API_KEYS_FILE": str(tmp_path / "keys")})
+
+
+@pytest.mark.parametrize(
+    "env, share",
+    [({}, None), ({"API_KEYS": "k-" + "a" * 20}, 1000), ({"API_KEYS": "k-" + "a" * 20 + ",k-" + "b" * 20}, 500),
+     ({"API_KEYS": "k-" + "a" * 20 + ",k-" + "b" * 20, "MAX_QUEUE_PER_KEY": "7"}, 7),
+     ({"API_KEYS": "k-" + "a" * 20, "MAX_QUEUE_PER_KEY": "auto", "MAX_QUEUE": "9"}, 9)],
+)  # fmt: skip
+def test_max_queue_per_key_is_a_fair_share_of_max_queue_unless_set(env, share):
+    assert settings.load(env=env, dotenv=False).queue_share_per_key == share
+
+
+@pytest.mark.parametrize("raw", ["0", "-1", "x", "1.5"])
+def test_max_queue_per_key_is_a_whole_number_or_auto(raw):
+    with pytest.raises(settings.SettingsError, match="MAX_QUEUE_PER_KEY"):
+        settings.load(env={"MAX_QUEUE_PER_KEY": raw}, dotenv=False)

@@ -14,6 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from imgserve import settings
 from imgserve.imaging.prepare import DecodeBudget
 from imgserve.protocol import SUBMITTED
+from imgserve.protocol.keys import OPEN_OWNER
+from imgserve.web import security
 from imgserve.web.app import create_app
 
 MODEL = {"model": "stand-in", "weights": "none"}
@@ -25,6 +27,7 @@ class StandInQueue:
     def __init__(self, accept: bool = True, down: bool = False) -> None:
         self.accept, self.down = accept, down
         self.enqueued: list = []
+        self.held: dict[str, set[str]] = {}
 
     def enqueue_many(self, jobs: list, max_queue: int) -> bool:
         if self.down:
@@ -35,11 +38,22 @@ class StandInQueue:
     def submit(self, job, max_queue: int) -> bool:
         return self.enqueue_many([job], max_queue)
 
-    def job_status(self, job_id: str) -> dict | None:
-        return {"status": "queued"} if any(job.id == job_id for job in self.enqueued) else None
+    def job_status(self, job_id: str, owner: str = OPEN_OWNER) -> dict | None:
+        mine = any(job.id == job_id and (job.owner or OPEN_OWNER) == owner for job in self.enqueued)
+        return {"status": "queued"} if mine else None
 
-    def cancel_submitted(self, job_id: str) -> int:
-        return 1 if self.job_status(job_id) else -1
+    def cancel_submitted(self, job_id: str, owner: str = OPEN_OWNER) -> int:
+        return 1 if self.job_status(job_id, owner) else -1
+
+    def hold(self, owner: str, jobs: list, limit: int) -> bool:
+        self.held.setdefault(owner, set())
+        if len(self.held[owner]) + len(jobs) > limit:
+            return False
+        self.held[owner] |= {job.id for job in jobs}
+        return True
+
+    def release_hold(self, owner: str, job_ids: list[str]) -> None:
+        self.held.get(owner, set()).difference_update(job_ids)
 
     def take_result(self, origin: str, job_id: str, shard: int = 0) -> dict:
         return {"success": True, "predictions": [{"label": "castle", "probability": 0.5}], **MODEL}
@@ -447,3 +461,50 @@ def test_with_api_keys_the_job_routes_need_a_key_too(method, path):
     client, _ = client_for(StandInQueue(), API_KEYS=KEY)
     assert_error(client.open(path, method=method, **upload(png(40, 30))), 401, "API key")
     assert client.open(path, method=method, headers=bearer(KEY), **upload(png(40, 30))).status_code != 401
+
+
+# ---- each key's own jobs and share of the queue -------------------------------------------------
+
+
+def test_a_key_over_its_share_gets_429_while_another_key_still_queues_and_sees_only_its_own_jobs():
+    queue = StandInQueue()
+    client, _ = client_for(queue, API_KEYS=f"{KEY},{OTHER_KEY}", MAX_QUEUE_PER_KEY="2")
+    flood = [client.post("/jobs", headers=bearer(OTHER_KEY), **upload(png(40, 30))) for _ in range(3)]
+    assert [r.status_code for r in flood] == [202, 202, 429]
+    assert flood[2].headers["Retry-After"] == "1" and "MAX_QUEUE_PER_KEY" in flood[2].get_json()["error"]
+    assert_error(client.post("/predict", headers=bearer(OTHER_KEY), **upload(png(40, 30))), 429, "MAX_QUEUE_PER_KEY")
+    mine = client.post("/jobs", headers=bearer(KEY), **upload(png(40, 30)))
+    assert mine.status_code == 202 and len(queue.enqueued) == 3
+    url = mine.headers["Location"]
+    assert client.get(url, headers=bearer(KEY)).get_json() == {"id": mine.get_json()["id"], "status": "queued"}
+    for method in ("get", "delete"):  # the same answer as for an unknown job: no oracle
+        assert_error(getattr(client, method)(url, headers=bearer(OTHER_KEY)), 404, "no job")
+    assert client.delete(url, headers=bearer(KEY)).status_code == 200
+    assert client.delete(flood[0].headers["Location"], headers=bearer(OTHER_KEY)).status_code == 200
+    assert client.post("/jobs", headers=bearer(OTHER_KEY), **upload(png(40, 30))).status_code == 202  # room again
+
+
+def test_predict_counts_against_the_share_only_while_it_waits():
+    queue = StandInQueue()
+    client, _ = client_for(queue, API_KEYS=KEY, MAX_QUEUE_PER_KEY="1")
+    for _ in range(3):
+        assert client.post("/predict", headers=bearer(KEY), **upload(png(40, 30))).status_code == 200
+    assert queue.held == {security.owner_id(KEY): set()}
+
+
+def test_without_api_keys_there_is_no_per_key_share():
+    queue = StandInQueue()
+    client, _ = client_for(queue, MAX_QUEUE_PER_KEY="1")
+    assert [client.post("/jobs", **upload(png(40, 30))).status_code for _ in range(3)] == [202] * 3
+    assert queue.held == {}
+
+
+class FailedJobQueue(StandInQueue):
+    def job_status(self, job_id: str, owner: str = OPEN_OWNER) -> dict | None:
+        return {"status": "failed", "error": "job failed: out of attempts"}
+
+
+def test_a_failed_job_is_shown_as_failed_with_its_error():
+    client, _ = client_for(FailedJobQueue())
+    body = client.get("/jobs/" + "0" * 32).get_json()
+    assert body == {"id": "0" * 32, "status": "failed", "error": "job failed: out of attempts"}

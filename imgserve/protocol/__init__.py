@@ -34,6 +34,9 @@ operation on the job path is either idempotent, and then retried once, or recove
     SET ticket EX (submit)           yes          resent
     SET ticket XX GET (take)         yes          resent: finds the ticket it set (running), not cancelled
     CANCEL script                    yes          resent: finds no ticket, and the client hears 404
+    HOLD script (MAX_QUEUE_PER_KEY)  yes          resent: the ids are counted once (a set); a replay may find
+                                                  the key full and answer 429, and the ids are then released
+    ZREM owner ids (release hold)    yes          resent; a lost one leaves ids counted until their deadline
 """
 
 from .claim import Claimer

@@ -12,14 +12,15 @@ queue with `python -m tools.redis_acl`.
 
 from __future__ import annotations
 
-from .keys import Keys, ticket_key
+from .keys import Keys, owner_key, ticket_key
 
 # Commands each role sends, by where: queue.py (both sides), listener.py and the scripts in scripts.py.
 WEB_COMMANDS = (
     "lpush", "lrem", "multi", "exec",  # enqueue (again in MULTI after a lost reply), cancel a waiting job
     "getex", "get",                    # take a result; a submitted job's ticket and result (GET /jobs/<id>)
     "set", "del",                      # a submitted job's ticket; the probe for keyspace events without CONFIG
-    "evalsha", "script|load",          # the CANCEL script (DELETE /jobs/<id>)
+    "evalsha", "script|load",          # the CANCEL and HOLD scripts (DELETE /jobs/<id>, MAX_QUEUE_PER_KEY)
+    "zremrangebyscore", "zcard", "zadd", "zrange", "expireat", "zrem",  # HOLD; releasing a key's jobs
     "llen", "smembers", "mget",        # queue depth and dead letters (/metrics), live workers and models (/readyz)
     "psubscribe", "punsubscribe",      # the result listener
     "info", "ping", "select",          # is it a cluster (connection.is_cluster); health checks; a database but 0
@@ -46,8 +47,8 @@ def key_patterns(queue: str, role: str) -> list[str]:
             patterns += [keys.queue, f"{keys.queue}:*"]
         else:  # the web reads the workers' set and heartbeats, and the dead letters' count; writes the rest
             patterns += [keys.queue, keys.result_prefix + "*", keys.dead, keys.workers, keys.heartbeat_prefix + "*"]
-    if role == "web":  # tickets carry the queue's name untagged, whatever the shards (keys.ticket_key)
-        patterns.append(ticket_key(queue, "*"))
+    if role == "web":  # tickets and owners carry the queue's name untagged, whatever the shards (keys.py)
+        patterns += [ticket_key(queue, "*"), owner_key(queue, "*")]
     return patterns
 
 

@@ -42,6 +42,7 @@ class Job:
     attempts: int = 0
     codec: str = "raw"  # how `image` packs the pixels: image_codecs.encode_image
     top_k: int = DEFAULT_TOP_K  # how many classes the answer lists
+    owner: str = ""  # a submitted job's owner (keys.py, the ticket), so the worker keeps it in the ticket
     # True when `image` is base64 text made by Job.new: it needs no JSON escaping, so to_json can
     # splice it in instead of having json.dumps scan 200 KB of it.
     _image_is_base64: bool = field(default=False, init=False, repr=False, compare=False)
@@ -79,6 +80,8 @@ class Job:
     def to_json(self) -> bytes:
         """The job as queued: compact JSON, UTF-8, with `id` first and `image` last."""
         wire = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+        if not self.owner:  # only submitted jobs have one
+            del wire["owner"]
         if not self._image_is_base64:
             return json.dumps(wire, separators=(",", ":")).encode()
         del wire["image"]
@@ -103,6 +106,7 @@ class Job:
             attempts=_count(data.get("attempts", 0), "attempts"),
             codec=_name({"codec": data.get("codec", "raw")}, "codec"),
             top_k=_top_k(data.get("top_k", DEFAULT_TOP_K)),
+            owner=_owner(data.get("owner", "")),
         )
 
     def pixels(self) -> np.ndarray:
@@ -175,6 +179,12 @@ def _name(data: dict, name: str) -> str:
     value = _typed(data, name, str)
     if not value or len(value) > MAX_NAME_CHARS:
         raise JobError(f"{_WRONG} {name!r} must have 1 to {MAX_NAME_CHARS} characters, got {len(value)}")
+    return value
+
+
+def _owner(value: object) -> str:
+    if not isinstance(value, str) or len(value) > MAX_NAME_CHARS or " " in value:
+        raise JobError(f"{_WRONG} 'owner' must be text without spaces, at most {MAX_NAME_CHARS} characters")
     return value
 
 

@@ -18,10 +18,18 @@ so that Redis Cluster puts all the keys of a shard in one slot and each Lua scri
                                           shard; expires a few seconds after the job's deadline (RESULT_TTL
                                           at most). Submitted jobs (POST /jobs) have the origin SUBMITTED:
                                           no web process waits for them, any one reads their results.
-{q}:ticket:{id}                   STRING  a submitted job's status and shard until it has a result: "queued N",
-                                          then "running N" once a worker took it; deleted when it is cancelled.
-                                          Not in a shard: any web process finds it by the id alone. TTL until
-                                          its result would expire.
+{q}:ticket:{id}                   STRING  a submitted job's status, shard and owner until it has a result:
+                                          "queued N O", then "running N O" once a worker took it (N the shard,
+                                          O the owner: security.owner_id of the API key that submitted it, or
+                                          OPEN_OWNER without API keys); deleted when it is cancelled. Not in a
+                                          shard: any web process finds it by the id alone. TTL until its result
+                                          would expire. Only its owner sees or cancels the job.
+{q}:owner:{owner}                 ZSET    the ids of one API key's jobs that count against MAX_QUEUE_PER_KEY,
+                                          scored by their deadline: added when queued, removed when the web
+                                          process has the result (/predict), the result is collected or the job
+                                          cancelled (/jobs); entries past their deadline are dropped before
+                                          each count, so a crashed web process leaks nothing for good. Not in a
+                                          shard, and touched alone (the HOLD script). Only with API keys set.
 """
 
 from __future__ import annotations
@@ -37,6 +45,9 @@ NOTIFY_FLAGS = "K$"
 # The origin of submitted jobs (POST /jobs): no web process waits on them, any one reads their results.
 # Web processes' own origins are 12 hex digits, so they never meet this one.
 SUBMITTED = "submitted"
+
+# The owner of every job when no API keys are set: everyone is one client. Owner ids of keys are hex digits.
+OPEN_OWNER = "anyone"
 
 
 class Keys:
@@ -83,3 +94,8 @@ def result_channel_pattern(queue: str, tagged: bool, db: int, origin: str) -> st
 def ticket_key(queue: str, job_id: str) -> str:
     """The ticket of a submitted job: its status and shard, found by the id alone."""
     return f"{queue}:ticket:{job_id}"
+
+
+def owner_key(queue: str, owner: str) -> str:
+    """The jobs of one owner (API key) that count against MAX_QUEUE_PER_KEY."""
+    return f"{queue}:owner:{owner}"

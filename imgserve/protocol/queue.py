@@ -17,13 +17,30 @@ from typing import TYPE_CHECKING
 import redis
 from redis.cluster import RedisCluster
 
+from imgserve import logger
+
 from . import scripts
 from .connection import REDIS_UNAVAILABLE, REPLY_LOST, Client, T, connect, retry_once
 from .job import DEFAULT_MAX_JOB_BYTES, DeadLetter, Job, error_result, job_metadata
-from .keys import NOTIFY_FLAGS, SLOTS, SUBMITTED, Keys, result_channel_pattern, shard_keys, ticket_key
+from .keys import (
+    NOTIFY_FLAGS,
+    OPEN_OWNER,
+    SLOTS,
+    SUBMITTED,
+    Keys,
+    owner_key,
+    result_channel_pattern,
+    shard_keys,
+    ticket_key,
+)
 
 if TYPE_CHECKING:
     from imgserve.settings import Settings
+
+log = logger.get("queue")
+TICKET_STATUSES = ("queued", "running")
+# What a client hears of a result key or ticket that holds something no part of the service wrote.
+UNREADABLE_RESULT = "the job's result in Redis could not be read"
 
 # A result lives this long after its job's deadline: long enough for the web server that waits until
 # the deadline to read it, short enough that a result nobody waits for anymore does not linger.
@@ -60,6 +77,7 @@ class JobQueue:
         self._reap = client.register_script(scripts.REAP)
         self._release = client.register_script(scripts.RELEASE)
         self._cancel = client.register_script(scripts.CANCEL)
+        self._hold = client.register_script(scripts.HOLD)
 
     @classmethod
     def from_settings(cls, config: Settings) -> JobQueue:
@@ -130,7 +148,7 @@ class JobQueue:
         shard = self._next_with_room(limit)
         if shard is None:
             return False
-        retry_once(lambda: self.redis.set(ticket, f"queued {shard}", ex=ttl))
+        retry_once(lambda: self.redis.set(ticket, f"queued {shard} {job.owner or OPEN_OWNER}", ex=ttl))
         if self._push(self.shards[shard], [job.to_json()], limit):
             job.shard = shard
             return True
@@ -146,38 +164,63 @@ class JobQueue:
                 return shard
         return None
 
-    def job_status(self, job_id: str) -> dict | None:
-        """A submitted job's status: {"status": "done" | "failed", ...its result} once it has a result, else
-        {"status": "queued" | "running"}; None when no such job is known (never, expired or cancelled)."""
-        ticket = retry_once(lambda: self.redis.get(ticket_key(self.name, job_id)))
-        if ticket is None:
+    def job_status(self, job_id: str, owner: str = OPEN_OWNER) -> dict | None:
+        """A submitted job's status as `owner` may see it: {"status": "done", ...its result} or {"status":
+        "failed", "error"} once it has a result, else {"status": "queued" | "running"}; None when `owner` knows
+        no such job (never, expired, cancelled, another owner's, or an unreadable ticket)."""
+        raw = retry_once(lambda: self.redis.get(ticket_key(self.name, job_id)))
+        ticket = None if raw is None else self._read_ticket(job_id, raw)
+        if ticket is None or ticket[2] != owner:
             return None
-        status, _, shard = ticket.decode().partition(" ")
-        key = self.shards[int(shard) % len(self.shards) if shard.isdigit() else 0].result(SUBMITTED, job_id)
-        result = retry_once(lambda: self.redis.get(key))
+        status, shard, _ = ticket
+        result = retry_once(lambda: self.redis.get(self.shards[shard].result(SUBMITTED, job_id)))
         if result is None:
             return {"status": status}
-        answer = json.loads(result)
-        return {"status": "done" if answer.get("success") else "failed", **answer}
+        answer = read_result(result, job_id)
+        if not answer["success"]:
+            return {"status": "failed", "error": answer["error"]}
+        return {"status": "done", **{k: v for k, v in answer.items() if k not in ("success", "status", "id")}}
 
-    def cancel_submitted(self, job_id: str) -> int:
-        """Cancel a submitted job no worker has taken: 1 done, 0 a worker has it, -1 no such job (CANCEL)."""
-        return int(retry_once(lambda: self._cancel(keys=[ticket_key(self.name, job_id)])))
+    def _read_ticket(self, job_id: str, raw: bytes) -> tuple[str, int, str] | None:
+        """A ticket's (status, shard, owner); None (logged) for one no web process wrote."""
+        words = raw.decode("utf-8", "replace").split(" ")
+        if len(words) == 3 and words[0] in TICKET_STATUSES and words[1].isascii() and words[1].isdigit():
+            if int(words[1]) < len(self.shards):
+                return words[0], int(words[1]), words[2]
+        log.warning("job %s: unreadable ticket %s", logger.untrusted(job_id), logger.untrusted(raw))
+        return None
+
+    def cancel_submitted(self, job_id: str, owner: str = OPEN_OWNER) -> int:
+        """Cancel `owner`'s submitted job that no worker has taken: 1 done, 0 a worker has it, -1 `owner` knows
+        no such job (CANCEL)."""
+        return int(retry_once(lambda: self._cancel(keys=[ticket_key(self.name, job_id)], args=[owner])))
+
+    def hold(self, owner: str, jobs: list[Job], limit: int) -> bool:
+        """Count `jobs` against `owner`'s share of the queue (HOLD); False (nothing counted) when they would
+        take it past `limit`. Each is counted until `release_hold`, or its deadline at the latest."""
+        args = [time.time(), limit, max(job.deadline for job in jobs), *(job.id for job in jobs)]
+        return bool(retry_once(lambda: self._hold(keys=[owner_key(self.name, owner)], args=args)))
+
+    def release_hold(self, owner: str, job_ids: list[str]) -> None:
+        """Stop counting jobs against `owner`'s share: answered, collected, cancelled or refused. Idempotent."""
+        retry_once(lambda: self.redis.zrem(owner_key(self.name, owner), *job_ids))
 
     def take_tickets(self, jobs: list[Job], shard: int = 0) -> set[str]:
-        """Mark the submitted jobs among `jobs` (claimed from `shard`) as running; the ids of those whose
-        ticket is gone: cancelled. SET XX GET changes only a ticket that still exists, and says if it did."""
-        submitted = [job.id for job in jobs if job.origin == SUBMITTED]
+        """Mark the submitted jobs among `jobs` (claimed from `shard`) as running, keeping their owner; the ids
+        of those whose ticket is gone: cancelled. SET XX GET changes only a ticket that still exists, and says
+        if it did."""
+        submitted = [(job.id, job.owner) for job in jobs if job.origin == SUBMITTED]
         if not submitted:
             return set()
 
         def take() -> list[bytes | None]:
             with self.redis.pipeline(transaction=False) as pipe:
-                for job_id in submitted:
-                    pipe.set(ticket_key(self.name, job_id), f"running {shard}", xx=True, get=True, keepttl=True)
+                for job_id, owner in submitted:
+                    ticket = f"running {shard} {owner or OPEN_OWNER}"
+                    pipe.set(ticket_key(self.name, job_id), ticket, xx=True, get=True, keepttl=True)
                 return pipe.execute()
 
-        return {job_id for job_id, old in zip(submitted, retry_once(take), strict=True) if old is None}
+        return {job_id for (job_id, _), old in zip(submitted, retry_once(take), strict=True) if old is None}
 
     def cancel(self, job: Job) -> bool:
         """Take a job out of its shard's queue if no worker has claimed it yet; True if it was still queued.
@@ -197,7 +240,7 @@ class JobQueue:
         """
         key = self.shards[shard].result(origin, job_id)
         raw = retry_once(lambda: self.redis.getex(key, px=TAKEN_RESULT_TTL_MS))
-        return None if raw is None else json.loads(raw)
+        return None if raw is None else read_result(raw, job_id)
 
     def _per_shard(self, read: Callable[[Keys], T]) -> list[T | None]:
         """`read` of every shard, None for a shard that cannot be reached while another can (a cluster with
@@ -482,6 +525,24 @@ class JobQueue:
             self.dead_letter_max,
             time.time(),
         ]
+
+
+def read_result(raw: bytes, job_id: str) -> dict:
+    """A result key's value as a well-formed result: {"success": True, ...} (`predictions` a list) or
+    {"success": False, "error": str, "status": 400..599}. Anything else (not UTF-8, not JSON, not an object,
+    fields of the wrong types) is logged and becomes a failure: the key is untrusted input like a job."""
+    try:
+        answer = json.loads(raw)
+    except (ValueError, RecursionError):
+        answer = None
+    if isinstance(answer, dict) and answer.get("success") is True and isinstance(answer.get("predictions", []), list):
+        return answer
+    if isinstance(answer, dict) and answer.get("success") is False and isinstance(answer.get("error"), str):
+        status = answer.get("status")
+        valid = isinstance(status, int) and not isinstance(status, bool) and 400 <= status <= 599
+        return {**answer, "status": status if valid else 500}
+    log.warning("job %s: unreadable result %s", logger.untrusted(job_id), logger.untrusted(raw))
+    return error_result(UNREADABLE_RESULT, 502)
 
 
 def enable_notifications(client: redis.Redis) -> bool:

@@ -156,14 +156,34 @@ return release(KEYS[1], KEYS[2], KEYS[3], ARGV[8], tonumber(ARGV[9]), ARGV[10])
 )
 
 
-# CANCEL: cancel a submitted job that no worker has taken yet.
-#   KEYS[1]  the job's ticket ({q}:ticket:{id}: "queued N" or "running N", N its shard)
+# CANCEL: cancel a submitted job that no worker has taken yet, for its owner only.
+#   KEYS[1]  the job's ticket ({q}:ticket:{id}: "queued N O" or "running N O", N its shard, O its owner)
+#   ARGV[1]  the caller's owner id
 # Returns 1 when the job was queued (its ticket is now deleted, so the worker that claims it skips it),
-# 0 when a worker already took it, -1 when there is no ticket (unknown, expired or cancelled before).
+# 0 when a worker already took it, -1 when there is no ticket (unknown, expired or cancelled before), it is
+# another owner's (the caller learns nothing of other owners' jobs), or it is not in this format.
 CANCEL = """
-local status = redis.call('GET', KEYS[1])
-if not status then return -1 end
-if string.sub(status, 1, 7) ~= 'queued ' then return 0 end
+local ticket = redis.call('GET', KEYS[1])
+if not ticket then return -1 end
+local status, shard, owner = string.match(ticket, '^(%a+) (%d+) (%S+)$')
+if owner ~= ARGV[1] or (status ~= 'queued' and status ~= 'running') then return -1 end
+if status == 'running' then return 0 end
 redis.call('DEL', KEYS[1])
+return 1
+"""
+
+# HOLD: count jobs against their owner's share of the queue (MAX_QUEUE_PER_KEY), all or none.
+#   KEYS[1]  the owner's jobs ({q}:owner:{owner}, a sorted set of job ids scored by deadline)
+#   ARGV[1]  now (Unix time): entries whose deadline passed are dropped first
+#   ARGV[2]  the owner's limit   ARGV[3]  the jobs' deadline   ARGV[4..]  the jobs' ids
+# Returns 1 when the jobs are now held, 0 (nothing changed but the expired entries) when they would take
+# the owner past its limit. The set expires a little after its newest deadline.
+HOLD = """
+local now, limit, deadline = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) + #ARGV - 3 > limit then return 0 end
+for i = 4, #ARGV do redis.call('ZADD', KEYS[1], deadline, ARGV[i]) end
+local newest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')[2]
+redis.call('EXPIREAT', KEYS[1], math.ceil(tonumber(newest)) + 1)
 return 1
 """

@@ -12,7 +12,7 @@ import re
 import sys
 import time
 import uuid
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from flask import Flask, Response, current_app, jsonify, request, send_from_directory
@@ -166,6 +166,7 @@ def _answers(service: Service, jobs: list[Job]) -> list[dict]:
     """Queue the jobs in one round trip and wait for each result, in order."""
     config = service.config
     with ExitStack() as expecting:
+        expecting.enter_context(_held(service, jobs))
         for job in jobs:
             expecting.enter_context(service.listener.expect(job.id))
         try:
@@ -179,6 +180,40 @@ def _answers(service: Service, jobs: list[Job]) -> list[dict]:
             for job in jobs:
                 _give_up(service.queue, job)
             raise Refused(504, f"no result within {config.request_timeout:g} s (REQUEST_TIMEOUT)") from None
+
+
+@contextmanager
+def _held(service: Service, jobs: list[Job], keep: bool = False):
+    """Count `jobs` against the caller's share of the queue (MAX_QUEUE_PER_KEY) while the block runs, and
+    after it too when `keep` (a submitted job: until collected or cancelled); Refused 429 over the share."""
+    limit = service.config.queue_share_per_key
+    if limit is None:
+        yield
+        return
+    owner = security.request_owner(keyed=True)
+    try:
+        held = service.queue.hold(owner, jobs, limit)
+    except REDIS_UNAVAILABLE as exc:
+        log.warning("Redis unavailable for job %s: %s", jobs[0].id, exc)
+        raise Refused(503, "the job queue (Redis) is unavailable; try again shortly", retry_after=1) from None
+    if not held:
+        raise Refused(429, f"this API key has {limit} jobs queued or running already (MAX_QUEUE_PER_KEY); "
+                           "try again shortly", retry_after=1)  # fmt: skip
+    try:
+        yield
+    except BaseException:
+        _release_hold(service, owner, [job.id for job in jobs])
+        raise
+    if not keep:
+        _release_hold(service, owner, [job.id for job in jobs])
+
+
+def _release_hold(service: Service, owner: str, job_ids: list[str]) -> None:
+    """Stop counting jobs against their owner's share; a failure only leaves them counted until their deadline."""
+    try:
+        service.queue.release_hold(owner, job_ids)
+    except REDIS_UNAVAILABLE as exc:
+        log.warning("could not release job %s from its key's share: %s", job_ids[0], exc)
 
 
 def _entry(result: dict) -> dict:
@@ -209,13 +244,15 @@ def submit_job():
     [pixels] = _prepared_uploads(service, 1, "a job is one image; /predict takes several")
     # A submitted job may wait in the queue, and its result be collected, until RESULT_TTL after now.
     job = Job.new(pixels, SUBMITTED, config.result_ttl, config.job_codec, config.job_quality, top_k)
-    try:
-        queued = service.queue.submit(job, config.max_queue)
-    except REDIS_UNAVAILABLE as exc:
-        log.warning("Redis unavailable for submitted job %s: %s", job.id, exc)
-        raise Refused(503, "the job queue (Redis) is unavailable; try again shortly", retry_after=1) from None
-    if not queued:
-        raise Refused(503, "the server is busy (queue full); try again shortly", retry_after=1)
+    job.owner = _owner()
+    with _held(service, [job], keep=True):
+        try:
+            queued = service.queue.submit(job, config.max_queue)
+        except REDIS_UNAVAILABLE as exc:
+            log.warning("Redis unavailable for submitted job %s: %s", job.id, exc)
+            raise Refused(503, "the job queue (Redis) is unavailable; try again shortly", retry_after=1) from None
+        if not queued:
+            raise Refused(503, "the server is busy (queue full); try again shortly", retry_after=1)
     log.info("job %s submitted", job.id)
     response = jsonify(success=True, id=job.id, status_url=f"/jobs/{job.id}")
     response.status_code = 202
@@ -223,19 +260,30 @@ def submit_job():
     return response
 
 
+def _owner() -> str:
+    """The owner of this request's jobs (security.request_owner): one per API key, or everyone alike."""
+    return security.request_owner(keyed=bool(_service().config.accepted_api_keys))
+
+
 def job_status(job_id: str):
-    """GET /jobs/<id>: a submitted job's status, with its predictions once done."""
-    status = _known_job(job_id, lambda: _service().queue.job_status(job_id))
+    """GET /jobs/<id>: the caller's submitted job's status, with its predictions once done; 404 for another's."""
+    service, owner = _service(), _owner()
+    status = _known_job(job_id, lambda: service.queue.job_status(job_id, owner))
+    if status["status"] in ("done", "failed") and service.config.queue_share_per_key is not None:
+        _release_hold(service, owner, [job_id])  # collected: it no longer counts against the key's share
     return jsonify(id=job_id, **_public_status(status))
 
 
 def cancel_job(job_id: str):
-    """DELETE /jobs/<id>: cancel a submitted job that no worker has taken yet."""
-    outcome = _known_job(job_id, lambda: _service().queue.cancel_submitted(job_id))
+    """DELETE /jobs/<id>: cancel a submitted job of the caller's that no worker has taken yet."""
+    service, owner = _service(), _owner()
+    outcome = _known_job(job_id, lambda: service.queue.cancel_submitted(job_id, owner))
     if outcome == 1:
         log.info("job %s cancelled by its client", job_id)
+        if service.config.queue_share_per_key is not None:
+            _release_hold(service, owner, [job_id])
         return jsonify(success=True, id=job_id, status="cancelled")
-    if outcome == 0 or _service().queue.job_status(job_id):
+    if outcome == 0 or service.queue.job_status(job_id, owner):
         return error(409, f"job {job_id} is running or done already; it can no longer be cancelled")
     raise Refused(404, f"no job {job_id} (unknown, cancelled, or its result expired after RESULT_TTL)")
 
@@ -255,10 +303,10 @@ def _known_job(job_id: str, read):
 
 
 def _public_status(status: dict) -> dict:
-    """A job's status as GET /jobs/<id> shows it: a failed job's HTTP status stays inside."""
+    """A job's status as GET /jobs/<id> shows it: the status word, never a result's HTTP status or id."""
     if status["status"] == "failed":
         return {"status": "failed", "error": status.get("error", "the job failed")}
-    return {key: value for key, value in status.items() if key != "success"}
+    return {key: value for key, value in status.items() if key not in ("success", "id")}
 
 
 def healthz():

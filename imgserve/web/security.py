@@ -11,11 +11,14 @@ sent without asking first). Browsers say where such a request comes from, in `Or
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
-from flask import Flask, Response, abort, jsonify, request
+from flask import Flask, Response, abort, g, jsonify, request
+
+from imgserve.protocol.keys import OPEN_OWNER
 
 # The upload page loads its script and style from static/ and shows the chosen file from a blob: URL.
 CONTENT_SECURITY_POLICY = (
@@ -97,3 +100,20 @@ def _add_headers(response: Response, allowed: frozenset[str]) -> Response:
     if allowed:  # the answer depends on the Origin: caches must keep one per origin
         response.vary.add("Origin")
     return response
+
+
+def request_owner(keyed: bool) -> str:
+    """Who owns the jobs of this request: with API keys set (`keyed`), an id of the key it carries (checked
+    already), the same in every process, from which the key cannot be read back; OPEN_OWNER without keys.
+    Computed once per request."""
+    if not keyed:
+        return OPEN_OWNER
+    if "owner" not in g:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        g.owner = owner_id(given.strip())
+    return g.owner
+
+
+def owner_id(key: str) -> str:
+    """An API key's owner id: 16 hex digits of a keyed SHA-256 of it (keys.py, the ticket and owner keys)."""
+    return hmac.new(b"imgserve job owner", key.encode(), hashlib.sha256).hexdigest()[:16]
