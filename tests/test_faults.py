@@ -44,7 +44,7 @@ class NumberedModel:
 def numbered_job(n: int, timeout: float = 60) -> Job:
     pixels = np.zeros((224, 224, 3), np.uint8)
     pixels[0, 0, :2] = divmod(n, 256)
-    return Job.new(pixels, "test-web", timeout, codec="zstd")
+    return Job.new(pixels, "00000000000f", timeout, codec="zstd")
 
 
 def worker_config(redis_url: str, queue: str, **extra: object) -> settings.Settings:

@@ -13,7 +13,7 @@ from redis_protocol import REDIS_UNAVAILABLE, DeadLetter, Job, JobQueue, ResultL
 PIXELS = np.zeros((224, 224, 3), np.uint8)
 
 
-def make_job(origin: str = "web1", timeout: float = 30.0) -> Job:
+def make_job(origin: str = "0123456789ab", timeout: float = 30.0) -> Job:
     return Job.new(PIXELS, origin, timeout)
 
 
@@ -41,7 +41,7 @@ def test_job_json_round_trip_and_size():
 
 def test_a_zstd_job_round_trips_and_is_smaller():
     pixels = np.tile(np.arange(224, dtype=np.uint8)[:, None, None], (1, 224, 3))
-    job = Job.new(pixels, "web1", 30, codec="zstd")
+    job = Job.new(pixels, "0123456789ab", 30, codec="zstd")
     raw = job.to_json()
     assert json.loads(raw)["codec"] == "zstd" and len(raw) < 10_000
     assert np.array_equal(Job.from_json(raw).pixels(), pixels)
@@ -260,7 +260,7 @@ def deliver_later(queue: JobQueue, job: Job, delay: float) -> None:
 
 def test_waiter_is_woken_by_notification(queue, redis_client):
     redis_client.config_set("notify-keyspace-events", "")
-    listener = ResultListener(queue, "web1")
+    listener = ResultListener(queue, "0123456789ab")
     listener.start()
     try:
         assert listener.wait_ready(5) and listener.mode == "notifications"
@@ -303,7 +303,7 @@ def test_without_config_command_the_listener_probes_for_events(flags, expected):
     args = ("--rename-command", "CONFIG", "", "--notify-keyspace-events", flags)
     with LocalRedis(extra_args=args) as server:
         queue = JobQueue(connect(server.url), "noconfig")
-        listener = ResultListener(queue, "web1")
+        listener = ResultListener(queue, "0123456789ab")
         listener.start()
         try:
             assert listener.wait_ready(10)
@@ -323,13 +323,13 @@ def test_without_config_command_the_listener_probes_for_events(flags, expected):
 @pytest.mark.parametrize(
     "text",
     [
-        '{"id":"a","origin":"o","shape":[1],"dtype":"uint8","deadline":1,"image":"AAAA"}',
-        '{"id":"a","origin":"o","shape":[1],"dtype":"uint8","deadline":1,"image":"AA\\"AA"}',
-        '{"id":"a","origin":"o","shape":[1],"dtype":"uint8","deadline":1,"image":"AA\\u0041A"}',
-        '{"image":"first","id":"a","origin":"o","shape":[1],"dtype":"uint8","deadline":1,"image":"last"}',
-        '{"id":"a","origin":"o","shape":[1],"dtype":"uint8","deadline":1,"x":{"image":"nested"},"image":"top"}',
-        '{"id":"a","origin":"o","shape":[1],"dtype":"uint8","deadline":1,"note":",\\"image\\":\\"x","image":"y"}',
-        '{"id":"a","origin":"o","shape":[1],"dtype":"uint8","image":"AAAA","deadline":1}',
+        '{"id":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","origin":"0123456789ab","shape":[1],"dtype":"uint8","deadline":1,"image":"AAAA"}',
+        '{"id":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","origin":"0123456789ab","shape":[1],"dtype":"uint8","deadline":1,"image":"AA\\"AA"}',
+        '{"id":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","origin":"0123456789ab","shape":[1],"dtype":"uint8","deadline":1,"image":"AA\\u0041A"}',
+        '{"image":"first","id":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","origin":"0123456789ab","shape":[1],"dtype":"uint8","deadline":1,"image":"last"}',
+        '{"id":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","origin":"0123456789ab","shape":[1],"dtype":"uint8","deadline":1,"x":{"image":"nested"},"image":"top"}',
+        '{"id":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","origin":"0123456789ab","shape":[1],"dtype":"uint8","deadline":1,"note":",\\"image\\":\\"x","image":"y"}',
+        '{"id":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","origin":"0123456789ab","shape":[1],"dtype":"uint8","image":"AAAA","deadline":1}',
     ],
 )
 def test_the_image_last_shortcut_reads_every_job_as_json_loads_does(text):
