@@ -428,10 +428,10 @@ class JobQueue:
         """
         keys, now = self.shards[shard], time.time()
         writes = [(keys.result(job.origin, job.id), payload, job.deadline) for job, payload in results]
-        writes += [(keys.result(*d.reply_to), d.answer(), d.metadata.get("deadline")) for d in dead if d.reply_to]
         # A failed error answer costs only that answer: its dead letter is written all the same.
         unwritable = [unanswerable(results[i][0], error, self.max_job_bytes)
-                      for i, error in self._publish(writes, now) if i < len(results)]  # fmt: skip
+                      for i, error in self._publish(writes + _answers(keys, dead), now) if i < len(results)]  # fmt: skip
+        self._publish(_answers(keys, unwritable), now)
         letters = [
             json.dumps({"reason": d.reason, "worker": worker, "at": now, "job": d.metadata})
             for d in [*dead, *unwritable]
@@ -541,6 +541,11 @@ class JobQueue:
             self.dead_letter_max,
             time.time(),
         ]
+
+
+def _answers(keys: Keys, dead: list[DeadLetter]) -> list[tuple[str, dict, float | None]]:
+    """The error results of the dead letters whose job names its client readably: (key, payload, deadline)."""
+    return [(keys.result(*d.reply_to), d.answer(), d.metadata.get("deadline")) for d in dead if d.reply_to]
 
 
 def enable_notifications(client: redis.Redis) -> bool:
