@@ -429,8 +429,8 @@ class JobQueue:
         keys, now = self.shards[shard], time.time()
         writes = [(keys.result(job.origin, job.id), payload, job.deadline) for job, payload in results]
         # A failed error answer costs only that answer: its dead letter is written all the same.
-        unwritable = [unanswerable(results[i][0], error, self.max_job_bytes)
-                      for i, error in self._publish(writes + _answers(keys, dead), now) if i < len(results)]  # fmt: skip
+        failed = self._publish(writes + _answers(keys, dead), now)
+        unwritable = [unanswerable(results[i][0], error, self.max_job_bytes) for i, error in failed if i < len(results)]
         self._publish(_answers(keys, unwritable), now)
         letters = [
             json.dumps({"reason": d.reason, "worker": worker, "at": now, "job": d.metadata})
