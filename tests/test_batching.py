@@ -15,7 +15,7 @@ PIXELS = np.zeros((224, 224, 3), np.uint8)
 
 
 def make_job() -> Job:
-    return Job.new(PIXELS, "web1", 30.0)
+    return Job.new(PIXELS, "0123456789ab", 30.0)
 
 
 @pytest.fixture(scope="module")

@@ -127,7 +127,7 @@ def test_every_script_touches_only_the_keys_it_declares(redis_server, queue_name
     assert len(runs) == 3, "REAP, RELEASE and ACK ran"
     for declared, touched in runs:
         assert set(touched) <= declared, set(touched) - declared
-    answered = [queue.take_result("test-web", numbered_job(n).id, 1) for n in (1, 2)]
+    answered = [queue.take_result("00000000000f", numbered_job(n).id, 1) for n in (1, 2)]
     assert all(a is None or a["success"] is False for a in answered)
 
 
@@ -145,7 +145,7 @@ def dead_letter(raw: bytes):
 def test_on_a_plain_redis_several_shards_are_tagged_and_their_results_notified(redis_server, queue_name):
     queue = JobQueue(connect(redis_server.url), queue_name, result_ttl=60, shards=2)
     assert [k.queue for k in queue.shards] == [f"{{{queue_name}:0}}", f"{{{queue_name}:1}}"]
-    listener = ResultListener(queue, "test-web")  # numbered_job's origin
+    listener = ResultListener(queue, "00000000000f")  # numbered_job's origin
     listener.start()
     try:
         assert listener.wait_ready(5) and listener.mode == "notifications"

@@ -44,7 +44,7 @@ class NumberedModel:
 def numbered_job(n: int, timeout: float = 60) -> Job:
     pixels = np.zeros((224, 224, 3), np.uint8)
     pixels[0, 0, :2] = divmod(n, 256)
-    return Job.new(pixels, "test-web", timeout, codec="zstd")
+    return Job.new(pixels, "00000000000f", timeout, codec="zstd")
 
 
 def worker_config(redis_url: str, queue: str, **extra: object) -> settings.Settings:
@@ -259,3 +259,78 @@ def test_kill_9_while_a_prefetched_batch_waits_loses_nothing(redis_server, queue
         wait_until(lambda: all(results(direct, jobs)), 30, "a result for every job")
     assert_all_answered_once(direct, jobs, model)
     assert direct.claimed(worker[0]) == [] and not direct.redis.sismember(direct.keys.workers, worker[0])
+
+
+# ---- a publish that raises ------------------------------------------------------------------------
+
+
+def foreign(**changes: object) -> str:
+    """A well-formed job but for fields the web would not mint (json.dumps escapes a lone surrogate)."""
+    return json.dumps(good_wire(**changes))
+
+
+def test_jobs_with_ids_or_origins_the_web_would_not_mint_are_dead_lettered_and_their_batch_answered(
+    redis_server, queue_name, redis_client
+):
+    direct = JobQueue(redis_client, queue_name)
+    bad = [foreign(id="\ud800"), foreign(id="a" * 31 + ":"), foreign(id="a" * 31 + "*"), foreign(origin="0" * 13)]
+    good = [numbered_job(n) for n in range(4)]
+    # Interleaved, oldest first, so that every batch of 4 holds bad and good jobs.
+    redis_client.lpush(
+        direct.keys.queue, *(raw for pair in zip(bad, good, strict=True) for raw in (pair[0], pair[1].to_json()))
+    )
+    model = NumberedModel()
+    with RunningWorker(worker_config(redis_server.url, queue_name), model) as running:
+        wait_until(lambda: all(results(direct, good)), 30, "the good jobs' results")
+        wait_until(lambda: direct.dead_letter_count() == len(bad), 10, "every bad job dead-lettered")
+        later = numbered_job(4)
+        direct.enqueue(later, 100)
+        wait_until(lambda: all(results(direct, [later])), 30, "a later job's result: the worker keeps serving")
+        assert direct.claimed(running.worker.id) == []
+    assert_all_answered_once(direct, [*good, later], model, dead=len(bad))
+    reasons = sorted(letter["reason"] for letter in direct.dead_letters())
+    assert reasons == ["job has a malformed 'id': it must be 32 lowercase hex digits"] * 3 + [
+        "job has a malformed 'origin': it must be 12 lowercase hex digits or 'submitted'"
+    ]
+    assert all("id" not in letter["job"] or letter["job"]["id"].isalnum() for letter in direct.dead_letters())
+
+
+def raising_once(method, error: Exception):
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise error
+        return method(*args, **kwargs)
+
+    return wrapper
+
+
+@pytest.mark.parametrize("release_fails_too", [False, True])
+def test_a_publish_that_raises_for_any_reason_loses_no_job(redis_server, queue_name, redis_client, release_fails_too):
+    """The first batch's publish raises something unforeseen (and, in the second case, so does returning it to
+    the queue). Then more batches than the worker has slots follow: none may be claimed into the full slot."""
+    direct = JobQueue(redis_client, queue_name)
+    waves = [[numbered_job(4 * w + i) for i in range(4)] for w in range(SLOTS + 2)]
+    model = NumberedModel()
+    with RunningWorker(worker_config(redis_server.url, queue_name), model) as running:
+        queue = running.queue
+        queue.finish_batch = raising_once(queue.finish_batch, RuntimeError("injected publish failure"))
+        if release_fails_too:
+            queue.release = raising_once(queue.release, RuntimeError("injected release failure"))
+        for wave in waves:
+            assert direct.enqueue_many(wave, 100)
+            later = waves[1:] if release_fails_too else waves
+            wait_until(lambda wave=wave: wave is waves[0] or all(results(direct, wave)), 30, "the wave's results")
+        wait_until(lambda: all(results(direct, [job for wave in later for job in wave])), 30, "every result")
+        held = [Job.from_json(raw).id for raw in direct.claimed(running.worker.id)]
+    first = {job.id for job in waves[0]}
+    answered = {job.id for job, result in zip(waves[0], results(direct, waves[0]), strict=True) if result}
+    requeued = {Job.from_json(raw).id for raw in redis_client.lrange(direct.keys.queue, 0, -1)}
+    if release_fails_too:
+        assert set(held) == first, "the first batch stayed in its slot while the worker served the others"
+        assert requeued == first and not answered, "and went back to the queue when the worker stopped"
+    else:
+        assert answered == first and not held and not requeued
+    assert direct.dead_letters() == []

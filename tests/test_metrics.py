@@ -81,9 +81,9 @@ def test_queue_depth_is_read_from_redis_at_scrape_time(redis_server):
         queue = JobQueue(connect(redis_server.url), name)
         pixels = np.zeros((224, 224, 3), np.uint8)
         for _ in range(3):
-            assert queue.enqueue(Job.new(pixels, "test", 60), max_queue=100)
+            assert queue.enqueue(Job.new(pixels, "000000007e57", 60), max_queue=100)
         assert value(scrape(web.url + "/metrics"), "web_queue_depth") == 3
-        queue.enqueue(Job.new(pixels, "test", 60), max_queue=100)
+        queue.enqueue(Job.new(pixels, "000000007e57", 60), max_queue=100)
         assert value(scrape(web.url + "/metrics"), "web_queue_depth") == 4
     finally:
         web.stop()
@@ -166,7 +166,7 @@ def test_worker_metrics_count_dead_lettered_and_expired_jobs(stack, redis_server
     env, _, worker_metrics = stack
     queue = JobQueue(connect(redis_server.url), env["IMAGE_QUEUE"])
     before = scrape(worker_metrics)
-    expired = Job.new(np.zeros((224, 224, 3), np.uint8), "nobody", 60)
+    expired = Job.new(np.zeros((224, 224, 3), np.uint8), "0000000000b0", 60)
     expired.deadline = time.time() - 1
     queue.redis.lpush(queue.keys.queue, b"this is not a job", expired.to_json())
 
@@ -191,7 +191,7 @@ class BrokenClassifier:
 def test_failed_inference_is_counted(redis_client, queue_name, max_attempts, outcome):
     queue = JobQueue(redis_client, queue_name, result_ttl=60, max_attempts=max_attempts)
     worker = pipeline.Worker(settings.load(env={}), queue, BrokenClassifier())
-    queue.enqueue(Job.new(np.zeros((224, 224, 3), np.uint8), "test", 60), max_queue=10)
+    queue.enqueue(Job.new(np.zeros((224, 224, 3), np.uint8), "0000000007e5", 60), max_queue=10)
     raws = queue.claim_batch(worker.id, size=4, wait=0, block=1)
     assert len(raws) == 1
 

@@ -13,7 +13,7 @@ from imgserve.protocol import REDIS_UNAVAILABLE, DeadLetter, Job, JobQueue, Resu
 PIXELS = np.zeros((224, 224, 3), np.uint8)
 
 
-def make_job(origin: str = "web1", timeout: float = 30.0) -> Job:
+def make_job(origin: str = "0123456789ab", timeout: float = 30.0) -> Job:
     return Job.new(PIXELS, origin, timeout)
 
 
@@ -41,7 +41,7 @@ def test_job_json_round_trip_and_size():
 
 def test_a_zstd_job_round_trips_and_is_smaller():
     pixels = np.tile(np.arange(224, dtype=np.uint8)[:, None, None], (1, 224, 3))
-    job = Job.new(pixels, "web1", 30, codec="zstd")
+    job = Job.new(pixels, "0123456789ab", 30, codec="zstd")
     raw = job.to_json()
     assert json.loads(raw)["codec"] == "zstd" and len(raw) < 10_000
     assert np.array_equal(Job.from_json(raw).pixels(), pixels)
@@ -260,7 +260,7 @@ def deliver_later(queue: JobQueue, job: Job, delay: float) -> None:
 
 def test_waiter_is_woken_by_notification(queue, redis_client):
     redis_client.config_set("notify-keyspace-events", "")
-    listener = ResultListener(queue, "web1")
+    listener = ResultListener(queue, "0123456789ab")
     listener.start()
     try:
         assert listener.wait_ready(5) and listener.mode == "notifications"
@@ -278,7 +278,7 @@ def test_waiter_is_woken_by_notification(queue, redis_client):
 
 def test_polling_fallback_delivers_with_notifications_off(queue, redis_client):
     redis_client.config_set("notify-keyspace-events", "")
-    listener = ResultListener(queue, "web1", use_notifications=False)
+    listener = ResultListener(queue, "0123456789ab", use_notifications=False)
     listener.start()
     assert listener.mode == "polling"
     job = make_job()
@@ -290,7 +290,7 @@ def test_polling_fallback_delivers_with_notifications_off(queue, redis_client):
 
 
 def test_wait_times_out(queue):
-    listener = ResultListener(queue, "web1", use_notifications=False)
+    listener = ResultListener(queue, "0123456789ab", use_notifications=False)
     job = make_job()
     with listener.expect(job.id), pytest.raises(ResultTimeout):
         listener.wait(job.id, time.time() + 0.2)
@@ -303,7 +303,7 @@ def test_without_config_command_the_listener_probes_for_events(flags, expected):
     args = ("--rename-command", "CONFIG", "", "--notify-keyspace-events", flags)
     with LocalRedis(extra_args=args) as server:
         queue = JobQueue(connect(server.url), "noconfig")
-        listener = ResultListener(queue, "web1")
+        listener = ResultListener(queue, "0123456789ab")
         listener.start()
         try:
             assert listener.wait_ready(10)
@@ -323,16 +323,123 @@ def test_without_config_command_the_listener_probes_for_events(flags, expected):
 @pytest.mark.parametrize(
     "text",
     [
-        '{"id":"a","origin":"o","shape":[1],"dtype":"uint8","deadline":1,"image":"AAAA"}',
-        '{"id":"a","origin":"o","shape":[1],"dtype":"uint8","deadline":1,"image":"AA\\"AA"}',
-        '{"id":"a","origin":"o","shape":[1],"dtype":"uint8","deadline":1,"image":"AA\\u0041A"}',
-        '{"image":"first","id":"a","origin":"o","shape":[1],"dtype":"uint8","deadline":1,"image":"last"}',
-        '{"id":"a","origin":"o","shape":[1],"dtype":"uint8","deadline":1,"x":{"image":"nested"},"image":"top"}',
-        '{"id":"a","origin":"o","shape":[1],"dtype":"uint8","deadline":1,"note":",\\"image\\":\\"x","image":"y"}',
-        '{"id":"a","origin":"o","shape":[1],"dtype":"uint8","image":"AAAA","deadline":1}',
+        '{"id":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","origin":"0123456789ab","shape":[1],"dtype":"uint8","deadline":1,"image":"AAAA"}',
+        '{"id":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","origin":"0123456789ab","shape":[1],"dtype":"uint8","deadline":1,"image":"AA\\"AA"}',
+        '{"id":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","origin":"0123456789ab","shape":[1],"dtype":"uint8","deadline":1,"image":"AA\\u0041A"}',
+        '{"image":"first","id":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","origin":"0123456789ab","shape":[1],"dtype":"uint8","deadline":1,"image":"last"}',
+        '{"id":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","origin":"0123456789ab","shape":[1],"dtype":"uint8","deadline":1,"x":{"image":"nested"},"image":"top"}',
+        '{"id":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","origin":"0123456789ab","shape":[1],"dtype":"uint8","deadline":1,"note":",\\"image\\":\\"x","image":"y"}',
+        '{"id":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","origin":"0123456789ab","shape":[1],"dtype":"uint8","image":"AAAA","deadline":1}',
     ],
 )
 def test_the_image_last_shortcut_reads_every_job_as_json_loads_does(text):
     expected = json.loads(text)
     job = Job.from_json(text.encode())
     assert (job.id, job.image, job.deadline) == (expected["id"], expected["image"], expected["deadline"])
+
+
+def wire_with(**changes: object) -> str:
+    return json.dumps({**json.loads(make_job().to_json()), **changes})
+
+
+@pytest.mark.parametrize(
+    "changes, reason",
+    [
+        ({"id": "\ud800"}, "malformed 'id'"),  # parses as JSON, cannot be encoded into a key
+        ({"id": "a" * 31 + ":"}, "malformed 'id'"),
+        ({"id": "a" * 31 + "*"}, "malformed 'id'"),
+        ({"id": "A" * 32}, "malformed 'id'"),
+        ({"id": "a" * 32 + "\n"}, "malformed 'id'"),
+        ({"origin": "0" * 13}, "malformed 'origin'"),
+        ({"origin": "web:1"}, "malformed 'origin'"),
+        ({"origin": "Submitted"}, "malformed 'origin'"),
+        ({"dtype": "uint8; drop"}, "malformed 'dtype'"),
+        ({"codec": "png"}, "unknown image codec 'png'"),
+        ({"codec": 5}, "unknown image codec int"),
+    ],
+)
+def test_fields_the_web_would_not_mint_are_refused_at_parse(changes, reason):
+    from imgserve.protocol import JobError
+
+    with pytest.raises(JobError, match=reason):
+        Job.from_json(wire_with(**changes).encode())
+
+
+def test_the_fields_the_web_mints_parse():
+    job = Job.from_json(wire_with(origin="submitted", codec="zstd2", dtype="float32").encode())
+    assert (job.origin, job.codec, job.dtype) == ("submitted", "zstd2", "float32")
+
+
+def test_a_dead_letter_keeps_no_id_or_origin_that_cannot_be_part_of_a_key():
+    bad = [wire_with(id="\ud800"), wire_with(id="x:*"), wire_with(origin="0" * 200), wire_with(codec="\ud800")]
+    for raw in bad:
+        letter = DeadLetter(raw.encode(), "bad")
+        assert letter.reply_to is None or letter.metadata.get("codec") is None
+        assert all(v.isascii() for v in letter.metadata.values() if isinstance(v, str)), letter.metadata
+    assert DeadLetter(wire_with(id="x:*").encode(), "bad").reply_to is None
+    assert DeadLetter(wire_with(origin="0" * 200).encode(), "bad").reply_to is None
+    good = make_job()
+    assert DeadLetter(good.to_json(), "bad").reply_to == (good.origin, good.id)
+
+
+def test_release_never_answers_or_keeps_a_foreign_id(queue, redis_client):
+    """The Lua side applies the same rules: a job naming a foreign id is dead-lettered, unanswered."""
+    foreign = json.loads(make_job().to_json()) | {"id": "x:*"}
+    raw = json.dumps(foreign)
+    redis_client.rpush(queue.keys.processing("w"), raw)
+    prefix = queue.keys.result_prefix
+    # Declared by hand, as a careless caller might: the script must still not write it.
+    queue._release(
+        keys=[queue.keys.processing("w"), queue.keys.queue, queue.keys.dead, f"{prefix}{foreign['origin']}:x:*"],
+        args=[*queue._release_args(queue.keys), "w", 1, "test"],
+    )
+    assert queue.depth() == 0 and redis_client.keys(prefix + "*") == []
+    [letter] = queue.dead_letters()
+    assert letter["reason"] == "job has a malformed id" and "id" not in letter["job"]
+
+
+def test_a_result_that_cannot_be_written_dead_letters_its_job_and_the_rest_are_published(queue, redis_client):
+    jobs = [make_job() for _ in range(3)]
+    queue.enqueue_many(jobs, 100)
+    assert len(queue.claim_batch("w", 3, 0, 1)) == 3
+    answer = {"success": True, "predictions": []}
+    unserialisable = {"success": True, "probability": np.float32(0.5)}  # JSON cannot carry it
+    letters = queue.finish_batch("w", [(jobs[0], answer), (jobs[1], unserialisable), (jobs[2], answer)], [])
+    assert [letter.metadata["id"] for letter in letters] == [jobs[1].id]
+    assert redis_client.llen(queue.keys.processing("w")) == 0
+    assert queue.take_result(jobs[0].origin, jobs[0].id) == answer == queue.take_result(jobs[2].origin, jobs[2].id)
+    failed = queue.take_result(jobs[1].origin, jobs[1].id)
+    assert failed["status"] == 500 and "its result cannot be written (TypeError" in failed["error"]
+    [letter] = queue.dead_letters()
+    assert letter["job"]["id"] == jobs[1].id and "TypeError" in letter["reason"]
+
+
+def test_a_worker_claim_into_a_slot_that_holds_jobs_releases_it_instead(queue, redis_client):
+    held, waiting = make_job(), make_job()
+    queue.enqueue(held, 100)
+    assert len(queue.claim_batch("w", 1, 0, 1, slot=2)) == 1  # never acknowledged
+    queue.enqueue(waiting, 100)
+    assert queue.claim_batch("w", 1, 0, 1, slot=2, only_into_empty=True) == []
+    assert redis_client.llen(queue.keys.processing("w", 2)) == 0
+    requeued = [Job.from_json(raw) for raw in redis_client.lrange(queue.keys.queue, 0, -1)]
+    assert {job.id for job in requeued} == {held.id, waiting.id}
+
+
+def test_the_reaper_reaps_each_dead_worker_even_when_one_fails(queue, redis_client, monkeypatch):
+    jobs = [make_job(), make_job()]
+    for worker, job in zip(("a-ghost", "b-ghost"), jobs, strict=True):  # sorted: a-ghost is reaped first
+        redis_client.sadd(queue.keys.workers, worker)
+        redis_client.rpush(queue.keys.processing(worker), job.to_json())
+    reap_worker = queue._reap_worker
+
+    def failing_for_a(keys, worker):
+        if worker == "a-ghost":
+            raise RuntimeError("injected: this worker cannot be reaped")
+        return reap_worker(keys, worker)
+
+    monkeypatch.setattr(queue, "_reap_worker", failing_for_a)
+    assert queue.reap() == (1, 1, 0)
+    assert [Job.from_json(raw).id for raw in redis_client.lrange(queue.keys.queue, 0, -1)] == [jobs[1].id]
+    assert redis_client.smembers(queue.keys.workers) == {b"a-ghost"}, "tried again next round"
+    monkeypatch.undo()
+    assert queue.reap() == (1, 1, 0) and queue.depth() == 2

@@ -137,7 +137,7 @@ def submit_collect_and_cancel(url: str) -> tuple[str, int]:
 def test_the_whole_stack_runs_with_users_restricted_to_the_documented_rules(secured, worker):
     admin, keys = secured.admin, JobQueue(secured.admin, secured.queue).keys
     # A worker that died holding a job, and a malformed job: the reaper's and the dead letters' scripts run too.
-    stranded = Job.new(np.zeros((224, 224, 3), np.uint8), "nobody", 120)
+    stranded = Job.new(np.zeros((224, 224, 3), np.uint8), "0000000000b0", 120)
     admin.sadd(keys.workers, "gone-1")
     admin.rpush(keys.processing("gone-1"), stranded.to_json())
     admin.lpush(keys.queue, b"{not json")
@@ -149,7 +149,7 @@ def test_the_whole_stack_runs_with_users_restricted_to_the_documented_rules(secu
         clients = [c for c in admin.client_list() if c.get("user") in ("web", "worker")]
     finally:
         web.stop()
-    wait_until(lambda: admin.exists(keys.result("nobody", stranded.id)), 30, "the stranded job's result")
+    wait_until(lambda: admin.exists(keys.result("0000000000b0", stranded.id)), 30, "the stranded job's result")
     assert [a.status_code for a in answers] == [200] * 3 and ready["workers"] == 1
     assert submitted[0] == "done" and submitted[1] in (200, 409)
     assert "reaped 1 dead worker" in worker.log

@@ -215,7 +215,7 @@ def test_heartbeat_re_registers_a_worker_that_was_reaped(queue):
     assert queue.reap()[0] == 1 and queue.live_workers() == 0
     queue.heartbeat("slow", 5)
     assert queue.live_workers() == 1
-    queue.enqueue(Job.new(PIXELS, "web1", 30), 100)
+    queue.enqueue(Job.new(PIXELS, "0123456789ab", 30), 100)
     queue.claim_batch("slow", 1, 0, 1)
     queue.heartbeat("slow", 0.2)
     time.sleep(0.3)
@@ -280,12 +280,12 @@ def bad_jobs() -> list[tuple[bytes, str, Job | None]]:
     """Hand-written jobs a worker cannot use: (raw, expected reason, the job when its id can be read)."""
 
     def variant(reason: str, answered: bool = True, **changes: object) -> tuple[bytes, str, Job | None]:
-        job = Job.new(PIXELS, "hand-written", 60)
+        job = Job.new(PIXELS, "00000000a4d0", 60)
         data = {k: v for k, v in (json.loads(job.to_json()) | changes).items() if v is not DROP}
         return json.dumps(data).encode(), reason, job if answered else None
 
     small = np.zeros((10, 10, 3), np.uint8)
-    packed = base64.b64decode(Job.new(PIXELS, "x", 1, codec="zstd").image)
+    packed = base64.b64decode(Job.new(PIXELS, "000000000001", 1, codec="zstd").image)
     return [
         (b"{not json", "not valid JSON", None),
         (pickle.dumps({"id": "x", "origin": "y"}), "not valid JSON", None),  # the queue carries JSON only
@@ -294,12 +294,12 @@ def bad_jobs() -> list[tuple[bytes, str, Job | None]]:
         (b'"just a string"', "not a JSON object", None),
         variant("lacks field(s): image, shape, dtype, deadline", image=DROP, shape=DROP, dtype=DROP, deadline=DROP),
         variant("not valid base64", image="@@@ not base64 @@@"),
-        variant("got uint8 (10, 10, 3)", shape=[10, 10, 3], image=Job.new(small, "x", 1).image),
+        variant("got uint8 (10, 10, 3)", shape=[10, 10, 3], image=Job.new(small, "000000000001", 1).image),
         variant("got float32 (224, 224, 3)", dtype="float32"),
         variant("image has 3 bytes", image="AAAA"),
         variant("unknown image codec 'png'", codec="png"),
         variant("not a Zstandard frame", codec="zstd", image=base64.b64encode(b"no frame here").decode()),
-        variant("unpacks to 300 bytes", codec="zstd", image=Job.new(small, "x", 1, codec="zstd").image),
+        variant("unpacks to 300 bytes", codec="zstd", image=Job.new(small, "000000000001", 1, codec="zstd").image),
         variant("image is damaged", codec="zstd", image=base64.b64encode(packed[: len(packed) // 2]).decode()),
         # Jobs that do not parse are answered too, as long as their id and origin are readable strings.
         variant("wrong type", deadline="soon"),
@@ -362,7 +362,7 @@ def test_expired_jobs_are_dropped_without_running_the_model_and_counted(stack):
     port, queue = stack.metrics_port, stack.queue
     expired_before = metric(port, "worker_jobs_total", outcome="expired")
     inference_before = metric(port, "worker_inference_seconds_count")
-    jobs = [Job.new(PIXELS, "late-web", timeout=-5) for _ in range(3)]  # deadline 5 s ago
+    jobs = [Job.new(PIXELS, "0000000001a7", timeout=-5) for _ in range(3)]  # deadline 5 s ago
     for job in jobs:
         assert queue.enqueue(job, 100)
     wait_until(lambda: metric(port, "worker_jobs_total", outcome="expired") >= expired_before + 3, 60, "expired count")
@@ -583,7 +583,7 @@ def test_listener_re_enables_notifications_when_its_connection_comes_back():
         redis_client = connect(server.url)
         queue = JobQueue(redis_client, "relisten", result_ttl=60)
         redis_client.config_set("notify-keyspace-events", "")
-        listener = ResultListener(queue, "web1")
+        listener = ResultListener(queue, "0123456789ab")
         listener.start()
         try:
             assert listener.wait_ready(5) and listener.mode == "notifications"
@@ -591,7 +591,7 @@ def test_listener_re_enables_notifications_when_its_connection_comes_back():
             redis_client.client_kill_filter(_type="pubsub")
             wait_until(lambda: set("K$") <= set(queue.notification_flags()), 20, "notifications to be re-enabled")
             listener.SAFETY_POLL = listener.MAX_SAFETY_POLL = 60  # only a notification can wake the waiter now
-            job = Job.new(PIXELS, "web1", 30)
+            job = Job.new(PIXELS, "0123456789ab", 30)
             with listener.expect(job.id):
                 queue.enqueue(job, 100)
                 done = threading.Timer(0.2, lambda: finish(queue, job))
@@ -615,13 +615,13 @@ def test_listener_survives_a_redis_error_that_is_not_a_lost_connection(queue, re
         user, enabled=True, passwords=[f"+{password}"], keys=["*"], commands=["+@all", "-psubscribe"]
     )
     limited = connect(f"redis://{user}:{password}@127.0.0.1:{redis_server.port}/0")
-    listener = ResultListener(JobQueue(limited, queue.keys.queue), "web1")
+    listener = ResultListener(JobQueue(limited, queue.keys.queue), "0123456789ab")
     listener.start()
     try:
         assert listener.wait_ready(5) and listener.mode == "polling"
         time.sleep(0.5)  # let it retry at least once
         assert listener._thread.is_alive()
-        job = Job.new(PIXELS, "web1", 30)
+        job = Job.new(PIXELS, "0123456789ab", 30)
         with listener.expect(job.id):
             queue.enqueue(job, 100)
             threading.Timer(0.1, lambda: finish(queue, job)).start()

@@ -736,7 +736,7 @@ def step_costs(report: Report, image: bytes, repeats: int) -> dict:
     uploads = [requests.Request("POST", "http://x/predict", files=files).prepare() for _ in range(repeats)]
     bodies = iter(uploads)
     pixels = prepare_image(image)
-    raws = {codec: Job.new(pixels, "origin", 30, codec).to_json() for codec in CODECS}
+    raws = {codec: Job.new(pixels, "000000000000", 30, codec).to_json() for codec in CODECS}
 
     def parse() -> None:
         upload = next(bodies)  # a new multipart boundary each time, as real clients send
@@ -748,7 +748,7 @@ def step_costs(report: Report, image: bytes, repeats: int) -> dict:
         "prepare_image (helpers.py)": lambda: prepare_image(image),
     }
     for codec, raw in raws.items():
-        steps[f"Job.new + to_json, {codec} (web)"] = lambda c=codec: Job.new(pixels, "origin", 30, c).to_json()
+        steps[f"Job.new + to_json, {codec} (web)"] = lambda c=codec: Job.new(pixels, "000000000000", 30, c).to_json()
         steps[f"Job.from_json + pixels, {codec} (worker)"] = lambda r=raw: Job.from_json(r).pixels()
     out = {name: _cpu_ms(call, repeats) for name, call in steps.items()}
     report.say(
@@ -781,7 +781,7 @@ def redis_alone(report: Report, seconds: float, image: bytes, url: str, codec: s
     report.section(
         f"8. Redis alone: the per-request command mix with real {BATCH_FOR_MIX}-job batches, no HTTP, no model"
     )
-    job_json = Job.new(prepare_image(image), "mix", 3600, codec).to_json()
+    job_json = Job.new(prepare_image(image), "0000000000ab", 3600, codec).to_json()
     counter = connect(url)
     pid = _redis_pid(counter)
     before, cpu, started = command_counts(counter), process_cpu(pid), time.perf_counter()
@@ -846,7 +846,7 @@ def redis_cluster(report: Report, seconds: float, image: bytes, codec: str, sing
         f"11. Redis Cluster: phase 8's mix over QUEUE_SHARDS={CLUSTER_SHARDS} on a local {CLUSTER_SHARDS}-primary "
         "cluster, no HTTP, no model"
     )
-    job_json = Job.new(prepare_image(image), "mix", 3600, codec).to_json()
+    job_json = Job.new(prepare_image(image), "0000000000ab", 3600, codec).to_json()
     with LocalCluster(primaries=CLUSTER_SHARDS) as cluster:
         names = [cluster.spread_queue_name(f"bench-cluster-{i}", CLUSTER_SHARDS) for i in range(processes)]
         nodes = [redis.Redis(port=node.port) for node in cluster.nodes]

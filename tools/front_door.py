@@ -193,7 +193,7 @@ def codecs(stack: Stack, rounds: int, say: Callable[[str], None]) -> dict:
     webs = {codec: stack.web(JOB_CODEC=codec) for codec in CODECS}
     out = {}
     for codec, w in alternate(stack, webs, rounds, say).items():
-        job = Job.new(pixels, "origin", 30, codec)
+        job = Job.new(pixels, "000000000000", 30, codec)
         back = decode_image(job.image, job.codec, job.dtype, job.shape)
         out[codec] = w.__dict__ | {"job_bytes": len(job.to_json()), "psnr_db": psnr(pixels, back)}
         error = "lossless" if codec in LOSSLESS else f"PSNR {out[codec]['psnr_db']:.1f} dB"

@@ -76,7 +76,7 @@ def measure(jobs: int, seconds_per_image: float, batch_size: int, codec: str, ti
         client = connect(server.url)
         queue = JobQueue(client, "gpufeed")
         staging = queue.keys.queue + ":staging"  # filled first, then renamed onto the queue in one step
-        raws = [Job.new(pixels, "bench", 3600, codec).to_json() for _ in range(jobs)]
+        raws = [Job.new(pixels, "00000000bec0", 3600, codec).to_json() for _ in range(jobs)]
         for start in range(0, jobs, 500):
             client.lpush(staging, *raws[start : start + 500])
         env = dict(
@@ -150,8 +150,8 @@ def step_costs(repeats: int = 300) -> dict[str, float]:
     from imgserve.imaging.codecs import _undo_row_deltas
 
     pixels = castle_pixels()
-    zstd_raw = Job.new(pixels, "bench", 60, "zstd").to_json()
-    raw_raw = Job.new(pixels, "bench", 60, "raw").to_json()
+    zstd_raw = Job.new(pixels, "00000000bec0", 60, "zstd").to_json()
+    raw_raw = Job.new(pixels, "00000000bec0", 60, "raw").to_json()
     image = Job.from_json(zstd_raw).image
     packed = base64.b64decode(image)
     deltas = np.frombuffer(zstandard.ZstdDecompressor().decompress(packed), np.uint8).reshape(224, 224, 3)
@@ -183,7 +183,7 @@ def claim_costs(jobs: int = 2000, batch: int = 32) -> dict[str, float]:
     return jobs
     """
     pixels = castle_pixels()
-    raws = [Job.new(pixels, "bench", 3600, "zstd").to_json() for _ in range(jobs)]
+    raws = [Job.new(pixels, "00000000bec0", 3600, "zstd").to_json() for _ in range(jobs)]
     out = {}
     with LocalRedis() as server:
         client = connect(server.url)

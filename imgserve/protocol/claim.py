@@ -84,7 +84,9 @@ class Claimer:
             if (shard, slot) in self._stranded:
                 self.queue.release(self.worker, "a claim failed", count_attempt=False, slot=slot, shard=shard)
                 self._stranded.discard((shard, slot))
-            batch = self.queue.claim_batch(self.worker, self.size, self.wait, block, slot=slot, shard=shard)
+            batch = self.queue.claim_batch(
+                self.worker, self.size, self.wait, block, slot=slot, shard=shard, only_into_empty=True
+            )
         except REDIS_UNAVAILABLE as exc:
             self._stranded.add((shard, slot))
             backoff = min(self._backoff.get(shard, (0.0, MIN_BACKOFF / 2))[1] * 2, MAX_BACKOFF)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 import uuid
 from dataclasses import dataclass, field, fields
@@ -17,10 +18,26 @@ from functools import cached_property
 import numpy as np
 
 from imgserve.imaging import IMAGE_DTYPE, IMAGE_SHAPE
-from imgserve.imaging.codecs import DEFAULT_QUALITY, PayloadError, decode_image, encode_image
+from imgserve.imaging.codecs import CODECS, DEFAULT_QUALITY, PayloadError, decode_image, encode_image
+
+from .keys import OPEN_OWNER, SUBMITTED
 
 DEFAULT_MAX_JOB_BYTES = 1_048_576  # a 224x224x3 job is about 200 KB raw, less with the other codecs
-MAX_NAME_CHARS = 200  # ids, origins, dtype and codec names are short; longer ones are not ours
+
+# Only what the web mints: an id and an origin become part of a Redis key, so a foreign one (a lone
+# surrogate that cannot be encoded, a ':' or '*' that forges another key or pattern, a megabyte of text)
+# must never get that far. scripts.py applies the same rules in Lua (VALID_ID, VALID_ORIGIN there).
+ID_PATTERN = re.compile(r"[0-9a-f]{32}")  # uuid4().hex
+ORIGIN_PATTERN = re.compile(rf"[0-9a-f]{{12}}|{SUBMITTED}")  # a web process's uuid4().hex[:12], or SUBMITTED
+DTYPE_PATTERN = re.compile(r"[a-z]{1,8}[0-9]{0,3}")  # a numpy dtype name: uint8, float32, bool
+# A submitted job's owner goes into its ticket: security.owner_id's 16 hex digits, or OPEN_OWNER without keys.
+OWNER_PATTERN = re.compile(rf"[0-9a-f]{{16}}|{OPEN_OWNER}")
+RULES = {
+    "id": (ID_PATTERN, "32 lowercase hex digits"),
+    "origin": (ORIGIN_PATTERN, f"12 lowercase hex digits or {SUBMITTED!r}"),
+    "dtype": (DTYPE_PATTERN, "a numpy dtype name"),
+    "owner": (OWNER_PATTERN, f"16 lowercase hex digits or {OPEN_OWNER!r}"),
+}
 DEFAULT_TOP_K, MAX_TOP_K = 5, 20  # classes in an answer: what clients get unless they ask (?top_k=), and the most
 
 
@@ -104,9 +121,9 @@ class Job:
             enqueued_at=_finite(data.get("enqueued_at", 0.0), "enqueued_at"),
             deadline=_finite(data["deadline"], "deadline"),
             attempts=_count(data.get("attempts", 0), "attempts"),
-            codec=_name({"codec": data.get("codec", "raw")}, "codec"),
+            codec=_codec(data.get("codec", "raw")),
             top_k=_top_k(data.get("top_k", DEFAULT_TOP_K)),
-            owner=_owner(data.get("owner", "")),
+            owner=_name(data, "owner") if "owner" in data else "",
         )
 
     def pixels(self) -> np.ndarray:
@@ -176,16 +193,24 @@ def _typed(data: dict, name: str, kind: type) -> object:
 
 
 def _name(data: dict, name: str) -> str:
+    """An id, origin, dtype or owner: a string matching its rule (RULES); the value is not echoed, being anyone's."""
     value = _typed(data, name, str)
-    if not value or len(value) > MAX_NAME_CHARS:
-        raise JobError(f"{_WRONG} {name!r} must have 1 to {MAX_NAME_CHARS} characters, got {len(value)}")
+    pattern, rule = RULES[name]
+    if not pattern.fullmatch(value):
+        raise JobError(f"job has a malformed {name!r}: it must be {rule}")
     return value
 
 
-def _owner(value: object) -> str:
-    if not isinstance(value, str) or len(value) > MAX_NAME_CHARS or " " in value:
-        raise JobError(f"{_WRONG} 'owner' must be text without spaces, at most {MAX_NAME_CHARS} characters")
+def _codec(value: object) -> str:
+    if value not in CODECS:
+        shown = repr(value)[:40] if isinstance(value, str) else type(value).__name__
+        raise JobError(f"unknown image codec {shown}; known: {', '.join(CODECS)}")
     return value
+
+
+def valid_name(name: str, value: object) -> bool:
+    """Whether `value` is a well-formed job field `name` (a key of RULES)."""
+    return isinstance(value, str) and RULES[name][0].fullmatch(value) is not None
 
 
 def _shape(value: object) -> list[int]:
@@ -224,16 +249,19 @@ def _is_int(value: object) -> bool:
 def job_metadata(raw: bytes | str, max_bytes: int = DEFAULT_MAX_JOB_BYTES) -> dict:
     """What a dead letter keeps of a job: its identity and timing, never its image.
 
-    Only well-typed fields are kept, so a forged job cannot smuggle odd values into the dead letters.
+    Only well-formed fields are kept, so a forged job cannot smuggle odd values into the dead letters,
+    nor an id or origin that cannot be part of a result key into reply_to: the dead letter is still written.
     """
     meta: dict = {"bytes": len(raw)}
     try:
         data = parse_object(raw, max_bytes)
     except JobError:
         return meta
-    for name, check in (("id", str), ("origin", str), ("codec", str)):
-        if isinstance(data.get(name), check) and len(data[name]) <= MAX_NAME_CHARS:
+    for name in ("id", "origin"):
+        if valid_name(name, data.get(name)):
             meta[name] = data[name]
+    if data.get("codec") in CODECS:
+        meta["codec"] = data["codec"]
     for name in ("enqueued_at", "deadline", "attempts"):
         value = data.get(name)
         if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
@@ -253,6 +281,7 @@ class DeadLetter:
     raw: bytes | str
     reason: str
     max_bytes: int = DEFAULT_MAX_JOB_BYTES
+    status: int = 400  # what its client is told: 400, the job was bad; 500, the worker could not answer it
 
     @cached_property
     def metadata(self) -> dict:
@@ -264,3 +293,18 @@ class DeadLetter:
         """(origin, id) when the job names them readably, so that its client can be told at once."""
         meta = self.metadata
         return (meta["origin"], meta["id"]) if "origin" in meta and "id" in meta else None
+
+    def answer(self) -> dict:
+        """The error result its client receives (at reply_to)."""
+        prefix = "bad job" if self.status < 500 else "job failed"
+        return error_result(f"{prefix}: {self.reason}", self.status)
+
+
+def unanswerable(job: Job, error: Exception, max_bytes: int = DEFAULT_MAX_JOB_BYTES) -> DeadLetter:
+    """The dead letter of a job whose result could not be written (`error`), e.g. one JSON cannot carry."""
+    try:
+        raw: bytes | str = job.to_json()
+    except Exception:  # noqa: BLE001 - a job that cannot even be written: keep its size only
+        raw = b"{}"
+    reason = f"its result cannot be written ({type(error).__name__}: {str(error)[:200]})"
+    return DeadLetter(raw, reason, max_bytes, status=500)

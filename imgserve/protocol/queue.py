@@ -21,7 +21,7 @@ from imgserve import logger
 
 from . import scripts
 from .connection import REDIS_UNAVAILABLE, REPLY_LOST, Client, T, connect, retry_once
-from .job import DEFAULT_MAX_JOB_BYTES, DeadLetter, Job, error_result, job_metadata
+from .job import DEFAULT_MAX_JOB_BYTES, DeadLetter, Job, error_result, job_metadata, unanswerable
 from .keys import (
     NOTIFY_FLAGS,
     OPEN_OWNER,
@@ -37,10 +37,11 @@ from .keys import (
 if TYPE_CHECKING:
     from imgserve.settings import Settings
 
-log = logger.get("queue")
 TICKET_STATUSES = ("queued", "running")
 # What a client hears of a result key or ticket that holds something no part of the service wrote.
 UNREADABLE_RESULT = "the job's result in Redis could not be read"
+
+log = logger.get(__name__)
 
 # A result lives this long after its job's deadline: long enough for the web server that waits until
 # the deadline to read it, short enough that a result nobody waits for anymore does not linger.
@@ -389,7 +390,14 @@ class JobQueue:
         return self.shards if shards is None else [self.shards[shard] for shard in shards]
 
     def claim_batch(
-        self, worker: str, size: int, wait: float, block: float, slot: int = 0, shard: int = 0
+        self,
+        worker: str,
+        size: int,
+        wait: float,
+        block: float,
+        slot: int = 0,
+        shard: int = 0,
+        only_into_empty: bool = False,
     ) -> list[bytes]:
         """Move up to `size` jobs from a shard's head into one of this worker's batch slots in that shard.
 
@@ -401,16 +409,29 @@ class JobQueue:
 
         The moves are not idempotent, so nothing resends them: after a failed claim the caller releases
         the slot (its jobs back to the queue's head) before claiming into it again.
+
+        `only_into_empty` (a worker's claims): acknowledging a batch deletes its whole slot, so a batch must
+        never join jobs left in the slot by one that was not acknowledged. The same round trip reads the
+        slot's length first; if it held jobs, the slot is released (with the job just moved) and nothing
+        is claimed this time.
         """
         keys = self.shards[shard]
         plist = keys.processing(worker, slot)
         with self.redis.pipeline(transaction=False) as pipe:
+            if only_into_empty:
+                pipe.llen(plist)
             if block > 0:
                 pipe.blmove(keys.queue, plist, block, "RIGHT", "RIGHT")
             else:
                 pipe.lmove(keys.queue, plist, "RIGHT", "RIGHT")
             pipe.llen(keys.queue)
-            first, waiting = pipe.execute()
+            *held, first, waiting = pipe.execute()
+        if held and held[0]:
+            log.error(
+                "batch slot %d of shard %d still held %d job(s) when claimed into; releasing it", slot, shard, held[0]
+            )
+            self.release(worker, "left in a batch slot that was claimed into again", slot=slot, shard=shard)
+            return []
         if first is None:
             return []
         until = time.monotonic() + wait
@@ -434,36 +455,59 @@ class JobQueue:
 
     def finish_batch(
         self, worker: str, results: list[tuple[Job, dict]], dead: list[DeadLetter], slot: int = 0, shard: int = 0
-    ) -> int:
+    ) -> list[DeadLetter]:
         """Publish a batch's results, then acknowledge it (its dead letters written in the same step).
 
         Both steps are idempotent, so the caller may repeat the whole call after any failure. The
-        acknowledgement is sent only once every result is written: when Redis refuses one (maxmemory)
-        the error is raised and the batch stays claimed. A worker that dies in between has its batch
-        requeued and answered again (at least once; a client keeps the first answer it reads).
-        Every key is in the batch's shard (one slot in a cluster). Returns the number of result keys written.
+        acknowledgement is sent only once every result is written: when Redis is unavailable (or refuses
+        writes: maxmemory) the error is raised and the batch stays claimed. A result that cannot be written
+        for any other reason (JSON cannot carry it, Redis refuses that one key) costs its job alone: the job
+        is dead-lettered and the rest published. A worker that dies in between has its batch requeued and
+        answered again (at least once; a client keeps the first answer it reads). Every key is in the
+        batch's shard (one slot in a cluster). Returns the dead letters added for unwritable results.
         """
         keys, now = self.shards[shard], time.time()
-        answered = [(keys.result(job.origin, job.id), payload, job.deadline) for job, payload in results]
-        for letter in dead:
-            if reply_to := letter.reply_to:
-                error = error_result(f"bad job: {letter.reason}", 400)
-                answered.append((keys.result(*reply_to), error, letter.metadata.get("deadline")))
-        letters = [json.dumps({"reason": d.reason, "worker": worker, "at": now, "job": d.metadata}) for d in dead]
-
-        def publish() -> None:
-            with self.redis.pipeline(transaction=False) as pipe:
-                for key, payload, deadline in answered:
-                    pipe.set(key, json.dumps(payload), ex=self._result_ttl(deadline, now))
-                pipe.execute()  # raises the first error; the acknowledgement must not follow it
-
-        retry_once(publish)
+        writes = [(keys.result(job.origin, job.id), payload, job.deadline) for job, payload in results]
+        # A failed error answer costs only that answer: its dead letter is written all the same.
+        failed = self._publish(writes + _answers(keys, dead), now)
+        unwritable = [unanswerable(results[i][0], error, self.max_job_bytes) for i, error in failed if i < len(results)]
+        self._publish(_answers(keys, unwritable), now)
+        letters = [
+            json.dumps({"reason": d.reason, "worker": worker, "at": now, "job": d.metadata})
+            for d in [*dead, *unwritable]
+        ]
         plist = keys.processing(worker, slot)
         if letters:
             retry_once(lambda: self._ack(keys=[plist, keys.dead], args=[self.dead_letter_max, *letters]))
         else:  # nothing to write with it: a plain DEL acknowledges as well, one command instead of three
             retry_once(lambda: self.redis.delete(plist))
-        return len(answered)
+        return unwritable
+
+    def _publish(self, writes: list[tuple[str, dict, float | None]], now: float) -> list[tuple[int, Exception]]:
+        """SET each (key, payload, deadline); the index and error of each write that failed for a reason other
+        than Redis being unavailable (which is raised: then nothing may be acknowledged)."""
+        try:
+            retry_once(lambda: self._set_results(writes, now))
+            return []
+        except REDIS_UNAVAILABLE:
+            raise
+        except Exception:  # noqa: BLE001 - some write is at fault: find which, one at a time (SET is idempotent)
+            pass
+        failed = []
+        for i, write in enumerate(writes):
+            try:
+                retry_once(lambda write=write: self._set_results([write], now))
+            except REDIS_UNAVAILABLE:
+                raise
+            except Exception as exc:  # noqa: BLE001 - this job's own fault: it is dead-lettered
+                failed.append((i, exc))
+        return failed
+
+    def _set_results(self, writes: list[tuple[str, dict, float | None]], now: float) -> None:
+        with self.redis.pipeline(transaction=False) as pipe:
+            for key, payload, deadline in writes:
+                pipe.set(key, json.dumps(payload), ex=self._result_ttl(deadline, now))
+            pipe.execute()  # raises the first error; the acknowledgement must not follow it
 
     def _result_ttl(self, deadline: float | None, now: float) -> int:
         """Seconds a result is kept: until RESULT_GRACE after its job's deadline, RESULT_TTL at most."""
@@ -493,9 +537,21 @@ class JobQueue:
         totals = [0, 0, 0]
         for keys in self._shards(shards):
             for worker in self._dead_workers(keys):
-                totals = [a + b for a, b in zip(totals, self._reap_worker(keys, worker), strict=True)]
+                totals = [a + b for a, b in zip(totals, self._reap_one(keys, worker), strict=True)]
         workers, requeued, dead_lettered = totals
         return workers, requeued, dead_lettered
+
+    def _reap_one(self, keys: Keys, worker: str) -> list[int]:
+        """REAP one dead worker; an error of its own is logged and costs only it this round, so that one
+        worker the reaper cannot handle never keeps the others' jobs from coming back."""
+        try:
+            return self._reap_worker(keys, worker)
+        except REDIS_UNAVAILABLE:
+            raise  # the shard's server, not this worker: the others would fail the same way
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            log.error("cannot reap worker %s in shard %d (%s: %s); reaping the others",
+                      logger.untrusted(worker), keys.shard, type(exc).__name__, logger.untrusted(exc))  # fmt: skip
+            return [0, 0, 0]
 
     def _dead_workers(self, keys: Keys) -> list[str]:
         """Workers registered in a shard whose heartbeat there has expired."""
@@ -543,6 +599,11 @@ def read_result(raw: bytes, job_id: str) -> dict:
         return {**answer, "status": status if valid else 500}
     log.warning("job %s: unreadable result %s", logger.untrusted(job_id), logger.untrusted(raw))
     return error_result(UNREADABLE_RESULT, 502)
+
+
+def _answers(keys: Keys, dead: list[DeadLetter]) -> list[tuple[str, dict, float | None]]:
+    """The error results of the dead letters whose job names its client readably: (key, payload, deadline)."""
+    return [(keys.result(*d.reply_to), d.answer(), d.metadata.get("deadline")) for d in dead if d.reply_to]
 
 
 def enable_notifications(client: redis.Redis) -> bool:

@@ -49,12 +49,26 @@ local function finite(v)
   return type(v) == 'number' and v == v and v ~= math.huge and v ~= -math.huge
 end
 
+-- The rules of job.py (ID_PATTERN, ORIGIN_PATTERN): an id or origin becomes part of a result key, so
+-- one the web would not mint (a ':' or '*', bytes that are not text, any length) is never used in a key
+-- nor kept in a dead letter. A codec is kept when it looks like a codec name (the Python side checks
+-- it against image_codecs.CODECS).
+local VALID_ID = '^' .. string.rep('[0-9a-f]', 32) .. '$'
+local VALID_ORIGIN = '^' .. string.rep('[0-9a-f]', 12) .. '$'
+local VALID_CODEC = '^[a-z0-9]+$'
+local function valid(value, pattern)
+  return type(value) == 'string' and string.match(value, pattern) ~= nil
+end
+local function valid_origin(origin)
+  return origin == 'submitted' or valid(origin, VALID_ORIGIN)  -- keys.SUBMITTED
+end
+
 local function metadata(raw, job)
   local meta = {bytes = #raw}
   if type(job) ~= 'table' then return meta end
-  for _, k in ipairs({'id', 'origin', 'codec'}) do
-    if type(job[k]) == 'string' and #job[k] <= 200 then meta[k] = job[k] end
-  end
+  if valid(job.id, VALID_ID) then meta.id = job.id end
+  if valid_origin(job.origin) then meta.origin = job.origin end
+  if valid(job.codec, VALID_CODEC) and #job.codec <= 16 then meta.codec = job.codec end
   for _, k in ipairs({'enqueued_at', 'deadline', 'attempts'}) do
     if finite(job[k]) then meta[k] = job[k] end
   end
@@ -62,7 +76,7 @@ local function metadata(raw, job)
 end
 
 local function answer(job, reason)
-  if type(job) ~= 'table' or type(job.id) ~= 'string' or type(job.origin) ~= 'string' then return end
+  if type(job) ~= 'table' or not valid(job.id, VALID_ID) or not valid_origin(job.origin) then return end
   local ttl = result_ttl
   if finite(job.deadline) then ttl = math.max(1, math.min(result_ttl, math.floor(job.deadline - now) + grace)) end
   local key = result_prefix .. job.origin .. ':' .. job.id
@@ -76,8 +90,11 @@ local function read(raw)
     return nil, 'job is ' .. #raw .. ' bytes; the limit is ' .. max_bytes .. ' (MAX_JOB_BYTES)'
   end
   local ok, job = pcall(cjson.decode, raw)
-  if ok and type(job) == 'table' and type(job.id) == 'string' then return job, nil end
-  return nil, 'unreadable job in a released processing list'
+  if not ok or type(job) ~= 'table' or type(job.id) ~= 'string' then
+    return nil, 'unreadable job in a released processing list'
+  end
+  if not valid(job.id, VALID_ID) then return job, 'job has a malformed id' end  -- no worker would take it
+  return job, nil
 end
 
 -- Returns the job re-encoded for the queue, or nil and why it goes to the dead letters instead.
@@ -99,7 +116,7 @@ local function release(plist, queue, dead, worker, count_attempt, why)
   for _, raw in ipairs(redis.call('LRANGE', plist, 0, -1)) do
     local job, reason = read(raw)
     local encoded
-    if job then encoded, reason = requeue(job, count_attempt, why) end
+    if job and not reason then encoded, reason = requeue(job, count_attempt, why) end
     if encoded then
       redis.call('RPUSH', queue, encoded)
       requeued = requeued + 1

@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from queue import Queue
+from queue import Empty, Queue
 
 import numpy as np
 from prometheus_client import Counter, Histogram
@@ -131,8 +131,8 @@ class Worker:
     def _feed(self) -> None:
         """Claim and decode batches into free slots until stopping; then tell the model loop."""
         try:
-            slot = self._free_slots.get()
-            while not self.stopping.is_set():
+            slot = self._next_slot()
+            while slot is not None and not self.stopping.is_set():
                 if not self._room.acquire(timeout=1.0):
                     continue
                 shard, raws = self._retry(functools.partial(self.claimer.claim, slot), "claim a batch") or (0, [])
@@ -140,13 +140,22 @@ class Worker:
                     self._room.release()
                     continue
                 self._ready.put(self._decode(slot, raws, shard))
-                slot = self._free_slots.get()
+                slot = self._next_slot()
         except Exception:
             log.exception("the feeder failed; stopping")
             self.failed = True
             self.stopping.set()
         finally:
             self._ready.put(None)
+
+    def _next_slot(self) -> int | None:
+        """A free batch slot; None once stopping (a slot held after a failure may never come back)."""
+        while not self.stopping.is_set():
+            try:
+                return self._free_slots.get(timeout=1.0)
+            except Empty:
+                continue
+        return None
 
     def _model_loop(self) -> None:
         while (batch := self._ready.get()) is not None:
@@ -158,8 +167,10 @@ class Worker:
         while (batch := self._done.get()) is not None:
             try:
                 self._publish(batch)
-            except Exception:  # noqa: BLE001 - the slot stays claimed; the reaper or unregister returns it
-                log.exception("publishing a batch failed")
+            except Exception:  # noqa: BLE001 - its jobs go back to the queue; the publisher goes on
+                log.exception("publishing a batch failed; returning its jobs to the queue")
+                if not self._release_unpublished(batch):
+                    continue  # the slot still holds jobs: it must never be claimed into (see the method)
             self._free_slots.put(batch.slot)
 
     # ---- what each stage does -------------------------------------------------------------
@@ -252,14 +263,32 @@ class Worker:
                 count_released(*released)
             return
         finish = lambda: self.queue.finish_batch(self.id, batch.results, batch.dead, batch.slot, batch.shard)  # noqa: E731
-        if self._retry(finish, "publish results") is None:
+        unwritable = self._retry(finish, "publish results")
+        if unwritable is None:
             return  # stopping during an outage: the batch stays claimed and unregister() requeues it
-        JOBS.labels("done").inc(len(batch.results))
-        JOBS.labels("dead_lettered").inc(len(batch.dead))
-        for letter in batch.dead:
+        JOBS.labels("done").inc(len(batch.results) - len(unwritable))
+        JOBS.labels("dead_lettered").inc(len(batch.dead) + len(unwritable))
+        for letter in [*batch.dead, *unwritable]:
             log.warning("dead-lettered a job: %s", logger.untrusted(letter.reason))
         ids = " ".join(logger.untrusted(job.id) for job, _ in batch.results)
         log.debug("batch done: %d jobs: %s", len(batch.results), ids)
+
+    def _release_unpublished(self, batch: Batch) -> bool:
+        """Return a batch that could not be published to the queue, counting an attempt (so that a job that
+        always breaks publishing ends in the dead letters); False if even that failed.
+
+        Acknowledging a later batch deletes its whole slot, so a slot that still holds jobs is kept out of
+        use: its jobs return when the worker stops (unregister) or dies (the reaper)."""
+        release = lambda: self.queue.release(self.id, "publishing its batch failed", slot=batch.slot, shard=batch.shard)  # noqa: E731
+        try:
+            released = self._retry(release, "requeue a batch that could not be published")
+        except Exception:  # noqa: BLE001 - see the docstring
+            log.exception("cannot requeue batch slot %d of shard %d either; it stays claimed", batch.slot, batch.shard)
+            return False
+        if released is None:
+            return False  # stopping during an outage: unregister releases it
+        count_released(*released)
+        return True
 
     def _register(self) -> None:
         """Heartbeat in every shard served; raises if none could be reached (a shard that could not is joined
