@@ -1,0 +1,132 @@
+"""What a new user meets on a fresh clone (issue 27): the sample image, `python -m local_redis`, the worker's
+start-up output, the web log's ready line, the page's icon, the random-weights warning."""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal
+import subprocess
+import sys
+import uuid
+
+import pytest
+import redis
+import requests
+
+import model
+import settings
+from local_redis import free_port
+from run_web_server import create_app, redis_kind
+from tools.processes import PROJECT, live_stack, server_env, wait_until
+
+SAMPLE = PROJECT / "examples" / "sample.jpg"
+
+
+@pytest.fixture(scope="module")
+def stack(redis_server):
+    env = server_env(redis_server.url, f"first-{uuid.uuid4().hex[:6]}", BATCH_WAIT_MS=5)
+    with live_stack(env) as (worker, web):
+        yield worker, web
+
+
+def test_the_readmes_sample_image_exists_and_is_classified(stack):
+    assert "examples/sample.jpg" in (PROJECT / "README.md").read_text()
+    assert SAMPLE.stat().st_size < 30_000
+    _, web = stack
+    with SAMPLE.open("rb") as image:
+        response = requests.post(web.url + "/predict", files={"image": image}, timeout=120)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["predictions"]) == 5
+
+
+def test_a_worker_on_this_cpu_only_machine_prints_no_cuinit_error(stack):
+    worker, _ = stack
+    assert "model ResNet50 on CPU" in worker.log  # the worker got past TensorFlow's start-up
+    assert "cuInit" not in worker.log
+
+
+def test_the_web_log_says_plain_redis_and_its_shard_count(stack):
+    _, web = stack
+    assert re.search(r"web process \w+ ready; Redis \S+ \(plain Redis, 1 shard\)", web.log), web.log[-2000:]
+
+
+def test_redis_kind_names_a_cluster_and_its_shards():
+    class ClusterQueue:
+        cluster, shards = True, [object()] * 3
+
+    assert redis_kind(ClusterQueue()) == "Redis Cluster, 3 shards"
+
+
+@pytest.mark.parametrize(
+    ("visible", "device_file", "quiet"),
+    [(None, False, True), (None, True, False), ("", True, True), ("-1", True, True), ("0", False, False)],
+)
+def test_tensorflows_cuda_errors_are_hidden_only_where_no_gpu_is_meant(monkeypatch, visible, device_file, quiet):
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    monkeypatch.setattr(model.os.path, "exists", lambda path: device_file and path == "/dev/nvidia0")
+    assert model._no_gpu_meant() is quiet
+
+
+def test_the_random_weights_warning_does_not_advise_what_the_user_did(caplog):
+    with caplog.at_level(logging.WARNING):
+        built = model._build(lambda weights: ("resnet50", weights), "none")
+    assert built == ("resnet50", None)
+    text = caplog.text
+    assert "RANDOM weights, as MODEL_WEIGHTS=none asks" in text
+    assert "MODEL_WEIGHTS=none for random weights" not in text and "or MODEL_WEIGHTS=none" not in text
+    assert "MODEL_WEIGHTS=imagenet" in text
+
+
+def test_failed_imagenet_weights_explain_the_download_and_the_way_out():
+    def offline(weights):
+        raise Exception("URL fetch failure")
+
+    with pytest.raises(model.WeightsError) as failure:
+        model._build(offline, "imagenet")
+    message = str(failure.value)
+    assert "could not get the ImageNet weights" in message and "URL fetch failure" in message
+    assert "MODEL_WEIGHTS=none" in message  # the user asked for imagenet: random weights are news to them
+
+
+def test_favicon_is_an_icon_open_without_a_key():
+    from tests.test_web import StandInQueue
+
+    config = settings.load(env={"API_KEYS": "k" * 24}, dotenv=False)
+    app = create_app(config, queue=StandInQueue())
+    response = app.test_client().get("/favicon.ico")
+    assert response.status_code == 200
+    assert response.mimetype in ("image/vnd.microsoft.icon", "image/x-icon")
+    assert response.data[:4] == b"\x00\x00\x01\x00"  # the ICO header
+    assert app.test_client().post("/predict").status_code == 401  # the key still guards the API
+
+
+def test_python_m_local_redis_serves_until_ctrl_c():
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "local_redis", str(port)], cwd=PROJECT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        first = server.stdout.readline()
+        assert f"redis://127.0.0.1:{port}/0" in first and "Ctrl-C" in first
+        with redis.Redis(port=port) as client:
+            assert wait_until(lambda: _pings(client), 10, "PING")
+        server.send_signal(signal.SIGINT)
+        assert server.wait(15) == 0
+        assert "stopped" in server.stdout.read()
+        with redis.Redis(port=port, socket_connect_timeout=1) as client, pytest.raises(redis.ConnectionError):
+            client.ping()
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return client.ping()
+    except redis.ConnectionError:
+        return False
