@@ -6,19 +6,22 @@ from __future__ import annotations
 import logging
 import re
 import signal
+import socket
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 import redis
 import requests
 
 import model
+import serve
 import settings
 from local_redis import free_port
 from run_web_server import create_app, redis_kind
-from tools.processes import PROJECT, live_stack, server_env, wait_until
+from tools.processes import PROJECT, Child, Stack, live_stack, server_env, wait_until
 
 SAMPLE = PROJECT / "examples" / "sample.jpg"
 
@@ -130,3 +133,79 @@ def _pings(client: redis.Redis) -> bool:
         return client.ping()
     except redis.ConnectionError:
         return False
+
+
+# ---- serve.py (`make run`): ports checked first, the curl line only once a worker is ready ----------------
+
+
+def processes_with(marker: str) -> list[int]:
+    """The processes whose environment holds `marker`, from /proc."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker.encode() in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except OSError:  # gone, or not ours
+            continue
+    return found
+
+
+def test_a_taken_web_port_stops_make_run_before_it_starts_anything(redis_server):
+    queue = f"taken-{uuid.uuid4().hex[:6]}"
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = server_env(redis_server.url, queue, WEB_PORT=port, WEB_HOST="127.0.0.1")
+        serve = Child([sys.executable, "serve.py"], env)
+        assert serve.process.wait(60) == 1
+    log = serve.log
+    assert f"port {port} on 127.0.0.1 is taken (WEB_PORT); set WEB_PORT=" in log
+    assert "in .env or the environment" in log and "Traceback" not in log
+    assert "starting the web server" not in log and "nginx (" not in log
+    assert processes_with(f"IMAGE_QUEUE={queue}") == []  # no worker, gunicorn or nginx left behind
+
+
+def test_a_taken_redis_port_names_redis_url(monkeypatch):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        monkeypatch.setattr(serve, "LOCAL_REDIS_PORT", holder.getsockname()[1])
+        config = settings.load(env={"WEB_PORT": str(free_port())}, dotenv=False)
+        message = serve.taken_port(config, own_redis=True)
+        assert serve.taken_port(config, own_redis=False) is None  # REDIS_URL set: that port is not ours to take
+    assert f"port {serve.LOCAL_REDIS_PORT} on 127.0.0.1 is taken" in message and "REDIS_URL=redis://" in message
+
+
+def test_make_run_says_try_curl_only_once_a_worker_is_ready(redis_server):
+    env = server_env(redis_server.url, f"serve-{uuid.uuid4().hex[:6]}", BATCH_WAIT_MS=5)
+    stack = Stack(env)
+    try:
+        stack.wait_ready()
+        wait_until(lambda: "try: curl" in stack.log, 30, "the curl line")
+        log = stack.log
+        assert log.index("the worker is loading the model") < log.index("ready: a worker has loaded its model")
+        assert log.index("ready: a worker") < log.index("try: curl -F image=@examples/sample.jpg")
+        assert "model ResNet50 on CPU" in log[: log.index("try: curl")]  # the worker's own ready line came first
+    finally:
+        assert stack.stop(signal.SIGINT) == 0
+
+
+def test_make_run_without_weights_says_the_worker_failed_and_never_try_curl(redis_server, tmp_path):
+    env = server_env(
+        redis_server.url,
+        f"serve-{uuid.uuid4().hex[:6]}",
+        MODEL_WEIGHTS="imagenet",
+        KERAS_HOME=str(tmp_path),
+        HTTPS_PROXY="http://127.0.0.1:9",
+        HTTP_PROXY="http://127.0.0.1:9",
+    )
+    stack = Stack(env)
+    try:
+        assert stack.process.wait(120) == 3
+    finally:
+        stack.stop()
+    log = stack.log
+    assert "could not get the ImageNet weights" in log
+    assert "the model worker exited with code 3 before the stack was ready" in log
+    assert "try: curl" not in log and "ready: a worker" not in log
