@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install nginx run test lint bench soak deliverables report clean
+.PHONY: install nginx run redis test lint bench soak deliverables report clean
 
 $(STAMP): requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ nginx:
 
 run: $(STAMP) nginx
 	$(BIN)/python -m imgserve.launch.serve
+
+# A Redis alone, in the foreground (the bundled redis-server, no persistence): make redis [PORT=6380]; Ctrl-C stops it.
+redis: $(STAMP)
+	$(BIN)/python -m imgserve.launch.local_redis $(PORT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

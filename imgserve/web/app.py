@@ -69,8 +69,22 @@ def create_app(config: settings.Settings | None = None, queue: JobQueue | None =
     security.init_app(app, config.allowed_origins, config.accepted_api_keys)  # after metrics: refusals counted
     app.add_url_rule("/", view_func=index)
     app.add_url_rule("/openapi.yaml", view_func=openapi_document)
-    log.info("web process %s ready; Redis %s, queue %r", service.origin, config.redis_url_safe, config.image_queue)
+    app.add_url_rule("/favicon.ico", view_func=favicon)
+    log.info(
+        "web process %s ready; Redis %s (%s), queue %r",
+        service.origin,
+        config.redis_url_safe,
+        redis_kind(service.queue),
+        config.image_queue,
+    )
     return app
+
+
+def redis_kind(queue: JobQueue) -> str:
+    """What the queue runs on, for the log: "Redis Cluster, 3 shards" or "plain Redis, 1 shard"."""
+    count = len(getattr(queue, "shards", [None]))
+    kind = "Redis Cluster" if getattr(queue, "cluster", False) else "plain Redis"
+    return f"{kind}, {count} shard{'s' if count != 1 else ''}"
 
 
 def _service() -> Service:
@@ -329,12 +343,18 @@ def readyz():
     body = dict(
         ready=ready, redis=True, workers=len(alive), models=models, queue_depth=depth, wait_mode=service.listener.mode
     )
+    body["api_keys_required"] = bool(service.config.accepted_api_keys)  # the page asks for a key first
     return jsonify(body), 200 if ready else 503
 
 
 def index() -> Response:
     """GET /: the upload page (static/index.html)."""
     return current_app.send_static_file("index.html")
+
+
+def favicon() -> Response:
+    """GET /favicon.ico: the icon browsers ask for (static/favicon.ico)."""
+    return current_app.send_static_file("favicon.ico")
 
 
 def openapi_document() -> Response:

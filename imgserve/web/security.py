@@ -33,9 +33,9 @@ HEADERS = {
     "Cross-Origin-Resource-Policy": "same-origin",
 }
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-# Open without a key: liveness and readiness probes, Prometheus, the page and the API's description.
-# (The page's own script sends no key: with API_KEYS set, it cannot classify.) None: an unknown path (a 404).
-OPEN_ENDPOINTS = frozenset({"healthz", "readyz", "metrics", "index", "openapi_document", "static", None})
+# Open without a key: liveness and readiness probes, Prometheus, the page, its icon and the API's description.
+# (The page asks for a key when /readyz says one is required.) None: an unknown path (a 404).
+OPEN_ENDPOINTS = frozenset({"healthz", "readyz", "metrics", "index", "openapi_document", "static", "favicon", None})
 
 
 def init_app(app: Flask, allowed_origins: tuple[str, ...], api_keys: tuple[str, ...] = ()) -> None:

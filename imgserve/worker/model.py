@@ -5,20 +5,35 @@ from __future__ import annotations
 import hashlib
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of our logs
-
 import numpy as np
 
 from imgserve import logger
 
+
+def _no_gpu_meant() -> bool:
+    """Whether this process is not meant to use a GPU: CUDA_VISIBLE_DEVICES hides them all, or it is unset and
+    the machine has no NVIDIA device file."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return visible.strip() in ("", "-1")
+    return not os.path.exists("/dev/nvidia0")
+
+
+# Set before TensorFlow is imported (in Classifier). Level 2 keeps its C++ start-up chatter out of our logs;
+# without a GPU, level 3 also hides TensorFlow's "failed call to cuInit: ... (303)", an error only in name
+# there (README, Troubleshooting). A TF_CPP_MIN_LOG_LEVEL of the user's own wins.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3" if _no_gpu_meant() else "2")
+
 log = logger.get(__name__)
 
 TOP_K = 5
-WEIGHTS_HELP = (
+REAL_WEIGHTS_HELP = (
     "Set MODEL_WEIGHTS to the path of a local ResNet50 weights file "
     "(resnet50_weights_tf_dim_ordering_tf_kernels.h5, downloaded once on a machine with internet, "
-    "see README 'Real weights offline'), or MODEL_WEIGHTS=none for random weights "
-    "(smoke tests only: predictions are meaningless)."
+    "see README 'Real weights offline')"
+)
+WEIGHTS_HELP = (
+    f"{REAL_WEIGHTS_HELP}, or MODEL_WEIGHTS=none for random weights (smoke tests only: predictions are meaningless)."
 )
 
 
@@ -112,8 +127,10 @@ def weights_identity(weights: str) -> str:
 def _build(resnet50, weights: str):
     if weights == "none":
         log.warning("!" * 78)
-        log.warning("MODEL_WEIGHTS=none: ResNet50 has RANDOM weights. Every prediction is MEANINGLESS.")
-        log.warning("Use this only for smoke tests. %s", WEIGHTS_HELP)
+        log.warning("ResNet50 has RANDOM weights, as MODEL_WEIGHTS=none asks: every prediction is MEANINGLESS.")
+        log.warning(
+            "Fine for smoke tests. For real answers: %s, or MODEL_WEIGHTS=imagenet with internet.", REAL_WEIGHTS_HELP
+        )
         log.warning("!" * 78)
         return resnet50(weights=None)
     try:

@@ -14,6 +14,9 @@
   const list = document.getElementById("predictions");
   const heading = document.getElementById("result-heading");
   const weightsWarning = document.getElementById("weights-warning");
+  const keyBox = document.getElementById("key-box");
+  const keyInput = document.getElementById("api-key");
+  const KEY_STORAGE = "imgserve-api-key"; // sessionStorage: this tab only, gone when it closes
 
   let currentFile = null;
   let inFlight = null; // AbortController of the request being waited for
@@ -21,6 +24,7 @@
 
   const PREFIXES = {
     400: "The server could not use this file",
+    401: "The server needs a valid API key",
     413: "The file is too large",
     503: "The server is busy or not ready",
     504: "The server took too long",
@@ -125,9 +129,24 @@
     if (weights.includes("none")) weightsWarning.hidden = false;
   }
 
+  // With API_KEYS set on the server, ask for a key before the upload and send it as a bearer token.
+  function askForKey() {
+    keyInput.value = keyInput.value || sessionStorage.getItem(KEY_STORAGE) || "";
+    keyBox.hidden = false;
+  }
+
+  function apiKey() {
+    return keyBox.hidden ? "" : keyInput.value.trim();
+  }
+
+  keyInput.addEventListener("input", function () {
+    sessionStorage.setItem(KEY_STORAGE, keyInput.value.trim());
+  });
+
   async function checkModel() {
     try {
       const body = await readJson(await fetch("readyz"));
+      if (body && body.api_keys_required === true) askForKey();
       if (body && Array.isArray(body.models)) warnIfRandom(body.models.map(function (m) { return m.weights; }));
     } catch (err) {
       // Not ready or unreachable: the upload itself will say so.
@@ -135,6 +154,11 @@
   }
 
   async function classify(file) {
+    if (!keyBox.hidden && !apiKey()) {
+      showError("Enter the API key first, then choose Classify.");
+      keyInput.focus();
+      return;
+    }
     if (inFlight) inFlight.abort();
     const controller = new AbortController();
     inFlight = controller;
@@ -147,8 +171,10 @@
     const data = new FormData();
     data.append("image", file, file.name);
     try {
-      const response = await fetch("predict", { method: "POST", body: data, signal: controller.signal });
+      const headers = apiKey() ? { Authorization: "Bearer " + apiKey() } : {};
+      const response = await fetch("predict", { method: "POST", body: data, headers: headers, signal: controller.signal });
       const body = await readJson(response);
+      if (response.status === 401) askForKey();
       if (response.ok && body && body.success && Array.isArray(body.predictions)) {
         warnIfRandom([body.weights]);
         renderPredictions(body.predictions);
