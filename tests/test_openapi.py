@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 
 from imgserve.launch.local_redis import free_port
-from imgserve.web.app import WEB_DIR
+from imgserve.web.views import WEB_DIR
 from tools.processes import live_stack, sample_image_bytes, server_env, start_web, wait_until
 
 SPEC = WEB_DIR / "openapi.yaml"

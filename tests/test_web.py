@@ -428,7 +428,7 @@ def test_with_api_keys_every_listed_key_may_predict_and_open_routes_stay_open(tm
         assert client.post("/predict", headers=bearer(key), **upload(png(40, 30))).status_code == 200
     loose = {"Authorization": f"bearer  {KEY} "}  # the scheme is case-insensitive (RFC 9110)
     assert client.post("/predict", headers=loose, **upload(png(40, 30))).status_code == 200
-    for path in ("/healthz", "/readyz", "/metrics", "/", "/openapi.yaml"):
+    for path in ("/healthz", "/readyz", "/metrics", "/", "/openapi.yaml", "/favicon.ico", "/static/app.js"):
         assert client.get(path).status_code == 200, path
     assert client.get("/no-such-page").status_code == 404
     assert len(queue.enqueued) == 3

@@ -23,7 +23,7 @@ from flask import Flask, jsonify, request
 
 from imgserve.protocol import Job
 from imgserve.web import app as web
-from imgserve.web import metrics
+from imgserve.web import metrics, views
 
 _totals: dict[str, float] = defaultdict(float)
 _counts: dict[str, int] = defaultdict(int)
@@ -57,14 +57,14 @@ class _TimedJob(Job):
 
 def _patch_module_steps() -> None:
     """Wrap the steps that create_app registers or the view calls by name (before create_app runs)."""
-    web.prepare_image = timed("decode and resize the image (prepare_image)", web.prepare_image)
-    web.Job = _TimedJob
+    views.prepare_image = timed("decode and resize the image (prepare_image)", views.prepare_image)
+    views.Job = _TimedJob
     Job.to_json = timed("job: to JSON (Job.to_json)", Job.to_json)
     metrics._before = timed("metrics: before/after request hooks", metrics._before)
     metrics._after = timed("metrics: before/after request hooks", metrics._after)
     metrics._teardown = timed("metrics: before/after request hooks", metrics._teardown)
     for level in ("info", "warning"):
-        setattr(web.log, level, timed("logging (one line per request)", getattr(web.log, level)))
+        setattr(views.log, level, timed("logging (one line per request)", getattr(views.log, level)))
 
 
 def _patch_service(service: web.Service) -> None:
@@ -102,7 +102,8 @@ def create_app() -> Flask:
     service = app.extensions["imgserve"]
     _patch_service(service)
     app.before_request_funcs.setdefault(None, []).insert(0, _parse_upload)
-    app.view_functions["predict"] = timed("the view's own code (checks, JSON answer)", app.view_functions["predict"])
+    predict = app.view_functions["api.predict"]
+    app.view_functions["api.predict"] = timed("the view's own code (checks, JSON answer)", predict)
     app.wsgi_app = _wsgi_timer(app)
     app.add_url_rule("/__profile", "profile", lambda: _profile(service))
     return app

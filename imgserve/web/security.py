@@ -34,8 +34,11 @@ HEADERS = {
 }
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # Open without a key: liveness and readiness probes, Prometheus, the page, its icon and the API's description.
-# (The page asks for a key when /readyz says one is required.) None: an unknown path (a 404).
-OPEN_ENDPOINTS = frozenset({"healthz", "readyz", "metrics", "index", "openapi_document", "static", "favicon", None})
+# (The page asks for a key when /readyz says one is required.) None: an unknown path (a 404). Endpoints are
+# named as Flask names them: "api." for the views' Blueprint (views.py).
+OPEN_ENDPOINTS = frozenset(
+    {"api.healthz", "api.readyz", "metrics", "api.index", "api.openapi_document", "static", "api.favicon", None}
+)
 
 
 def init_app(app: Flask, allowed_origins: tuple[str, ...], api_keys: tuple[str, ...] = ()) -> None:

@@ -1,0 +1,284 @@
+"""The web API's views, in one Blueprint (`api`): each view reads the request, calls the queue through the
+Service (app.py) and answers; the helpers below them prepare uploads, wait for answers and shape job statuses.
+
+Refusals are raised as errors.Refused and answered by the handlers that errors.py registers.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from flask import Blueprint, Response, current_app, jsonify, request, send_from_directory
+
+from imgserve import logger
+from imgserve.imaging.prepare import DecodeBusy, ImageError, prepare_image
+from imgserve.protocol import REDIS_UNAVAILABLE, SUBMITTED, Job, JobQueue, ResultTimeout
+from imgserve.protocol.job import DEFAULT_TOP_K, MAX_TOP_K
+from imgserve.protocol.queue import distinct_models
+from imgserve.web import security
+from imgserve.web.errors import Refused, error
+
+if TYPE_CHECKING:
+    from imgserve.web.app import Service
+
+log = logger.get("web")
+bp = Blueprint("api", __name__)
+WEB_DIR = Path(__file__).resolve().parent  # static/ and openapi.yaml
+JOB_ID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex: unguessable
+
+
+def _service() -> Service:
+    return current_app.extensions["imgserve"]
+
+
+@bp.post("/predict")
+def predict():
+    """POST /predict with one or more multipart file fields `image`: wait for the answers."""
+    service = _service()
+    config = service.config
+    top_k = _top_k()
+    jobs = [
+        Job.new(pixels, service.origin, config.request_timeout, config.job_codec, config.job_quality, top_k)
+        for pixels in _prepared_uploads(service, config.max_images_per_request)
+    ]
+    results = _answers(service, jobs)
+    elapsed_ms = (time.time() - jobs[0].enqueued_at) * 1000
+    if len(jobs) > 1:
+        log.info("%d jobs answered in %.0f ms", len(jobs), elapsed_ms)
+        return jsonify(success=True, results=[_entry(result) for result in results])
+    [(job, result)] = zip(jobs, results, strict=True)
+    if not result.get("success"):
+        log.warning("job %s failed after %.0f ms: %s", job.id, elapsed_ms, logger.untrusted(result.get("error")))
+        return error(int(result.get("status", 500)), result.get("error", "the job failed"))
+    log.info("job %s answered in %.0f ms", job.id, elapsed_ms)
+    return jsonify(result)
+
+
+def _top_k() -> int:
+    """The `top_k` query argument: how many classes each answer lists."""
+    raw = request.args.get("top_k")
+    if raw is None:
+        return DEFAULT_TOP_K
+    if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= MAX_TOP_K):
+        raise Refused(400, f"top_k must be a whole number from 1 to {MAX_TOP_K}")
+    return int(raw)
+
+
+def _prepared_uploads(service: Service, limit: int, limit_source: str = "MAX_IMAGES_PER_REQUEST") -> list:
+    """The uploaded `image` fields, each prepared for the model; Refused (and nothing queued) if any is bad."""
+    uploads = request.files.getlist("image")
+    if not uploads:
+        raise Refused(400, "send the image as a multipart form file field named 'image'")
+    if len(uploads) > limit:
+        raise Refused(400, f"{len(uploads)} images in one request; the limit is {limit} ({limit_source})")
+    config, prepared = service.config, []
+    for number, upload in enumerate(uploads, start=1):
+        try:
+            prepared.append(
+                prepare_image(upload.read(), config.max_image_pixels, config.max_decode_bytes, service.decode_budget,
+                              formats=config.accepted_formats)
+            )  # fmt: skip
+        except ImageError as exc:
+            named = f"image {number} ({upload.filename!r}): " if len(uploads) > 1 else ""
+            raise Refused(400, f"{named}{exc}") from None
+        except DecodeBusy:
+            raise Refused(503, "the server is busy decoding other images; try again shortly", retry_after=1) from None
+    return prepared
+
+
+def _answers(service: Service, jobs: list[Job]) -> list[dict]:
+    """Queue the jobs in one round trip and wait for each result, in order."""
+    config = service.config
+    with ExitStack() as expecting:
+        expecting.enter_context(_held(service, jobs))
+        for job in jobs:
+            expecting.enter_context(service.listener.expect(job.id))
+        try:
+            if not service.queue.enqueue_many(jobs, config.max_queue):
+                raise Refused(503, "the server is busy (queue full); try again shortly", retry_after=1)
+            return [service.listener.wait(job.id, job.deadline, job.shard) for job in jobs]
+        except REDIS_UNAVAILABLE as exc:
+            log.warning("Redis unavailable for job %s: %s", jobs[0].id, exc)
+            raise Refused(503, "the job queue (Redis) is unavailable; try again shortly", retry_after=1) from None
+        except ResultTimeout:
+            for job in jobs:
+                _give_up(service.queue, job)
+            raise Refused(504, f"no result within {config.request_timeout:g} s (REQUEST_TIMEOUT)") from None
+
+
+@contextmanager
+def _held(service: Service, jobs: list[Job], keep: bool = False):
+    """Count `jobs` against the caller's share of the queue (MAX_QUEUE_PER_KEY) while the block runs, and
+    after it too when `keep` (a submitted job: until collected or cancelled); Refused 429 over the share."""
+    limit = service.config.queue_share_per_key
+    if limit is None:
+        yield
+        return
+    owner = security.request_owner(keyed=True)
+    try:
+        held = service.queue.hold(owner, jobs, limit)
+    except REDIS_UNAVAILABLE as exc:
+        log.warning("Redis unavailable for job %s: %s", jobs[0].id, exc)
+        raise Refused(503, "the job queue (Redis) is unavailable; try again shortly", retry_after=1) from None
+    if not held:
+        raise Refused(429, f"this API key has {limit} jobs queued or running already (MAX_QUEUE_PER_KEY); "
+                           "try again shortly", retry_after=1)  # fmt: skip
+    try:
+        yield
+    except BaseException:
+        _release_hold(service, owner, [job.id for job in jobs])
+        raise
+    if not keep:
+        _release_hold(service, owner, [job.id for job in jobs])
+
+
+def _release_hold(service: Service, owner: str, job_ids: list[str]) -> None:
+    """Stop counting jobs against their owner's share; a failure only leaves them counted until their deadline."""
+    try:
+        service.queue.release_hold(owner, job_ids)
+    except REDIS_UNAVAILABLE as exc:
+        log.warning("could not release job %s from its key's share: %s", job_ids[0], exc)
+
+
+def _entry(result: dict) -> dict:
+    """One image's part of a several-image answer."""
+    if result.get("success"):
+        return {key: value for key, value in result.items() if key != "success"}
+    return {"success": False, "error": result.get("error", "the job failed")}
+
+
+def _give_up(queue: JobQueue, job: Job) -> None:
+    """Take a timed-out job out of the queue, so that no worker runs it for a client that is gone.
+
+    A job a worker holds already is dropped by the worker once past its deadline, and a late result
+    expires seconds after it.
+    """
+    try:
+        if queue.cancel(job):
+            log.info("job %s cancelled: no result within its deadline, still queued", job.id)
+    except REDIS_UNAVAILABLE as exc:
+        log.warning("could not cancel job %s: %s", job.id, exc)
+
+
+@bp.post("/jobs")
+def submit_job():
+    """POST /jobs with a multipart file field `image`: queue it and answer at once where to collect it."""
+    service = _service()
+    config = service.config
+    top_k = _top_k()
+    [pixels] = _prepared_uploads(service, 1, "a job is one image; /predict takes several")
+    # A submitted job may wait in the queue, and its result be collected, until RESULT_TTL after now.
+    job = Job.new(pixels, SUBMITTED, config.result_ttl, config.job_codec, config.job_quality, top_k)
+    job.owner = _owner()
+    with _held(service, [job], keep=True):
+        try:
+            queued = service.queue.submit(job, config.max_queue)
+        except REDIS_UNAVAILABLE as exc:
+            log.warning("Redis unavailable for submitted job %s: %s", job.id, exc)
+            raise Refused(503, "the job queue (Redis) is unavailable; try again shortly", retry_after=1) from None
+        if not queued:
+            raise Refused(503, "the server is busy (queue full); try again shortly", retry_after=1)
+    log.info("job %s submitted", job.id)
+    response = jsonify(success=True, id=job.id, status_url=f"/jobs/{job.id}")
+    response.status_code = 202
+    response.headers["Location"] = f"/jobs/{job.id}"
+    return response
+
+
+def _owner() -> str:
+    """The owner of this request's jobs (security.request_owner): one per API key, or everyone alike."""
+    return security.request_owner(keyed=bool(_service().config.accepted_api_keys))
+
+
+@bp.get("/jobs/<job_id>")
+def job_status(job_id: str):
+    """GET /jobs/<id>: the caller's submitted job's status, with its predictions once done; 404 for another's."""
+    service, owner = _service(), _owner()
+    status = _known_job(job_id, lambda: service.queue.job_status(job_id, owner))
+    if status["status"] in ("done", "failed") and service.config.queue_share_per_key is not None:
+        _release_hold(service, owner, [job_id])  # collected: it no longer counts against the key's share
+    return jsonify(id=job_id, **_public_status(status))
+
+
+@bp.delete("/jobs/<job_id>")
+def cancel_job(job_id: str):
+    """DELETE /jobs/<id>: cancel a submitted job of the caller's that no worker has taken yet."""
+    service, owner = _service(), _owner()
+    outcome = _known_job(job_id, lambda: service.queue.cancel_submitted(job_id, owner))
+    if outcome == 1:
+        log.info("job %s cancelled by its client", job_id)
+        if service.config.queue_share_per_key is not None:
+            _release_hold(service, owner, [job_id])
+        return jsonify(success=True, id=job_id, status="cancelled")
+    if outcome == 0 or service.queue.job_status(job_id, owner):
+        return error(409, f"job {job_id} is running or done already; it can no longer be cancelled")
+    raise Refused(404, f"no job {job_id} (unknown, cancelled, or its result expired after RESULT_TTL)")
+
+
+def _known_job(job_id: str, read):
+    """What `read` says of a job; Refused 404 for an id that cannot be a job's, or when Redis knows none."""
+    if not JOB_ID.fullmatch(job_id):
+        raise Refused(404, f"no job {job_id!r}: job ids are 32 hexadecimal digits")
+    try:
+        value = read()
+    except REDIS_UNAVAILABLE as exc:
+        log.warning("Redis unavailable for job %s: %s", job_id, exc)
+        raise Refused(503, "the job queue (Redis) is unavailable; try again shortly", retry_after=1) from None
+    if value is None:
+        raise Refused(404, f"no job {job_id} (unknown, cancelled, or its result expired after RESULT_TTL)")
+    return value
+
+
+def _public_status(status: dict) -> dict:
+    """A job's status as GET /jobs/<id> shows it: the status word, never a result's HTTP status or id."""
+    if status["status"] == "failed":
+        return {"status": "failed", "error": status.get("error", "the job failed")}
+    return {key: value for key, value in status.items() if key not in ("success", "id")}
+
+
+@bp.route("/healthz")
+def healthz():
+    """GET /healthz: the process is alive."""
+    return jsonify(status="ok")
+
+
+@bp.route("/readyz")
+def readyz():
+    """GET /readyz: Redis answers and at least one worker is alive."""
+    service = _service()
+    try:
+        depth = service.queue.depth()
+        alive = service.queue.live_worker_models()  # one read of the heartbeats: who is alive, running what
+    except REDIS_UNAVAILABLE as exc:
+        # The details (Redis's address among them) go to the log, not to whoever asks.
+        log.warning("not ready: Redis unavailable: %s", exc)
+        return jsonify(ready=False, redis=False, error="the job queue (Redis) is unavailable"), 503
+    ready = bool(alive)
+    models = distinct_models(alive.values())
+    body = dict(
+        ready=ready, redis=True, workers=len(alive), models=models, queue_depth=depth, wait_mode=service.listener.mode
+    )
+    body["api_keys_required"] = bool(service.config.accepted_api_keys)  # the page asks for a key first
+    return jsonify(body), 200 if ready else 503
+
+
+@bp.route("/")
+def index() -> Response:
+    """GET /: the upload page (static/index.html)."""
+    return current_app.send_static_file("index.html")
+
+
+@bp.route("/favicon.ico")
+def favicon() -> Response:
+    """GET /favicon.ico: the icon browsers ask for (static/favicon.ico)."""
+    return current_app.send_static_file("favicon.ico")
+
+
+@bp.route("/openapi.yaml")
+def openapi_document() -> Response:
+    """GET /openapi.yaml: the OpenAPI description of this API."""
+    return send_from_directory(WEB_DIR, "openapi.yaml", mimetype="application/yaml")
