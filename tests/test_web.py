@@ -214,6 +214,45 @@ def test_readyz_without_redis_does_not_tell_its_address():
     assert "10.1.2.3" not in response.get_data(as_text=True) and "6379" not in response.get_data(as_text=True)
 
 
+class UnreachableQueue(StandInQueue):
+    """A StandInQueue whose `failing` methods raise `error`, naming Redis's address as redis-py does."""
+
+    def __init__(self, failing: set[str], error: type[Exception]) -> None:
+        super().__init__()
+        for name in failing:
+            setattr(self, name, lambda *args, **kwargs: self.fail())
+        self.error = error
+
+    def fail(self):
+        raise self.error("Error 111 connecting to 10.1.2.3:6379. Connection refused.")
+
+
+@pytest.mark.parametrize(
+    "failing, method, path, keyed",
+    [
+        ({"enqueue_many"}, "POST", "/predict", False),
+        ({"hold"}, "POST", "/predict", True),
+        ({"enqueue_many"}, "POST", "/jobs", False),
+        ({"hold"}, "POST", "/jobs", True),
+        ({"job_status"}, "GET", f"/jobs/{'a' * 32}", False),
+        ({"cancel_submitted"}, "DELETE", f"/jobs/{'a' * 32}", False),
+    ],
+    ids=["predict", "predict-share", "submit", "submit-share", "status", "cancel"],
+)
+@pytest.mark.parametrize("error", [redis.ConnectionError, redis.exceptions.ClusterDownError])
+def test_redis_unavailable_is_one_503_with_retry_after_that_does_not_tell_its_address(
+    failing, method, path, keyed, error, capsys
+):
+    env = {"API_KEYS": KEY} if keyed else {}
+    client, _ = client_for(UnreachableQueue(failing, error), **env)
+    response = client.open(path, method=method, headers=bearer(KEY) if keyed else {}, **upload(png(40, 30)))
+    assert_error(response, 503, "the job queue (Redis) is unavailable; try again shortly")
+    assert response.headers["Retry-After"] == "1"
+    assert "10.1.2.3" not in response.get_data(as_text=True) and "6379" not in response.get_data(as_text=True)
+    logged = capsys.readouterr()
+    assert (logged.out + logged.err).count("10.1.2.3:6379") == 1  # the details go to the log, once
+
+
 @pytest.mark.parametrize(
     "method, path",
     [

@@ -1,19 +1,26 @@
 """How the web API answers errors: always JSON, `{"success": false, "error": ...}`.
 
-Views raise Refused (or an HTTPException, which Flask raises too: 404, 405, 413); `init_app` registers
-the handlers that turn each into its JSON answer.
+Views raise Refused (or an HTTPException, which Flask raises too: 404, 405, 413) and let REDIS_UNAVAILABLE
+through; `init_app` registers the handlers that turn each into its JSON answer.
 """
 
 from __future__ import annotations
 
-from flask import Flask, current_app, jsonify
+from flask import Flask, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
+
+from imgserve import logger
+from imgserve.protocol import REDIS_UNAVAILABLE
+
+log = logger.get("web")
 
 
 def init_app(app: Flask) -> None:
     """Answer `app`'s errors as JSON."""
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Refused, _refused)
+    for unavailable in REDIS_UNAVAILABLE:  # Flask takes one class per handler
+        app.register_error_handler(unavailable, _redis_unavailable)
 
 
 def error(status: int, message: str, retry_after: int | None = None):
@@ -45,3 +52,10 @@ class Refused(Exception):
 
 def _refused(exc: Refused):
     return error(exc.status, exc.message, exc.retry_after)
+
+
+def _redis_unavailable(exc: Exception):
+    """503 for Redis unavailable: a client may try again shortly. The details (Redis's address among
+    them) go to the log, not to whoever asks."""
+    log.warning("Redis unavailable for %s %s: %s", request.method, request.path, exc)
+    return error(503, "the job queue (Redis) is unavailable; try again shortly", retry_after=1)

@@ -1,7 +1,9 @@
 """The web API's views, in one Blueprint (`api`): each view reads the request, calls the queue through the
 Service (app.py) and answers; the helpers below them prepare uploads, wait for answers and shape job statuses.
 
-Refusals are raised as errors.Refused and answered by the handlers that errors.py registers.
+Refusals are raised as errors.Refused and answered by the handlers that errors.py registers; so is Redis
+being unavailable (REDIS_UNAVAILABLE, a 503), which the views let through, except where a failure is
+tolerated (releasing a hold, cancelling a timed-out job) and in /readyz, which answers it itself.
 """
 
 from __future__ import annotations
@@ -101,9 +103,6 @@ def _answers(service: Service, jobs: list[Job]) -> list[dict]:
             if not service.queue.enqueue_many(jobs, config.max_queue):
                 raise Refused(503, "the server is busy (queue full); try again shortly", retry_after=1)
             return [service.listener.wait(job.id, job.deadline, job.shard) for job in jobs]
-        except REDIS_UNAVAILABLE as exc:
-            log.warning("Redis unavailable for job %s: %s", jobs[0].id, exc)
-            raise Refused(503, "the job queue (Redis) is unavailable; try again shortly", retry_after=1) from None
         except ResultTimeout:
             for job in jobs:
                 _give_up(service.queue, job)
@@ -119,12 +118,7 @@ def _held(service: Service, jobs: list[Job], keep: bool = False):
         yield
         return
     owner = security.request_owner(keyed=True)
-    try:
-        held = service.queue.hold(owner, jobs, limit)
-    except REDIS_UNAVAILABLE as exc:
-        log.warning("Redis unavailable for job %s: %s", jobs[0].id, exc)
-        raise Refused(503, "the job queue (Redis) is unavailable; try again shortly", retry_after=1) from None
-    if not held:
+    if not service.queue.hold(owner, jobs, limit):
         raise Refused(429, f"this API key has {limit} jobs queued or running already (MAX_QUEUE_PER_KEY); "
                            "try again shortly", retry_after=1)  # fmt: skip
     try:
@@ -175,12 +169,7 @@ def submit_job():
     job = Job.new(pixels, SUBMITTED, config.result_ttl, config.job_codec, config.job_quality, top_k)
     job.owner = _owner()
     with _held(service, [job], keep=True):
-        try:
-            queued = service.queue.submit(job, config.max_queue)
-        except REDIS_UNAVAILABLE as exc:
-            log.warning("Redis unavailable for submitted job %s: %s", job.id, exc)
-            raise Refused(503, "the job queue (Redis) is unavailable; try again shortly", retry_after=1) from None
-        if not queued:
+        if not service.queue.submit(job, config.max_queue):
             raise Refused(503, "the server is busy (queue full); try again shortly", retry_after=1)
     log.info("job %s submitted", job.id)
     response = jsonify(success=True, id=job.id, status_url=f"/jobs/{job.id}")
@@ -223,11 +212,7 @@ def _known_job(job_id: str, read):
     """What `read` says of a job; Refused 404 for an id that cannot be a job's, or when Redis knows none."""
     if not JOB_ID.fullmatch(job_id):
         raise Refused(404, f"no job {job_id!r}: job ids are 32 hexadecimal digits")
-    try:
-        value = read()
-    except REDIS_UNAVAILABLE as exc:
-        log.warning("Redis unavailable for job %s: %s", job_id, exc)
-        raise Refused(503, "the job queue (Redis) is unavailable; try again shortly", retry_after=1) from None
+    value = read()
     if value is None:
         raise Refused(404, f"no job {job_id} (unknown, cancelled, or its result expired after RESULT_TTL)")
     return value
