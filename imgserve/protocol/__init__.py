@@ -9,6 +9,7 @@ The servers call this package and never spell a Redis key. One concern per modul
     queue.py       JobQueue: the operations of both sides, each on one shard (or spread over them)
     claim.py       Claimer: how a worker takes batches from its shards in turn
     listener.py    ResultListener: how a waiting request learns that its result is there
+    backoff.py     Backoff and retry: the delays between attempts while Redis is unavailable
 
 The rule that loses nothing, in each shard: a job is in the shard's queue, in one batch slot (processing
 list) of one worker in that shard, or in the shard's dead letters. Every move between the queue and a

@@ -22,6 +22,7 @@ import redis
 
 from imgserve import logger
 
+from .backoff import Backoff
 from .connection import REDIS_UNAVAILABLE
 from .queue import JobQueue
 
@@ -43,7 +44,8 @@ class Claimer:
         self.wait = wait
         self._next = 0  # index in `shards` of the one visited first
         self._stranded: set[tuple[int, int]] = set()  # (shard, slot) whose last claim may have moved jobs
-        self._backoff: dict[int, tuple[float, float]] = {}  # shard -> (retry after, current backoff)
+        self._backoff: dict[int, Backoff] = {}  # shard -> its backoff, while its claims fail
+        self._retry_at: dict[int, float] = {}  # shard -> when to claim from it again
         # Shards the worker has heartbeated in (its heartbeat adds them): only those are claimed from, so
         # that the reaper of a shard knows every worker that holds jobs there.
         self.registered: set[int] = set()
@@ -75,7 +77,7 @@ class Claimer:
         """The registered shards from the next in turn, leaving out those backing off (unless all are)."""
         turn = [shard for shard in self.shards[self._next :] + self.shards[: self._next] if shard in self.registered]
         now = time.monotonic()
-        ready = [shard for shard in turn if self._backoff.get(shard, (0.0, 0.0))[0] <= now]
+        ready = [shard for shard in turn if self._retry_at.get(shard, 0.0) <= now]
         return ready or turn
 
     def _claim(self, shard: int, slot: int, block: float) -> list[bytes]:
@@ -89,12 +91,13 @@ class Claimer:
             )
         except REDIS_UNAVAILABLE as exc:
             self._stranded.add((shard, slot))
-            backoff = min(self._backoff.get(shard, (0.0, MIN_BACKOFF / 2))[1] * 2, MAX_BACKOFF)
-            self._backoff[shard] = (time.monotonic() + backoff, backoff)
+            backoff = self._backoff.setdefault(shard, Backoff(MIN_BACKOFF, MAX_BACKOFF)).next()
+            self._retry_at[shard] = time.monotonic() + backoff
             if len(self.shards) > 1:  # with one shard the caller says it, as it backs off
                 log.warning("cannot claim from shard %d (%s: %s); serving the others, back in %.1f s",
                             shard, type(exc).__name__, exc, backoff)  # fmt: skip
             raise
         self._backoff.pop(shard, None)
+        self._retry_at.pop(shard, None)
         self._next = (self.shards.index(shard) + 1) % len(self.shards)
         return batch

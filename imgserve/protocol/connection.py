@@ -14,7 +14,6 @@ command whose reply was lost either.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -24,6 +23,8 @@ from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from imgserve import logger
+
+from .backoff import Backoff, retry
 
 log = logger.get(__name__)
 
@@ -70,19 +71,16 @@ def connect(url: str) -> Client:
 
 def is_cluster(url: str, timeout: float = DETECT_TIMEOUT) -> bool:
     """True when the server at `url` runs in cluster mode; False, with a warning, if it cannot be asked."""
-    deadline = time.monotonic() + timeout
     with redis.Redis.from_url(url, **_OPTIONS) as probe:
-        while True:
-            try:
-                return probe.info("cluster").get("cluster_enabled") == 1
-            except redis.ResponseError as exc:  # INFO denied (an ACL): a cluster would have to allow it
-                log.warning("Redis refused INFO (%s); assuming a plain Redis", exc)
-                return False
-            except REPLY_LOST as exc:
-                if time.monotonic() > deadline:
-                    log.warning("could not ask Redis whether it is a cluster (%s); assuming a plain Redis", exc)
-                    return False
-                time.sleep(0.2)
+        try:
+            info = retry(lambda: probe.info("cluster"), REPLY_LOST, Backoff(0.2, 0.2), give_up_after=timeout)
+        except redis.ResponseError as exc:  # INFO denied (an ACL): a cluster would have to allow it
+            log.warning("Redis refused INFO (%s); assuming a plain Redis", exc)
+            return False
+        except REPLY_LOST as exc:
+            log.warning("could not ask Redis whether it is a cluster (%s); assuming a plain Redis", exc)
+            return False
+    return info.get("cluster_enabled") == 1
 
 
 def node_client(cluster: RedisCluster, host: str, port: int) -> redis.Redis:

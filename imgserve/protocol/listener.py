@@ -19,6 +19,7 @@ import redis
 
 from imgserve import logger
 
+from .backoff import Backoff
 from .connection import node_client
 from .keys import Keys
 from .queue import JobQueue, enable_notifications
@@ -58,11 +59,11 @@ class NodeListener:
 
     def run(self) -> None:
         """Listen until `stopping` is set, reconnecting with backoff."""
-        backoff = 0.1
+        backoff = Backoff(0.1, 5.0)
         while not self.stopping.is_set():
             try:
                 self._listen()
-                backoff = 0.1
+                backoff.reset()
             except Exception as exc:  # noqa: BLE001 - not only a lost connection: MASTERDOWN, an ACL, a bad key ...
                 if self.mode == "notifications":
                     log.warning("notification listener failed (%s: %s); polling until it recovers",
@@ -70,8 +71,7 @@ class NodeListener:
                 self.mode = "polling"
                 self.ready.set()
                 self.wake_all()
-                self.stopping.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+                self.stopping.wait(backoff.next())
 
     def _listen(self) -> None:
         pubsub = self.client.pubsub()

@@ -20,6 +20,7 @@ from prometheus_client import Counter, Histogram
 
 from imgserve import logger, settings
 from imgserve.protocol import REDIS_UNAVAILABLE, SLOTS, SUBMITTED, Claimer, DeadLetter, Job, JobError, JobQueue
+from imgserve.protocol.backoff import Backoff, retry
 
 # Outcomes: done (result published), expired (deadline passed before inference, dropped), failed (inference
 # raised; the job goes back to the queue), requeued (returned to the queue after a failure, or from a dead
@@ -346,20 +347,18 @@ class Worker:
 
     def _retry(self, action, what: str, give_up_after: float | None = None):
         """Run `action` until Redis answers; give up after `give_up_after` s (None: only when stopping)."""
-        delay, started = 0.1, time.monotonic()
-        while True:
-            try:
-                return action()
-            except REDIS_UNAVAILABLE as exc:
-                elapsed = time.monotonic() - started
-                if give_up_after is not None and elapsed > give_up_after:
-                    log.error("could not %s for %.0f s (%s); giving up", what, elapsed, exc)
-                    return None
-                if give_up_after is None and self.stopping.is_set():
-                    return None
-                log.warning("Redis unavailable, cannot %s (%s); retrying in %.1f s", what, exc, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        started = time.monotonic()
+
+        def warn(exc: Exception, delay: float) -> None:
+            log.warning("Redis unavailable, cannot %s (%s); retrying in %.1f s", what, exc, delay)
+
+        stop = self.stopping.is_set if give_up_after is None else None
+        try:
+            return retry(action, REDIS_UNAVAILABLE, Backoff(0.1, 5.0), warn, give_up_after, stop)
+        except REDIS_UNAVAILABLE as exc:
+            if give_up_after is not None:
+                log.error("could not %s for %.0f s (%s); giving up", what, time.monotonic() - started, exc)
+            return None
 
 
 def prefetch_batches(config: settings.Settings, classifier) -> int:
