@@ -29,8 +29,8 @@ from imgserve.launch.local_redis import LocalCluster, LocalRedis
 from imgserve.protocol import SLOTS, SUBMITTED, Claimer, Job, JobQueue, ResultListener, connect
 from imgserve.protocol.claim import ROTATE_BLOCK
 from imgserve.worker.cli import parse_args
-from tests.test_faults import MALFORMED, NumberedModel, RunningWorker, numbered_job, worker_config
-from tests.test_reliability import freeze_holding_jobs
+from tests.support.freezing import freeze_holding_jobs
+from tests.support.workers import MALFORMED, NumberedModel, RunningWorker, numbered_job, worker_config
 from tools import processes
 from tools.processes import PublishedResults, WebServer, Worker, env_queue, sample_image_bytes, server_env, wait_until
 
@@ -411,7 +411,7 @@ def under_load(url: str, threads: int, action) -> list[requests.Response]:
 
 def test_the_benchmarks_cluster_mix_spreads_jobs_evenly_and_answers_them_all(cluster):
     """`make bench` phase 11's client loop, briefly: what it counts per shard is what it claimed and answered."""
-    from tools.bench import cluster_mix
+    from tools.load import cluster_mix
 
     name = spread_name("bench")
     per_shard = cluster_mix(cluster.url, name, 0.3, numbered_job(0).to_json())

@@ -96,7 +96,7 @@ def test_failed_imagenet_weights_explain_the_download_and_the_way_out():
 
 
 def test_favicon_is_an_icon_open_without_a_key():
-    from tests.test_web import StandInQueue
+    from tests.support.web import StandInQueue
 
     config = settings.load(env={"API_KEYS": "k" * 24}, dotenv=False)
     app = create_app(config, queue=StandInQueue())

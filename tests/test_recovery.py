@@ -20,7 +20,8 @@ import pytest
 from imgserve.launch.local_redis import free_port
 from imgserve.protocol import Job, JobQueue, connect
 from imgserve.settings import Settings
-from tests.test_reliability import freeze_holding_jobs, metric
+from tests.support.freezing import freeze_holding_jobs
+from tests.support.metrics import metric
 from tools.processes import server_env, start_worker, wait_until
 
 RECOVERY_GOAL = 3.0  # seconds from a worker's last heartbeat to its jobs back in the queue (issue 16)
