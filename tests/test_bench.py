@@ -8,6 +8,7 @@ import time
 from collections import Counter
 
 import numpy as np
+import pytest
 
 from imgserve.worker.model import keras_labels
 from tools.bench_report import Report
@@ -15,6 +16,7 @@ from tools.load import batch_sizes, serving_commands
 from tools.standin import StandInModel
 
 
+@pytest.mark.unit
 def test_the_stand_in_model_answers_in_the_real_format():
     labels = set(keras_labels().tolist())
     result = StandInModel().classify(np.zeros((3, 224, 224, 3), np.uint8))
@@ -24,17 +26,20 @@ def test_the_stand_in_model_answers_in_the_real_format():
         assert all(p["label"] in labels and p["probability"] == 0.0 for p in predictions)
 
 
+@pytest.mark.unit
 def test_serving_commands_leave_out_the_benchmarks_own():
     before = Counter({"info": 3, "lpush": 10, "getex": 5})
     after = Counter({"info": 9, "lpush": 20, "getex": 15, "lindex": 2})
     assert serving_commands(before, after) == Counter({"lpush": 10, "getex": 10})
 
 
+@pytest.mark.unit
 def test_batch_sizes_are_read_from_worker_debug_lines():
     log = "[t] [model] [run_model_server.py] batch done: 32 jobs: a b\n... batch done: 7 jobs: c\n"
     assert batch_sizes(log) == [32, 7]
 
 
+@pytest.mark.unit
 def test_goals_are_judged_and_written_as_markdown(capsys):
     report = Report()
     report.goal("ratio", 0.97, ">= 0.95", True, "0.970")
@@ -48,6 +53,7 @@ def test_goals_are_judged_and_written_as_markdown(capsys):
     assert "| overhead | 12.0 ms | <= 10 ms | **NOT met** |" in text
 
 
+@pytest.mark.unit
 def test_a_timed_step_is_charged_its_own_cpu_less_the_timed_steps_inside_it():
     from tools import web_profile
 
@@ -63,6 +69,7 @@ def test_a_timed_step_is_charged_its_own_cpu_less_the_timed_steps_inside_it():
     assert 0.015 <= web_profile._totals["test: outer"] < 0.04
 
 
+@pytest.mark.system
 def test_the_front_door_profile_times_the_steps_of_real_requests():
     """A short real run: gunicorn with the profiled app, a stand-in worker, two clients."""
     from tools import front_door

@@ -34,6 +34,8 @@ from tests.support.workers import MALFORMED, NumberedModel, RunningWorker, numbe
 from tools import processes
 from tools.processes import PublishedResults, WebServer, Worker, env_queue, sample_image_bytes, server_env, wait_until
 
+pytestmark = pytest.mark.system
+
 SHARDS = 3
 FAST_REAPING = dict(HEARTBEAT_TTL=2, REAP_INTERVAL=0.5)
 post_image = functools.partial(processes.post_image, timeout=120)

@@ -25,6 +25,8 @@ from tools.processes import (
     wait_until,
 )
 
+pytestmark = pytest.mark.system
+
 LABELS = set(keras_labels().tolist())
 
 

@@ -57,6 +57,7 @@ WORKER_STEPS = {
 }
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("phase", ["before", "after", "mid"])
 @pytest.mark.parametrize("step", list(WORKER_STEPS))
 def test_a_connection_lost_at_any_step_of_a_batch_loses_no_job_and_runs_none_twice(
@@ -79,6 +80,7 @@ def test_a_connection_lost_at_any_step_of_a_batch_loses_no_job_and_runs_none_twi
     assert not any(direct.redis.exists(key) for key in direct.keys.processing_lists(worker_id))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("phase", ["before", "after", "mid"])
 def test_a_lost_reply_while_requeueing_a_failed_batch_loses_no_job(redis_server, proxy, queue_name, phase):
     direct = JobQueue(connect(redis_server.url), queue_name)
@@ -96,6 +98,7 @@ def test_a_lost_reply_while_requeueing_a_failed_batch_loses_no_job(redis_server,
     assert_all_answered_once(direct, jobs, model)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("phase", ["before", "after", "mid"])
 def test_a_lost_reply_to_lpush_queues_the_job_exactly_once(redis_server, proxy, queue_name, phase):
     through_proxy = JobQueue(connect(proxy.url), queue_name)
@@ -106,6 +109,7 @@ def test_a_lost_reply_to_lpush_queues_the_job_exactly_once(redis_server, proxy, 
     assert connect(redis_server.url).lrange(through_proxy.keys.queue, 0, -1) == [job.to_json()]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("phase", ["before", "after", "mid"])
 def test_a_lost_reply_to_taking_a_result_still_returns_it(redis_server, proxy, queue_name, phase):
     through_proxy = JobQueue(connect(proxy.url), queue_name)
@@ -119,6 +123,7 @@ def test_a_lost_reply_to_taking_a_result_still_returns_it(redis_server, proxy, q
 # ---- malformed jobs -----------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_malformed_jobs_are_dead_lettered_without_their_image_and_the_worker_goes_on(
     redis_server, queue_name, redis_client
 ):
@@ -144,6 +149,7 @@ def test_malformed_jobs_are_dead_lettered_without_their_image_and_the_worker_goe
     assert model.seen == Counter({0: 1, 1: 1})
 
 
+@pytest.mark.unit
 def test_the_reaper_dead_letters_what_it_cannot_requeue_and_forgets_the_dead_worker(queue, redis_client):
     good = [numbered_job(n) for n in range(2)]
     poison = [MALFORMED["infinite attempts"], '{"id": "nan", "attempts": NaN}', "x" * 2_000_000]
@@ -159,6 +165,7 @@ def test_the_reaper_dead_letters_what_it_cannot_requeue_and_forgets_the_dead_wor
     assert len(queue.dead_letters()) == 3
 
 
+@pytest.mark.unit
 def test_dead_letters_are_bounded_by_dead_letter_max(redis_server, queue_name, redis_client):
     direct = JobQueue(redis_client, queue_name)
     redis_client.lpush(direct.keys.queue, *(b"not json %d" % n for n in range(12)))
@@ -170,6 +177,7 @@ def test_dead_letters_are_bounded_by_dead_letter_max(redis_server, queue_name, r
     assert all("not valid JSON" in letter["reason"] for letter in direct.dead_letters())
 
 
+@pytest.mark.system
 def test_kill_9_while_a_prefetched_batch_waits_loses_nothing(redis_server, queue_name):
     """A worker whose model is busy with one batch while the next waits, decoded, in its own slot."""
     direct = JobQueue(connect(redis_server.url), queue_name)
@@ -201,6 +209,7 @@ def foreign(**changes: object) -> str:
     return json.dumps(good_wire(**changes))
 
 
+@pytest.mark.unit
 def test_jobs_with_ids_or_origins_the_web_would_not_mint_are_dead_lettered_and_their_batch_answered(
     redis_server, queue_name, redis_client
 ):
@@ -239,6 +248,7 @@ def raising_once(method, error: Exception):
     return wrapper
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("release_fails_too", [False, True])
 def test_a_publish_that_raises_for_any_reason_loses_no_job(redis_server, queue_name, redis_client, release_fails_too):
     """The first batch's publish raises something unforeseen (and, in the second case, so does returning it to

@@ -24,6 +24,8 @@ from tests.support.freezing import freeze_holding_jobs
 from tests.support.metrics import metric
 from tools.processes import server_env, start_worker, wait_until
 
+pytestmark = pytest.mark.system
+
 RECOVERY_GOAL = 3.0  # seconds from a worker's last heartbeat to its jobs back in the queue (issue 16)
 BATCH = 32
 

@@ -27,6 +27,8 @@ from imgserve.protocol import Job, JobQueue, connect
 from tools import redis_acl
 from tools.processes import post_image, sample_image_bytes, server_env, start_web, start_worker, wait_until
 
+pytestmark = pytest.mark.system
+
 PASSWORDS = {role: f"{role}-{uuid.uuid4().hex}" for role in ("default", "web", "worker")}
 
 

@@ -45,6 +45,8 @@ from tools.processes import (
     wait_until,
 )
 
+pytestmark = pytest.mark.system
+
 PIXELS = np.zeros((224, 224, 3), np.uint8)
 DROP = object()  # marks a field to leave out of a hand-written job
 

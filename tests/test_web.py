@@ -18,6 +18,8 @@ from imgserve.web import security
 from imgserve.web.app import create_app
 from tests.support.web import MODEL, StandInQueue
 
+pytestmark = pytest.mark.unit
+
 
 def client_for(queue: StandInQueue, **env: str):
     config = settings.load(env={"MAX_UPLOAD_BYTES": "200000", **env}, dotenv=False)
