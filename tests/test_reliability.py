@@ -472,6 +472,7 @@ def test_redis_password_comes_from_redis_url_and_is_never_logged():
             assert_json_error(post_image(wrong.url, sample_image_bytes()), 503, "unavailable")
         finally:
             wrong.stop()
+        # The log is what is under test here: the password must never appear in it.
         assert secret not in web.log + wrong.log and ":***@" in web.log
     finally:
         if web:
@@ -513,11 +514,10 @@ def test_redis_outage_fails_fast_and_everything_resumes_without_restarts():
         redis_server.start()  # same port, empty, default config: notifications off
         wait_until(lambda: post_image(web.url, data, timeout=50).status_code == 200, 120, "a request to succeed again")
         body = wait_until(lambda: ready_body(web.url), 60, "/readyz to report a worker and notifications")
-        assert body["workers"] == 1 and body["redis"] is True
+        assert body["workers"] == 1 and body["redis"] is True, "the worker registered again in the emptied Redis"
         assert set("K$") <= set(queue.notification_flags()), "the listener re-enabled keyspace notifications"
         assert (worker.process.pid, web.process.pid) == pids
         assert worker.process.poll() is None and web.process.poll() is None
-        assert "Redis unavailable" in worker.log
     finally:
         for child in (web, worker):
             if child:
