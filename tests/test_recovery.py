@@ -107,7 +107,9 @@ def test_a_worker_running_cpu_batches_of_32_on_every_core_is_never_reaped(surviv
     seconds = time.monotonic() - started
     cores = (cpu_seconds(worker.process.pid) - cpu_before) / seconds  # reported: other processes share the cores
     counted = {name: value - before[name] for name, value in batch_counts(port).items()}
-    assert counted["of_32"] >= 8 and counted["quick"] == 0, f"full CPU batches of the real model: {counted}"
+    assert counted["of_32"] >= 8, f"full CPU batches of the real model: {counted}"
+    # Any batch quicker than 0.25 s was one of the small ones (a tail), not a batch of 32: real model time.
+    assert counted["quick"] <= counted["batches"] - counted["of_32"], counted
     assert reaper.reaped == 0, "a live worker was reaped"
     assert reaper.lowest_ttl_ms > 0, "the heartbeat expired while the worker was alive"
     assert counted["requeued"] == 0, "nothing was requeued"
