@@ -9,6 +9,15 @@ import pytest
 from imgserve.launch.local_redis import LocalRedis
 from imgserve.protocol import JobQueue, connect
 
+KINDS = ("unit", "system")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test is marked either unit or system (pyproject.toml says what each means), never both."""
+    wrong = [item.nodeid for item in items if len({m.name for m in item.iter_markers() if m.name in KINDS}) != 1]
+    if wrong:
+        raise pytest.UsageError("tests marked neither or both of unit and system:\n  " + "\n  ".join(wrong))
+
 
 @pytest.fixture(scope="session")
 def redis_server():

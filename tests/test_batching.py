@@ -11,6 +11,8 @@ import pytest
 from imgserve.launch.local_redis import LocalRedis
 from imgserve.protocol import Job, JobQueue, connect
 
+pytestmark = pytest.mark.unit
+
 PIXELS = np.zeros((224, 224, 3), np.uint8)
 
 

@@ -20,9 +20,12 @@ CHROMIUM_ARGS = ["--no-sandbox", *report.CHROMIUM_ARGS]
 PREDICT_WAIT_MS = 180_000  # the first batch also builds the model's compiled function on a busy CPU
 PERCENT = re.compile(r"^(\d+\.\d+%|<0\.01%)$")
 
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="no /usr/bin/chromium (apt-get install chromium; .ci/run does it)"
-)
+pytestmark = [
+    pytest.mark.system,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason="no /usr/bin/chromium (apt-get install chromium; .ci/run does it)"
+    ),
+]
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,8 @@ from imgserve.launch.local_redis import free_port
 from imgserve.worker.model import keras_labels
 from tools.processes import PROJECT, live_stack, sample_image_bytes, server_env
 
+pytestmark = pytest.mark.system
+
 LABELS = set(keras_labels().tolist())
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -29,10 +29,12 @@ from imgserve.launch.local_redis import LocalCluster, LocalRedis
 from imgserve.protocol import SLOTS, SUBMITTED, Claimer, Job, JobQueue, ResultListener, connect
 from imgserve.protocol.claim import ROTATE_BLOCK
 from imgserve.worker.cli import parse_args
-from tests.test_faults import MALFORMED, NumberedModel, RunningWorker, numbered_job, worker_config
-from tests.test_reliability import freeze_holding_jobs
+from tests.support.freezing import freeze_holding_jobs
+from tests.support.workers import MALFORMED, NumberedModel, RunningWorker, numbered_job, worker_config
 from tools import processes
 from tools.processes import PublishedResults, WebServer, Worker, env_queue, sample_image_bytes, server_env, wait_until
+
+pytestmark = pytest.mark.system
 
 SHARDS = 3
 FAST_REAPING = dict(HEARTBEAT_TTL=2, REAP_INTERVAL=0.5)
@@ -362,6 +364,8 @@ def test_a_stopped_primary_gets_its_shard_a_503_while_the_others_serve_and_all_r
     wait_until(lambda: all(post_image(stack.web.url, data).status_code == 200 for _ in range(6)), 90, "recovery")
     wait_until(lambda: ready_body(stack.web.url), 30, "notifications again on every primary")
     assert stack.worker.process.poll() is None and stack.web.process.poll() is None, "no restart"
+    # The warning is what an operator reads to find the primary that is down: it is the feature here (that the
+    # other shards were served is asserted on the answers above).
     assert "cannot claim from shard 1" in stack.worker.log, "the worker said which shard it left alone"
 
 
@@ -384,7 +388,6 @@ def test_a_failover_under_load_loses_no_acknowledged_job(stack, cluster):
     wait_until(lambda: all(post_image(stack.web.url).status_code == 200 for _ in range(6)), 60, "serving")
     wait_until(lambda: ready_body(stack.web.url), 30, "notifications from the new primary")
     assert stack.worker.process.poll() is None and stack.web.process.poll() is None
-    assert "failed; stopping" not in stack.worker.log
 
 
 def under_load(url: str, threads: int, action) -> list[requests.Response]:
@@ -411,7 +414,7 @@ def under_load(url: str, threads: int, action) -> list[requests.Response]:
 
 def test_the_benchmarks_cluster_mix_spreads_jobs_evenly_and_answers_them_all(cluster):
     """`make bench` phase 11's client loop, briefly: what it counts per shard is what it claimed and answered."""
-    from tools.bench import cluster_mix
+    from tools.load import cluster_mix
 
     name = spread_name("bench")
     per_shard = cluster_mix(cluster.url, name, 0.3, numbered_job(0).to_json())
@@ -435,7 +438,6 @@ def test_a_resharding_under_load_moves_a_shard_and_every_request_is_answered(sta
     wait_until(lambda: all(post_image(stack.web.url).status_code == 200 for _ in range(6)), 60, "serving")
     wait_until(lambda: ready_body(stack.web.url), 30, "notifications, shard 0 now on its new primary")
     assert stack.worker.process.poll() is None and stack.web.process.poll() is None
-    assert "failed; stopping" not in stack.worker.log
 
 
 def migrate_slot(cluster: LocalCluster, slot: int, source: LocalRedis, target: LocalRedis) -> int:

@@ -15,6 +15,8 @@ from PIL import Image
 
 from tools.processes import live_stack, post_image, sample_image_bytes, server_env
 
+pytestmark = pytest.mark.system
+
 BUDGET = 200_000_000  # DECODE_BUDGET_BYTES for these tests: well below what 64 images would hold at once
 SLACK = 150_000_000  # allocator and Python overhead around the pixels, and 64 uploads' own bytes
 

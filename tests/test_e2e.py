@@ -25,6 +25,8 @@ from tools.processes import (
     wait_until,
 )
 
+pytestmark = pytest.mark.system
+
 LABELS = set(keras_labels().tolist())
 
 
@@ -112,7 +114,7 @@ def test_imagenet_weights_without_network_exit_with_clear_message(redis_server, 
 
 
 def test_gunicorn_web_processes_run_at_lower_priority_by_web_nice(redis_server):
-    from tools.bench import with_children
+    from tools.load import with_children
 
     base = os.getpriority(os.PRIO_PROCESS, 0)
     web = start_web(server_env(redis_server.url, "nice", WEB_NICE=7), gunicorn=True, processes=2)

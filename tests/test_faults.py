@@ -2,7 +2,7 @@
 Redis, and the dead-letter bound.
 
 The project's own Worker runs in-process against a real Redis, through a TCP proxy that drops a
-connection at the chosen moment (tests/fault_proxy.py). The model is a stand-in that labels each image
+connection at the chosen moment (tests/support/fault_proxy.py). The model is a stand-in that labels each image
 by the number written into its pixels and counts the images it saw, so the tests can tell that each
 job was run exactly once and answered with its own result.
 """
@@ -11,63 +11,15 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 from collections import Counter
 
-import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from imgserve import settings
 from imgserve.protocol import SLOTS, Job, JobQueue, connect
-from imgserve.worker.pipeline import Worker
-from tests.fault_proxy import FaultProxy
+from tests.support.fault_proxy import FaultProxy
+from tests.support.workers import MALFORMED, NumberedModel, RunningWorker, good_wire, numbered_job, worker_config
 from tools.processes import Child, server_env, wait_until
-
-
-class NumberedModel:
-    """Labels an image `image-N`, N read from its first two pixels; counts what it ran."""
-
-    def __init__(self) -> None:
-        self.seen: Counter[int] = Counter()
-        self.failures = 0  # batches to fail before working
-
-    def classify(self, images: np.ndarray, k: int = 5) -> list[list[dict]]:
-        if self.failures:
-            self.failures -= 1
-            raise RuntimeError("injected inference failure")
-        numbers = [int(image[0, 0, 0]) * 256 + int(image[0, 0, 1]) for image in images]
-        self.seen.update(numbers)
-        return [[{"label": f"image-{n}", "probability": 1.0}] for n in numbers]
-
-
-def numbered_job(n: int, timeout: float = 60) -> Job:
-    pixels = np.zeros((224, 224, 3), np.uint8)
-    pixels[0, 0, :2] = divmod(n, 256)
-    return Job.new(pixels, "00000000000f", timeout, codec="zstd")
-
-
-def worker_config(redis_url: str, queue: str, **extra: object) -> settings.Settings:
-    env = dict(REDIS_URL=redis_url, IMAGE_QUEUE=queue, BATCH_SIZE="4", HEARTBEAT_TTL="5", REAP_INTERVAL="1")
-    return settings.load(env={**env, **{k.upper(): str(v) for k, v in extra.items()}}, dotenv=False)
-
-
-class RunningWorker:
-    """A Worker on its own thread, for the duration of a `with` block."""
-
-    def __init__(self, config: settings.Settings, model: NumberedModel) -> None:
-        self.queue = JobQueue.from_settings(config)
-        self.worker = Worker(config, self.queue, model)
-        self.thread = threading.Thread(target=self.worker.run, daemon=True)
-
-    def __enter__(self) -> RunningWorker:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.worker.stop()
-        self.thread.join(30)
-        assert not self.thread.is_alive(), "the worker stopped"
 
 
 @pytest.fixture
@@ -105,6 +57,7 @@ WORKER_STEPS = {
 }
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("phase", ["before", "after", "mid"])
 @pytest.mark.parametrize("step", list(WORKER_STEPS))
 def test_a_connection_lost_at_any_step_of_a_batch_loses_no_job_and_runs_none_twice(
@@ -127,6 +80,7 @@ def test_a_connection_lost_at_any_step_of_a_batch_loses_no_job_and_runs_none_twi
     assert not any(direct.redis.exists(key) for key in direct.keys.processing_lists(worker_id))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("phase", ["before", "after", "mid"])
 def test_a_lost_reply_while_requeueing_a_failed_batch_loses_no_job(redis_server, proxy, queue_name, phase):
     direct = JobQueue(connect(redis_server.url), queue_name)
@@ -144,6 +98,7 @@ def test_a_lost_reply_while_requeueing_a_failed_batch_loses_no_job(redis_server,
     assert_all_answered_once(direct, jobs, model)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("phase", ["before", "after", "mid"])
 def test_a_lost_reply_to_lpush_queues_the_job_exactly_once(redis_server, proxy, queue_name, phase):
     through_proxy = JobQueue(connect(proxy.url), queue_name)
@@ -154,6 +109,7 @@ def test_a_lost_reply_to_lpush_queues_the_job_exactly_once(redis_server, proxy, 
     assert connect(redis_server.url).lrange(through_proxy.keys.queue, 0, -1) == [job.to_json()]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("phase", ["before", "after", "mid"])
 def test_a_lost_reply_to_taking_a_result_still_returns_it(redis_server, proxy, queue_name, phase):
     through_proxy = JobQueue(connect(proxy.url), queue_name)
@@ -167,26 +123,7 @@ def test_a_lost_reply_to_taking_a_result_still_returns_it(redis_server, proxy, q
 # ---- malformed jobs -----------------------------------------------------------------------------
 
 
-def good_wire(**changes: object) -> dict:
-    wire = json.loads(numbered_job(0).to_json())
-    wire.update(changes)
-    return wire
-
-
-MALFORMED = {
-    "infinite attempts": json.dumps(good_wire(attempts=1e999)).replace("Infinity", "1e999"),
-    "NaN deadline": json.dumps(good_wire(deadline=float("nan"))),
-    "deadline as text": json.dumps(good_wire(deadline="soon")),
-    "attempts as a fraction": json.dumps(good_wire(attempts=1.5)),
-    "shape as text": json.dumps(good_wire(shape="224x224x3")),
-    "id as a number": json.dumps(good_wire(id=5)),
-    "image as a list": json.dumps(good_wire(image=[1, 2])),
-    "a list, not an object": "[1, 2, 3]",
-    "nesting too deep": "[" * 100_000 + "]" * 100_000,
-    "larger than MAX_JOB_BYTES": json.dumps(good_wire(padding="x" * 300_000)),
-}
-
-
+@pytest.mark.unit
 def test_malformed_jobs_are_dead_lettered_without_their_image_and_the_worker_goes_on(
     redis_server, queue_name, redis_client
 ):
@@ -212,6 +149,7 @@ def test_malformed_jobs_are_dead_lettered_without_their_image_and_the_worker_goe
     assert model.seen == Counter({0: 1, 1: 1})
 
 
+@pytest.mark.unit
 def test_the_reaper_dead_letters_what_it_cannot_requeue_and_forgets_the_dead_worker(queue, redis_client):
     good = [numbered_job(n) for n in range(2)]
     poison = [MALFORMED["infinite attempts"], '{"id": "nan", "attempts": NaN}', "x" * 2_000_000]
@@ -227,6 +165,7 @@ def test_the_reaper_dead_letters_what_it_cannot_requeue_and_forgets_the_dead_wor
     assert len(queue.dead_letters()) == 3
 
 
+@pytest.mark.unit
 def test_dead_letters_are_bounded_by_dead_letter_max(redis_server, queue_name, redis_client):
     direct = JobQueue(redis_client, queue_name)
     redis_client.lpush(direct.keys.queue, *(b"not json %d" % n for n in range(12)))
@@ -238,6 +177,7 @@ def test_dead_letters_are_bounded_by_dead_letter_max(redis_server, queue_name, r
     assert all("not valid JSON" in letter["reason"] for letter in direct.dead_letters())
 
 
+@pytest.mark.system
 def test_kill_9_while_a_prefetched_batch_waits_loses_nothing(redis_server, queue_name):
     """A worker whose model is busy with one batch while the next waits, decoded, in its own slot."""
     direct = JobQueue(connect(redis_server.url), queue_name)
@@ -269,6 +209,7 @@ def foreign(**changes: object) -> str:
     return json.dumps(good_wire(**changes))
 
 
+@pytest.mark.unit
 def test_jobs_with_ids_or_origins_the_web_would_not_mint_are_dead_lettered_and_their_batch_answered(
     redis_server, queue_name, redis_client
 ):
@@ -307,6 +248,7 @@ def raising_once(method, error: Exception):
     return wrapper
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("release_fails_too", [False, True])
 def test_a_publish_that_raises_for_any_reason_loses_no_job(redis_server, queue_name, redis_client, release_fails_too):
     """The first batch's publish raises something unforeseen (and, in the second case, so does returning it to

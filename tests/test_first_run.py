@@ -33,6 +33,7 @@ def stack(redis_server):
         yield worker, web
 
 
+@pytest.mark.system
 def test_the_readmes_sample_image_exists_and_is_classified(stack):
     assert "examples/sample.jpg" in (PROJECT / "README.md").read_text()
     assert SAMPLE.stat().st_size < 30_000
@@ -43,17 +44,20 @@ def test_the_readmes_sample_image_exists_and_is_classified(stack):
     assert len(response.json()["predictions"]) == 5
 
 
+@pytest.mark.system
 def test_a_worker_on_this_cpu_only_machine_prints_no_cuinit_error(stack):
     worker, _ = stack
     assert "model ResNet50 on CPU" in worker.log  # the worker got past TensorFlow's start-up
     assert "cuInit" not in worker.log
 
 
+@pytest.mark.system
 def test_the_web_log_says_plain_redis_and_its_shard_count(stack):
     _, web = stack
     assert re.search(r"web process \w+ ready; Redis \S+ \(plain Redis, 1 shard\)", web.log), web.log[-2000:]
 
 
+@pytest.mark.unit
 def test_redis_kind_names_a_cluster_and_its_shards():
     class ClusterQueue:
         cluster, shards = True, [object()] * 3
@@ -65,6 +69,7 @@ def test_redis_kind_names_a_cluster_and_its_shards():
     ("visible", "device_file", "quiet"),
     [(None, False, True), (None, True, False), ("", True, True), ("-1", True, True), ("0", False, False)],
 )
+@pytest.mark.unit
 def test_tensorflows_cuda_errors_are_hidden_only_where_no_gpu_is_meant(monkeypatch, visible, device_file, quiet):
     if visible is None:
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
@@ -74,6 +79,7 @@ def test_tensorflows_cuda_errors_are_hidden_only_where_no_gpu_is_meant(monkeypat
     assert model._no_gpu_meant() is quiet
 
 
+@pytest.mark.unit
 def test_the_random_weights_warning_does_not_advise_what_the_user_did(caplog):
     with caplog.at_level(logging.WARNING):
         built = model._build(lambda weights: ("resnet50", weights), "none")
@@ -84,6 +90,7 @@ def test_the_random_weights_warning_does_not_advise_what_the_user_did(caplog):
     assert "MODEL_WEIGHTS=imagenet" in text
 
 
+@pytest.mark.unit
 def test_failed_imagenet_weights_explain_the_download_and_the_way_out():
     def offline(weights):
         raise Exception("URL fetch failure")
@@ -95,8 +102,9 @@ def test_failed_imagenet_weights_explain_the_download_and_the_way_out():
     assert "MODEL_WEIGHTS=none" in message  # the user asked for imagenet: random weights are news to them
 
 
+@pytest.mark.unit
 def test_favicon_is_an_icon_open_without_a_key():
-    from tests.test_web import StandInQueue
+    from tests.support.web import StandInQueue
 
     config = settings.load(env={"API_KEYS": "k" * 24}, dotenv=False)
     app = create_app(config, queue=StandInQueue())
@@ -107,6 +115,7 @@ def test_favicon_is_an_icon_open_without_a_key():
     assert app.test_client().post("/predict").status_code == 401  # the key still guards the API
 
 
+@pytest.mark.system
 def test_python_m_local_redis_serves_until_ctrl_c():
     port = free_port()
     server = subprocess.Popen(
@@ -150,6 +159,7 @@ def processes_with(marker: str) -> list[int]:
     return found
 
 
+@pytest.mark.system
 def test_a_taken_web_port_stops_make_run_before_it_starts_anything(redis_server):
     queue = f"taken-{uuid.uuid4().hex[:6]}"
     with socket.socket() as holder:
@@ -166,6 +176,7 @@ def test_a_taken_web_port_stops_make_run_before_it_starts_anything(redis_server)
     assert processes_with(f"IMAGE_QUEUE={queue}") == []  # no worker, gunicorn or nginx left behind
 
 
+@pytest.mark.unit
 def test_a_taken_redis_port_names_redis_url(monkeypatch):
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
@@ -177,6 +188,7 @@ def test_a_taken_redis_port_names_redis_url(monkeypatch):
     assert f"port {serve.LOCAL_REDIS_PORT} on 127.0.0.1 is taken" in message and "REDIS_URL=redis://" in message
 
 
+@pytest.mark.system
 def test_make_run_says_try_curl_only_once_a_worker_is_ready(redis_server):
     env = server_env(redis_server.url, f"serve-{uuid.uuid4().hex[:6]}", BATCH_WAIT_MS=5)
     stack = Stack(env)
@@ -191,6 +203,7 @@ def test_make_run_says_try_curl_only_once_a_worker_is_ready(redis_server):
         assert stack.stop(signal.SIGINT) == 0
 
 
+@pytest.mark.system
 def test_make_run_without_weights_says_the_worker_failed_and_never_try_curl(redis_server, tmp_path):
     env = server_env(
         redis_server.url,

@@ -9,6 +9,8 @@ from PIL import Image, ImageFile, ImageOps
 
 from imgserve.imaging.prepare import DecodeBudget, DecodeBusy, ImageError, decode_cost, prepare_image
 
+pytestmark = pytest.mark.unit
+
 
 def image_bytes(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
     out = io.BytesIO()

@@ -6,6 +6,8 @@ import pytest
 from imgserve import settings
 from imgserve.imaging.codecs import CODECS, LOSSY, PayloadError, decode_array, decode_image, encode_array, encode_image
 
+pytestmark = pytest.mark.unit
+
 SHAPE = (224, 224, 3)
 
 

@@ -15,6 +15,8 @@ from PIL import Image
 from imgserve.launch.local_redis import free_port
 from tools.processes import Child, env_queue, sample_image_bytes, server_env, start_web, start_worker, wait_until
 
+pytestmark = pytest.mark.system
+
 
 @pytest.fixture(scope="module")
 def env(redis_server) -> dict[str, str]:

@@ -1,7 +1,11 @@
 import io
 import re
 
+import pytest
+
 from imgserve import logger
+
+pytestmark = pytest.mark.unit
 
 LINE = re.compile(
     r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}\] \[(?P<server>[^\]]+)\] \[(?P<script>[^\]]+)\] (?P<action>.*)$"

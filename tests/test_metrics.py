@@ -22,6 +22,8 @@ from imgserve.protocol import Job, JobQueue, connect
 from imgserve.worker import pipeline
 from tools.processes import live_stack, post_image, sample_image_bytes, server_env, start_web, wait_until
 
+pytestmark = pytest.mark.system
+
 PREDICT_OK = {"endpoint": "/predict", "method": "POST", "status": "200"}
 HEALTHZ_OK = {"endpoint": "/healthz", "method": "GET", "status": "200"}
 

@@ -14,6 +14,8 @@ from imgserve.launch.local_redis import free_port
 from imgserve.web.views import WEB_DIR
 from tools.processes import live_stack, sample_image_bytes, server_env, start_web, wait_until
 
+pytestmark = pytest.mark.system
+
 SPEC = WEB_DIR / "openapi.yaml"
 REQUEST_TIMEOUT = 150  # seconds; generous, so a busy CPU does not turn into a 504
 

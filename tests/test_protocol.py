@@ -10,6 +10,8 @@ import pytest
 
 from imgserve.protocol import REDIS_UNAVAILABLE, DeadLetter, Job, JobQueue, ResultListener, ResultTimeout, connect
 
+pytestmark = pytest.mark.unit
+
 PIXELS = np.zeros((224, 224, 3), np.uint8)
 
 

@@ -15,6 +15,8 @@ import pytest
 from imgserve.imaging.prepare import prepare_image
 from tools.processes import CASTLE
 
+pytestmark = pytest.mark.system
+
 KERAS_CACHE = Path.home() / ".keras" / "models" / "resnet50_weights_tf_dim_ordering_tf_kernels.h5"
 
 

@@ -155,6 +155,7 @@ def check_report(docs: Path, pdf: Path, printed: str) -> str:
     return whole
 
 
+@pytest.mark.system
 def test_sample_report(converter, tmp_path: Path) -> None:
     docs = write_sample(tmp_path / "docs")
     pdf, printed = build(docs, tmp_path)
@@ -169,6 +170,7 @@ def test_sample_report(converter, tmp_path: Path) -> None:
     assert re.search(r'<pre class="code" style="font-size:[67]\.\d+pt"><code> client ──HTTP', printed)
 
 
+@pytest.mark.system
 def test_real_deliverables(converter, tmp_path: Path) -> None:
     docs = ROOT / "deliverables"
     whole = check_report(docs, *build(docs, tmp_path))
@@ -178,6 +180,7 @@ def test_real_deliverables(converter, tmp_path: Path) -> None:
     assert not missing, f"figures from TEST_RESULTS.md not in the PDF: {missing}"
 
 
+@pytest.mark.unit
 def test_missing_document_is_named(tmp_path: Path) -> None:
     docs = write_sample(tmp_path / "docs")
     (docs / "concurrency_issues.md").unlink()
@@ -187,6 +190,7 @@ def test_missing_document_is_named(tmp_path: Path) -> None:
     assert not (tmp_path / "report.pdf").exists()
 
 
+@pytest.mark.system
 def test_broken_diagram_is_named(converter, tmp_path: Path) -> None:
     docs = write_sample(tmp_path / "docs")
     (docs / "unified_logging.md").write_text("# Logs\n\n```mermaid\nsequenceDiagram\n  A->>: oops\n```\n")
@@ -194,6 +198,7 @@ def test_broken_diagram_is_named(converter, tmp_path: Path) -> None:
         report.build_report(docs, tmp_path / "report.pdf")
 
 
+@pytest.mark.unit
 def test_links_between_documents_and_images(tmp_path: Path) -> None:
     (tmp_path / "chart.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     doc = report.Document(1, "a.md", "A", "[b](TEST_RESULTS.md) [code](../redis_protocol.py) ![c](chart.png)", True)
@@ -207,6 +212,7 @@ def test_links_between_documents_and_images(tmp_path: Path) -> None:
         report.markdown_to_html(missing, tmp_path, anchors)
 
 
+@pytest.mark.unit
 def test_fenced_and_indented_code_are_code_blocks(tmp_path: Path) -> None:
     doc = report.Document(1, "a.md", "A", "Text:\n\n    indented <code>\n\n```sh\nmake report\n```\n", True)
     body = report.markdown_to_html(doc, tmp_path, {})
@@ -214,6 +220,7 @@ def test_fenced_and_indented_code_are_code_blocks(tmp_path: Path) -> None:
     assert '<pre class="code"><code>make report\n</code></pre>' in body
 
 
+@pytest.mark.unit
 def test_titles_come_from_the_first_level_one_heading(tmp_path: Path) -> None:
     write_sample(tmp_path)
     (tmp_path / "stress_test_fix.md").write_text("```\n# not a title\n```\n\n## Sub\n\n# The `Fix` *here*\n\n# Later\n")
@@ -227,6 +234,7 @@ def test_titles_come_from_the_first_level_one_heading(tmp_path: Path) -> None:
     ("columns", "expected"),
     [(80, None), (92, None), (110, (7.0, 7.3)), (131, (6.0, 6.2)), (140, None), (300, None)],
 )
+@pytest.mark.unit
 def test_wide_code_gets_a_smaller_font_above_a_floor(columns: int, expected) -> None:
     size = report.code_font_pt("short\n" + "x" * columns + "\n")
     if expected is None:
@@ -236,5 +244,6 @@ def test_wide_code_gets_a_smaller_font_above_a_floor(columns: int, expected) -> 
         assert size * report.MONO_ADVANCE_EM * columns <= report.CODE_WIDTH_PT
 
 
+@pytest.mark.unit
 def test_a_single_long_line_wraps_at_the_normal_size() -> None:
     assert report.code_font_pt("x" * 110) is None

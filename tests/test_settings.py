@@ -3,6 +3,8 @@ import pytest
 from imgserve import settings
 from imgserve.settings import SettingsError, hide_password, load
 
+pytestmark = pytest.mark.unit
+
 
 def test_defaults():
     config = load(env={})

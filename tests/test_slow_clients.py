@@ -19,6 +19,8 @@ from imgserve.launch import proxy, serve
 from tools.processes import Stack, WebServer, sample_image_bytes, server_env
 from tools.slowloris import SlowClients, probe
 
+pytestmark = pytest.mark.system
+
 NGINX = proxy.find_nginx(settings.load(env={}, dotenv=False))
 needs_nginx = pytest.mark.skipif(
     NGINX is None, reason="nginx is not installed (`make install` and .ci/run install it with apt-get where they can)"

@@ -12,6 +12,8 @@ from imgserve.protocol import SUBMITTED, Job
 from imgserve.protocol.keys import owner_key, ticket_key
 from imgserve.protocol.queue import UNREADABLE_RESULT
 
+pytestmark = pytest.mark.unit
+
 ALICE, BOB = "a1" * 8, "b2" * 8
 
 

@@ -11,6 +11,8 @@ from werkzeug.test import EnvironBuilder
 
 from imgserve.web.uploads import UploadRequest
 
+pytestmark = pytest.mark.unit
+
 JPEG_LIKE = bytes(range(256)) * 300 + b"\r\n--not-the-boundary\r\n" + b"\xff\xd9"
 
 

@@ -13,6 +13,8 @@ from imgserve import logger, settings
 from imgserve.protocol import Job
 from imgserve.worker import cli, pipeline
 
+pytestmark = pytest.mark.unit
+
 FORGED = "\n[2026-01-01 00:00:00.000] [model] [run_model_server.py] forged"
 
 

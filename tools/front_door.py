@@ -41,7 +41,7 @@ from imgserve.imaging.prepare import prepare_image
 from imgserve.launch import stack
 from imgserve.launch.local_redis import LocalRedis
 from imgserve.protocol import Job, connect
-from tools.bench import Client, CpuMeter, _redis_pid, closed_loop, running, start_worker, with_children
+from tools.load import Client, CpuMeter, closed_loop, redis_pid, running, start_worker, with_children
 from tools.processes import PROJECT, WebServer, sample_image_bytes, server_env
 
 PROFILED_APP = "tools.web_profile:create_app()"
@@ -91,7 +91,7 @@ class Stack:
         meter = CpuMeter(
             {
                 "web": with_children(web.process.pid),
-                "redis": [_redis_pid(self.counter)],
+                "redis": [redis_pid(self.counter)],
                 "worker": [self.worker.process.pid],
             }
         )

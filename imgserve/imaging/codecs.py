@@ -4,9 +4,9 @@
     zstd   each row minus the row above (mod 256), then Zstandard level 1; lossless
     zstd2  green subtracted from red and blue (mod 256), then as zstd; lossless, and smaller for photos,
            whose three channels move together; the default
-    jpeg   JPEG at a quality (JOB_QUALITY), colour at full resolution (4:4:4); lossy, about a third of
-           zstd2's bytes for the castle photo at quality 90
-    webp   WebP at a quality; lossy, a little smaller than jpeg but over ten times slower to encode
+    jpeg   JPEG at a quality (JOB_QUALITY), colour at full resolution (4:4:4); lossy, much smaller than
+           zstd2 for photos (each codec's bytes and cost: deliverables/TEST_RESULTS.md, the front door)
+    webp   WebP at a quality; lossy, a little smaller than jpeg but far slower to encode
 
 A worker reads every codec; a web server writes the one its settings name. A lossless codec that does
 not make an image smaller (noise) sends it raw. Decoding treats the text as untrusted: it raises
@@ -87,7 +87,7 @@ _contexts = threading.local()
 
 
 def _zstd() -> threading.local:
-    """This thread's Zstandard contexts: they are not thread-safe, and making one costs about 10 us."""
+    """This thread's Zstandard contexts: they are not thread-safe, and making one per job costs CPU."""
     if not hasattr(_contexts, "compressor"):
         _contexts.compressor = zstandard.ZstdCompressor(level=1)
         _contexts.decompressor = zstandard.ZstdDecompressor()

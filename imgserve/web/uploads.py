@@ -1,8 +1,8 @@
 """Reading multipart uploads with python-multipart's parser, behind Flask's usual `request.files`.
 
 Werkzeug's own multipart parser is Python that searches the body for the boundary in steps; the
-state machine of python-multipart (the parser FastAPI and Starlette use) reads the castle upload in
-about a third of the CPU time (`python -m tools.front_door`). The views do not change: this parser
+state machine of python-multipart (the parser FastAPI and Starlette use) reads an upload in a fraction
+of the CPU time (measured in deliverables/TEST_RESULTS.md, the front door). The views do not change: this parser
 fills the same `request.form` and `request.files`, and keeps Werkzeug's limits on the number of parts
 and on the memory of non-file fields.
 """
