@@ -7,6 +7,8 @@ import redis
 
 from imgserve.protocol.backoff import Backoff, retry
 
+pytestmark = pytest.mark.unit
+
 
 def test_delays_double_up_to_the_maximum_and_start_again_after_reset():
     backoff = Backoff(0.1, 5.0)

@@ -7,6 +7,7 @@ import io
 import re
 
 import pytest
+import redis
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
