@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install nginx run redis test test-fast lint bench soak deliverables report clean
+.PHONY: install nginx run redis test test-fast lint settings-doc bench soak deliverables report clean
 
 $(STAMP): requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# The README's settings table and .env.example, rewritten from the declarations in imgserve/settings.py
+# (`python -m tools.settings_doc --check` only compares; tests/test_settings.py fails while either is stale).
+settings-doc: $(STAMP)
+	$(BIN)/python -m tools.settings_doc
 
 # The model alone vs the whole serving path, in one run (~15 min here; `python -m tools.bench --quick` ~4 min;
 # --help for flags). The tools (benchmark, deliverables, report, process harness) live in tools/.

@@ -1,7 +1,10 @@
 """All settings, read from the environment (and `.env`) and validated once at start-up.
 
-Every entry point calls `load()`; a bad value raises `SettingsError` naming the variable,
-which the entry points print and turn into exit code 2.
+Each setting is declared once, as a field of `Settings` made by `setting(default, parser, roles, doc)`: its
+parser, its default, the roles that read it and the line that documents it. Every entry point calls
+`load(role=...)`, which parses and checks only the settings its role reads; a bad value raises `SettingsError`
+naming the variable, which the entry points print and turn into exit code 2. The README's settings table and
+`.env.example` are generated from the declarations: `make settings-doc` (tools/settings_doc.py).
 """
 
 from __future__ import annotations
@@ -27,72 +30,6 @@ DEFAULT_ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 
 class SettingsError(ValueError):
     """A setting has a value the program cannot use; the message names the variable."""
-
-
-@dataclass(frozen=True)
-class Settings:
-    redis_url: str = DEFAULT_REDIS_URL
-    image_queue: str = "image_queue"
-    queue_shards: int = 1
-    worker_shards: tuple[int, ...] | None = None  # None: "all", every shard of the queue
-    batch_size: int = 32
-    batch_wait_ms: float = 0.0
-    prefetch_batches: int | None = None  # None: "auto", decided by the worker from its model's device
-    job_codec: str = "zstd2"
-    job_quality: int = 90
-    result_ttl: int = 3600
-    request_timeout: float = 30.0
-    model_weights: str = "imagenet"
-    web_host: str = "127.0.0.1"
-    web_port: int = 5000
-    allowed_origins: tuple[str, ...] = ()
-    # Secrets: kept out of repr(), so that no log line or error message that shows the settings shows them.
-    api_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)
-    api_keys_file: tuple[str, ...] = dataclasses.field(default=(), repr=False)  # the keys read from the file it names
-    proxy: str = "auto"
-    proxy_header_timeout: float = 10.0
-    proxy_body_timeout: float = 15.0
-    web_processes: int = 1
-    web_threads: int = 64
-    web_nice: int = 10
-    max_attempts: int = 3
-    max_queue: int = 1000
-    max_queue_per_key: int | None = None  # None: auto (queue_share_per_key)
-    max_job_bytes: int = 1_048_576
-    dead_letter_max: int = 1000
-    max_upload_bytes: int = 16 * 1024 * 1024
-    max_images_per_request: int = 16
-    max_image_pixels: int = 100_000_000
-    max_decode_bytes: int = 150_000_000
-    accepted_formats: tuple[str, ...] = DEFAULT_ACCEPTED_FORMATS
-    decode_budget_bytes: int = 512 * 1024 * 1024
-    decode_wait: float = 1.0
-    heartbeat_ttl: float = 2.0
-    reap_interval: float = 0.5
-    notifications: str = "auto"
-    log_level: str = "INFO"
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int = 9100
-    flask_debug: bool = False
-
-    @property
-    def accepted_api_keys(self) -> tuple[str, ...]:
-        """Every key API_KEYS and API_KEYS_FILE accept; empty: the API is open."""
-        return self.api_keys + self.api_keys_file
-
-    @property
-    def queue_share_per_key(self) -> int | None:
-        """MAX_QUEUE_PER_KEY: jobs one API key may have queued or running; auto: MAX_QUEUE shared evenly
-        between the keys (MAX_QUEUE itself for one key). None without API keys: MAX_QUEUE alone applies."""
-        keys = self.accepted_api_keys
-        if not keys:
-            return None
-        return self.max_queue_per_key or max(1, self.max_queue // len(set(keys)))
-
-    @property
-    def redis_url_safe(self) -> str:
-        """REDIS_URL with any password replaced by ***, for logs."""
-        return hide_password(self.redis_url)
 
 
 def hide_password(url: str) -> str:
@@ -265,91 +202,421 @@ def _log_level(name: str, raw: str) -> str:
     return _choice("debug", "info", "warning", "error")(name, raw).upper()
 
 
-_PARSERS: dict[str, Callable[[str, str], object]] = {
-    "redis_url": _redis_url,
-    "image_queue": _queue_name,
-    "queue_shards": _int(1, 1024),
-    "worker_shards": _auto_or(_shard_list, "all"),
-    "batch_size": _int(1, 1024),
-    "batch_wait_ms": _float(0.0),
-    "prefetch_batches": _auto_or(_int(0, 4)),
-    "job_codec": _choice("raw", "zstd", "zstd2", "jpeg", "webp"),  # image_codecs.CODECS
-    "job_quality": _int(1, 100),
-    "result_ttl": _int(1),
-    "request_timeout": _float(0.0, strict=True),
-    "model_weights": _weights,
-    "web_host": _host,
-    "web_port": _int(1, 65535),
-    "allowed_origins": _origins,
-    "api_keys": _api_keys,
-    "api_keys_file": _api_keys_file,
-    "proxy": _choice("auto", "nginx", "off"),
-    "proxy_header_timeout": _float(0.0, strict=True),
-    "proxy_body_timeout": _float(0.0, strict=True),
-    "web_processes": _int(1, 64),
-    "web_threads": _int(1, 1024),
-    "web_nice": _int(0, 19),
-    "max_attempts": _int(1),
-    "max_queue": _int(1),
-    "max_queue_per_key": _auto_or(_int(1)),
-    "max_job_bytes": _int(1024),
-    "dead_letter_max": _int(1),
-    "max_upload_bytes": _int(1),
-    "max_images_per_request": _int(1, 256),
-    "max_image_pixels": _int(1),
-    "max_decode_bytes": _int(1),
-    "accepted_formats": _formats,
-    "decode_budget_bytes": _int(1),
-    "decode_wait": _float(0.0),
-    "heartbeat_ttl": _float(1.0),
-    "reap_interval": _float(0.0, strict=True),
-    "notifications": _choice("auto", "off"),
-    "log_level": _log_level,
-    "metrics_host": _host,
-    "metrics_port": _int(0, 65535),
-    "flask_debug": _bool,
-}
+# The roles that read settings: a process loads the settings of its role only (`load(role=...)`), so the web
+# server never checks MODEL_WEIGHTS' file and a worker never reads API_KEYS_FILE.
+WEB, WORKER, LAUNCH = "web", "worker", "launch"  # LAUNCH: what starts gunicorn and nginx (`make run`, stack.py)
+ALL = "all"  # every setting: `make run`, which starts every role, and the tools
 
 
-def load(env: Mapping[str, str] | None = None, dotenv: bool = True, **overrides: object) -> Settings:
+@dataclass(frozen=True)
+class Spec:
+    """How one setting is read and documented; declared once, beside its field in Settings (see `setting`)."""
+
+    parse: Callable[[str, str], object]  # (VARIABLE_NAME, raw text) -> value; raises SettingsError naming it
+    roles: tuple[str, ...]  # the roles that read it: WEB, WORKER, LAUNCH
+    doc: str  # one line of Markdown: the README's settings table and, as plain text, .env.example
+    shown: str  # the default as the variable spells it ("" for unset)
+    example: str | None  # a value worth showing in .env.example beside the default
+
+
+def setting(
+    default: object,
+    parse: Callable[[str, str], object],
+    roles: tuple[str, ...],
+    doc: str,
+    *,
+    shown: str | None = None,
+    example: str | None = None,
+    secret: bool = False,
+) -> object:
+    """A field of Settings with its parser, roles and documentation. `shown` spells the default as the variable
+    would (needed when the default is None: "auto", "all"); `secret` keeps the value out of repr(), so that no log
+    line or error message that shows the settings shows it."""
+    spec = Spec(parse, roles, doc, _spelled(default) if shown is None else shown, example)
+    return dataclasses.field(default=default, repr=not secret, metadata={"setting": spec})
+
+
+def _spelled(value: object) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    if isinstance(value, float):
+        return f"{value:g}"
+    if value is None:
+        raise TypeError("a setting whose default is None needs shown= (the word that means it, e.g. auto)")
+    return str(value)
+
+
+def spec(field: dataclasses.Field) -> Spec:
+    """The declaration of one field of Settings."""
+    return field.metadata["setting"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting: the variable is the field's name in capitals; `setting(default, parser, roles, doc)`."""
+
+    redis_url: str = setting(
+        DEFAULT_REDIS_URL,
+        _redis_url,
+        (WEB, WORKER),
+        "Redis to use; `rediss://` for TLS; password in the URL (`redis://:pw@host:6379/0`, or `?password=pw`), "
+        "shown as `***` in every log line and error message. Any node of a Redis Cluster will do: cluster mode is "
+        "detected from the server. Unset under `make run`: a local Redis is started on 127.0.0.1:6379.",
+        example="rediss://:s3cret@redis.example.com:6380/0",
+    )
+    image_queue: str = setting(
+        "image_queue",
+        _queue_name,
+        (WEB, WORKER),
+        "the Redis LIST of queued jobs; every other key starts with this name (no braces: the shards' hash tags "
+        "are made of them)",
+    )
+    queue_shards: int = setting(
+        1,
+        _int(1, 1024),
+        (WEB, WORKER),
+        "shards the queue is split into (1 to 1024), each a queue of its own whose keys share one hash tag, "
+        "`{image_queue:N}`; on a Redis Cluster, several times the number of primaries. Every web server and "
+        "worker must use the same value. See [Redis Cluster](#redis-cluster-sharded-queues)",
+    )
+    worker_shards: tuple[int, ...] | None = setting(
+        None,
+        _auto_or(_shard_list, "all"),
+        (WORKER,),
+        "the shards a model worker serves, e.g. `0,2` (`run_model_server.py --shards 0,2`); `all` serves every "
+        "shard in turn",
+        shown="all",
+        example="0,2",
+    )
+    batch_size: int = setting(32, _int(1, 1024), (WORKER,), "most jobs a worker runs through the model at once")
+    batch_wait_ms: float = setting(
+        0.0,
+        _float(0.0),
+        (WORKER,),
+        "after the first job arrives, how long (ms) a worker waits for more to fill the batch; 0: take what is "
+        "queued (under load batches fill while the model runs, `make bench`)",
+    )
+    prefetch_batches: int | None = setting(
+        None,
+        _auto_or(_int(0, 4)),
+        (WORKER,),
+        "claimed batches a worker decodes ahead of its model (0 to 4), so that a GPU never waits for Redis; "
+        "`auto` is 1 on a GPU and 0 on the CPU (where decoding ahead would take cores from the model); see "
+        "[Feeding a GPU](#feeding-a-gpu)",
+        shown="auto",
+    )
+    job_codec: str = setting(
+        "zstd2",
+        _choice("raw", "zstd", "zstd2", "jpeg", "webp"),
+        (WEB,),  # image_codecs.CODECS
+        "how the web server packs an image into its job (`image_codecs.py`). Lossless: `zstd2` (green subtracted "
+        "from red and blue, rows delta-coded, then Zstandard: the castle photo's job is 111,250 bytes), `zstd` "
+        "(without the green step: 132,147), `raw` (plain uint8 pixels: 200,900; the least CPU for a GPU worker). "
+        "Lossy, opt-in: `jpeg` or `webp` at `JOB_QUALITY` (the castle: 32,571 bytes as JPEG at 90, PSNR 37.3 dB "
+        "against the lossless pixels; what that does to accuracy is not measured here: no real weights). An image "
+        "that does not compress goes raw. Workers read every codec: upgrade workers before web servers. See "
+        "[The front door's cost](#the-front-doors-cost)",
+    )
+    job_quality: int = setting(
+        90, _int(1, 100), (WEB,), "quality (1 to 100) of `JOB_CODEC=jpeg` or `webp`; the lossless codecs ignore it"
+    )
+    result_ttl: int = setting(
+        3600,
+        _int(1),
+        (WEB, WORKER),
+        "the longest (s) a result stays in Redis; a result expires 5 s after its job's deadline, and 2 s after the "
+        "web server took it",
+    )
+    request_timeout: float = setting(
+        30.0, _float(0.0, strict=True), (WEB, LAUNCH), "seconds a client waits for its result before a 504"
+    )
+    model_weights: str = setting(
+        "imagenet",
+        _weights,
+        (WORKER,),
+        "`imagenet`: Keras downloads the ImageNet weights (needs internet once; cached in `~/.keras/models`); a "
+        "weights file path (`resnet50_weights_tf_dim_ordering_tf_kernels.h5`); or `none`: random weights, for "
+        "smoke tests only (predictions are meaningless)",
+        example="/path/to/resnet50_weights_tf_dim_ordering_tf_kernels.h5",
+    )
+    web_host: str = setting(
+        "127.0.0.1",
+        _host,
+        (WEB, LAUNCH),
+        "the address the web server listens on: `127.0.0.1` keeps it private; `0.0.0.0` serves other machines",
+    )
+    web_port: int = setting(5000, _int(1, 65535), (WEB, LAUNCH), "the port the web server listens on")
+    allowed_origins: tuple[str, ...] = setting(
+        (),
+        _origins,
+        (WEB,),
+        "comma-separated origins (`https://app.example.com`) whose pages may POST to the API from a browser, and "
+        "read its answers; see [Security](#security). Empty: only the server's own pages (and clients that are "
+        "not browsers: curl, scripts)",
+        example="https://app.example.com",
+    )
+    api_keys: tuple[str, ...] = setting(
+        (),
+        _api_keys,
+        (WEB,),
+        "comma-separated API keys (each at least 16 printable characters, no spaces; make one with "
+        "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`). When it or `API_KEYS_FILE` holds any, "
+        "every route but `/healthz`, `/readyz`, `/metrics`, the page and `/openapi.yaml` needs "
+        "`Authorization: Bearer <key>` (401 JSON otherwise). Unset: the API is open. A secret: keep it in `.env` "
+        "or the environment, never in git. See [Security](#security)",
+        example="<key1>,<key2>",
+        secret=True,
+    )
+    api_keys_file: tuple[str, ...] = setting(  # the keys read from the file it names
+        (),
+        _api_keys_file,
+        (WEB,),
+        "a file of API keys, one per line (`#` comments), readable only by the service, added to `API_KEYS`: "
+        "keeps keys out of the environment",
+        example="/etc/imgserve/api_keys",
+        secret=True,
+    )
+    proxy: str = setting(
+        "auto",
+        _choice("auto", "nginx", "off"),
+        (LAUNCH,),
+        "what `make run` puts in front of gunicorn, so that slow or idle clients cannot hold gunicorn's threads: "
+        "`auto` nginx where installed, else gunicorn alone with a warning; `nginx` nginx or a start-up error; "
+        "`off` gunicorn alone on `WEB_PORT`. See [Slow clients](#slow-clients-nginx-in-front)",
+    )
+    proxy_header_timeout: float = setting(
+        10.0,
+        _float(0.0, strict=True),
+        (LAUNCH,),
+        "seconds nginx gives a client to send its whole request line and headers (`client_header_timeout`); "
+        "then it closes the connection",
+    )
+    proxy_body_timeout: float = setting(
+        15.0,
+        _float(0.0, strict=True),
+        (LAUNCH,),
+        "seconds nginx waits between two reads of a request body, and between two writes of an answer "
+        "(`client_body_timeout`, `send_timeout`)",
+    )
+    web_processes: int = setting(
+        1, _int(1, 64), (LAUNCH,), "gunicorn processes under `make run` (each serves `WEB_THREADS` requests at once)"
+    )
+    web_threads: int = setting(
+        64, _int(1, 1024), (LAUNCH,), "gunicorn threads per process under `make run`; each waiting request holds one"
+    )
+    web_nice: int = setting(
+        10,
+        _int(0, 19),
+        (WEB,),
+        "how much lower (0–19) the CPU priority of gunicorn's web processes is: where web and worker share cores, "
+        "the model keeps them under load (0 to +7% images/s at saturation in four comparisons here, "
+        "`deliverables/TEST_RESULTS.md`); no effect when the cores are idle. 0 leaves it alone",
+    )
+    max_attempts: int = setting(
+        3,
+        _int(1),
+        (WEB, WORKER),
+        "deliveries of a job before it goes to the dead-letter list and its client gets an error",
+    )
+    max_queue: int = setting(
+        1000,
+        _int(1),
+        (WEB, WORKER),
+        "queue length at which `/predict` answers 503 with `Retry-After`; with several shards each holds at most "
+        "its share (`MAX_QUEUE / QUEUE_SHARDS`, rounded up), and a job goes to the next shard with room",
+    )
+    max_queue_per_key: int | None = setting(  # None: auto (queue_share_per_key)
+        None,
+        _auto_or(_int(1)),
+        (WEB,),
+        "with API keys set, jobs one key may have queued or running at once (`/predict` and `/jobs` alike; a "
+        "submitted job counts until its result is collected with `GET /jobs/<id>`, it is cancelled, or "
+        "`RESULT_TTL` passes); over it, 429 with `Retry-After: 1`. `auto`: `MAX_QUEUE` divided by the number of "
+        "keys (rounded down, at least 1; `MAX_QUEUE` itself for one key), so no key can fill the queue for the "
+        "others. A whole number ≥ 1 or `auto`; without API keys only `MAX_QUEUE` applies",
+        shown="auto",
+    )
+    max_job_bytes: int = setting(
+        1_048_576,
+        _int(1024),
+        (WEB, WORKER),
+        "a worker dead-letters a queued element larger than this (bytes) before parsing it (a castle job is about "
+        "132 KB, 200 KB with `JOB_CODEC=raw`)",
+    )
+    dead_letter_max: int = setting(
+        1000,
+        _int(1),
+        (WEB, WORKER),
+        "how many dead letters Redis keeps, newest first; each holds the reason and the job's metadata, not its image",
+    )
+    max_upload_bytes: int = setting(
+        16 * 1024 * 1024, _int(1), (WEB, LAUNCH), "larger request bodies get 413 (from nginx too, under `make run`)"
+    )
+    max_images_per_request: int = setting(
+        16,
+        _int(1, 256),
+        (WEB,),
+        "most `image` fields one `/predict` request may carry (1 to 256; several images are queued together); "
+        "more get a 400",
+    )
+    max_image_pixels: int = setting(
+        100_000_000, _int(1), (WEB,), "images with more pixels get 400, from their header (decompression bombs)"
+    )
+    max_decode_bytes: int = setting(
+        150_000_000,
+        _int(1),
+        (WEB,),
+        "images whose decoding would hold more memory get 400, judged from their header (`helpers.decode_cost`): "
+        "the pixels at the scale their format decodes at (a JPEG at down to 1/8, a JPEG 2000, where accepted, at a "
+        "lower resolution level, the others in full) plus any full-size copy on the way. A 48-megapixel phone JPEG "
+        "counts 33 MB, a 4096×4096 RGBA PNG 142 MB, a 6300×6300 RGB PNG 167 MB (refused, though its file can be "
+        "130 KB). A progressive JPEG also counts every DCT coefficient, which libjpeg holds at full size: 177 MB "
+        "for a 48-megapixel one, so accepting those takes `MAX_DECODE_BYTES=200000000`",
+    )
+    accepted_formats: tuple[str, ...] = setting(
+        DEFAULT_ACCEPTED_FORMATS,
+        _formats,
+        (WEB,),
+        "the image formats an upload may be in (Pillow's names); any other gets a 400 naming these, before its "
+        "decoder is reached. Pillow reads many more (EPS through Ghostscript, PSD, FITS, JPEG 2000 ...): add one "
+        "only if you need it",
+    )
+    decode_budget_bytes: int = setting(
+        512 * 1024 * 1024,
+        _int(1),
+        (WEB,),
+        "memory one web process may hold decoding uploads at once (512 MiB: three of the largest images "
+        "`MAX_DECODE_BYTES` allows); an upload that does not fit waits for others to finish. At least "
+        "`MAX_DECODE_BYTES`",
+    )
+    decode_wait: float = setting(
+        1.0,
+        _float(0.0),
+        (WEB,),
+        "seconds an upload waits for room in `DECODE_BUDGET_BYTES` before a 503 with `Retry-After`",
+    )
+    heartbeat_ttl: float = setting(
+        2.0,
+        _float(1.0),
+        (WORKER,),
+        "seconds a worker counts as alive after its last heartbeat; it beats four times per TTL, from a thread of "
+        "its own. A crashed worker's jobs are back in the queue at most `HEARTBEAT_TTL` + `REAP_INTERVAL` after "
+        "its last beat. Raise it where Redis may be out of reach for seconds (a slow link, failovers: a worker "
+        "silent that long is reaped; see [Failure handling](#failure-handling))",
+    )
+    reap_interval: float = setting(
+        0.5, _float(0.0, strict=True), (WORKER,), "seconds between a live worker's checks for dead workers"
+    )
+    notifications: str = setting(
+        "auto",
+        _choice("auto", "off"),
+        (WEB,),
+        "`auto`: the web server learns results from keyspace notifications, with polling fallback; `off`: polling only",
+    )
+    log_level: str = setting("INFO", _log_level, (WEB, WORKER, LAUNCH), "`DEBUG`, `INFO`, `WARNING` or `ERROR`")
+    metrics_host: str = setting(
+        "127.0.0.1",
+        _host,
+        (WORKER,),
+        "where a worker serves its Prometheus metrics (not `WEB_HOST`: serving the API to other machines does not "
+        "publish the workers' metrics); `0.0.0.0` lets other machines scrape them",
+    )
+    metrics_port: int = setting(
+        9100, _int(0, 65535), (WORKER,), "the port of a worker's Prometheus metrics; `0` turns them off"
+    )
+    flask_debug: bool = setting(
+        False,
+        _bool,
+        (WEB,),
+        "Flask debug mode for `run_web_server.py`; never in production. Refused at start-up unless `WEB_HOST` is a "
+        "loopback address (the debugger runs any code its visitors send)",
+    )
+
+    @property
+    def accepted_api_keys(self) -> tuple[str, ...]:
+        """Every key API_KEYS and API_KEYS_FILE accept; empty: the API is open."""
+        return self.api_keys + self.api_keys_file
+
+    @property
+    def queue_share_per_key(self) -> int | None:
+        """MAX_QUEUE_PER_KEY: jobs one API key may have queued or running; auto: MAX_QUEUE shared evenly
+        between the keys (MAX_QUEUE itself for one key). None without API keys: MAX_QUEUE alone applies."""
+        keys = self.accepted_api_keys
+        if not keys:
+            return None
+        return self.max_queue_per_key or max(1, self.max_queue // len(set(keys)))
+
+    @property
+    def redis_url_safe(self) -> str:
+        """REDIS_URL with any password replaced by ***, for logs."""
+        return hide_password(self.redis_url)
+
+
+def names_read_by(role: str) -> frozenset[str]:
+    """The fields of Settings that `role` (WEB, WORKER, LAUNCH or ALL) reads."""
+    if role not in (WEB, WORKER, LAUNCH, ALL):
+        raise ValueError(f"unknown settings role {role!r}")
+    return frozenset(f.name for f in fields(Settings) if role == ALL or role in spec(f).roles)
+
+
+def load(env: Mapping[str, str] | None = None, dotenv: bool = True, role: str = ALL, **overrides: object) -> Settings:
     """Build Settings from `env` (default: os.environ after reading `.env`).
 
-    `overrides` (e.g. from command-line flags) are raw strings keyed by field name and
-    win over the environment; None values are ignored.
+    Only the settings `role` reads are parsed and checked; the others keep their defaults. `overrides` (e.g. from
+    command-line flags) are raw strings keyed by field name and win over the environment; None values are ignored.
     """
     if env is None:
         if dotenv:
             load_dotenv(PROJECT_DIR / ".env", override=False)
         env = os.environ
+    names = names_read_by(role)
     values: dict[str, object] = {}
     for field in fields(Settings):
         name = field.name.upper()
         raw = overrides.get(field.name)
         raw = env.get(name) if raw is None else str(raw)
-        if raw is not None and raw != "":
-            values[field.name] = _PARSERS[field.name](name, raw)
-    return _checked(Settings(**values))
+        if field.name in names and raw is not None and raw != "":
+            values[field.name] = spec(field).parse(name, raw)
+    config = Settings(**values)
+    for needs, rule in _RULES:
+        if needs <= names:
+            rule(config)
+    return config
 
 
-def _checked(settings: Settings) -> Settings:
-    """Rules between settings."""
+def _decode_fits_budget(settings: Settings) -> None:
     if settings.max_decode_bytes > settings.decode_budget_bytes:
         raise SettingsError(
             f"MAX_DECODE_BYTES ({settings.max_decode_bytes:,}) must not exceed DECODE_BUDGET_BYTES "
             f"({settings.decode_budget_bytes:,}): one image must fit in the web process's decode budget"
         )
+
+
+def _shards_exist(settings: Settings) -> None:
     beyond = [shard for shard in settings.worker_shards or () if shard >= settings.queue_shards]
     if beyond:
         raise SettingsError(
             f"WORKER_SHARDS names shard(s) {', '.join(map(str, beyond))}, but QUEUE_SHARDS={settings.queue_shards} "
             f"numbers them 0 to {settings.queue_shards - 1}"
         )
+
+
+def _debug_on_loopback_only(settings: Settings) -> None:
     if settings.flask_debug and not is_loopback(settings.web_host):
         raise SettingsError(
             f"FLASK_DEBUG=true is refused with WEB_HOST={settings.web_host}: Flask's debugger runs any code "
             f"its visitors send, so it may only listen on a loopback address (127.0.0.1, ::1, localhost)"
         )
-    return settings
+
+
+# Rules between settings, each checked where a role reads all the settings it names.
+_RULES: tuple[tuple[frozenset[str], Callable[[Settings], None]], ...] = (
+    (frozenset({"max_decode_bytes", "decode_budget_bytes"}), _decode_fits_budget),
+    (frozenset({"worker_shards", "queue_shards"}), _shards_exist),
+    (frozenset({"flask_debug", "web_host"}), _debug_on_loopback_only),
+)
 
 
 def is_loopback(host: str) -> bool:

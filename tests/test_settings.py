@@ -1,3 +1,7 @@
+import inspect
+import re
+from dataclasses import fields
+
 import pytest
 
 from imgserve import settings
@@ -203,3 +207,136 @@ def test_max_queue_per_key_is_a_fair_share_of_max_queue_unless_set(env, share):
 def test_max_queue_per_key_is_a_whole_number_or_auto(raw):
     with pytest.raises(settings.SettingsError, match="MAX_QUEUE_PER_KEY"):
         settings.load(env={"MAX_QUEUE_PER_KEY": raw}, dotenv=False)
+
+
+# --- Each setting declared once: the generated documents, the defaults they show, the roles that read them ---
+
+
+def test_the_readme_table_and_env_example_are_generated_from_the_declarations():
+    from tools import settings_doc
+
+    for path, text in settings_doc.generated().items():
+        assert path.read_text() == text, f"{path.name} is stale: run `make settings-doc`"
+
+
+def test_the_check_fails_on_a_stale_document(tmp_path, monkeypatch, capsys):
+    from tools import settings_doc
+
+    for attr in ("README", "ENV_EXAMPLE"):
+        copy = tmp_path / getattr(settings_doc, attr).name
+        copy.write_text(getattr(settings_doc, attr).read_text())
+        monkeypatch.setattr(settings_doc, attr, copy)
+    assert settings_doc.main(["--check"]) == 0
+    example = tmp_path / ".env.example"
+    example.write_text(example.read_text().replace("# MAX_DECODE_BYTES=150000000", "MAX_DECODE_BYTES=100000000"))
+    assert settings_doc.main(["--check"]) == 1
+    assert ".env.example is out of date" in capsys.readouterr().err
+    (tmp_path / "README.md").write_text("# no markers\n")
+    with pytest.raises(SystemExit, match="settings:begin"):
+        settings_doc.generated()
+
+
+def test_copying_env_example_changes_nothing():
+    from dotenv import dotenv_values
+
+    from tools.settings_doc import ENV_EXAMPLE
+
+    assert dotenv_values(ENV_EXAMPLE) == {}  # every line commented out, secrets included
+    shown = dict(re.findall(r"^# ([A-Z_]+)=(.*)$", ENV_EXAMPLE.read_text(), re.MULTILINE))
+    uncommented = load(env=shown, dotenv=False)  # what a copy with every default line uncommented holds
+    assert uncommented == load(env={}, dotenv=False)
+    unset = {f.name.upper() for f in fields(settings.Settings) if not settings.spec(f).shown}
+    assert unset >= {"API_KEYS", "API_KEYS_FILE"}  # their empty value must not be a line one may uncomment
+    assert set(shown) | unset == {f.name.upper() for f in fields(settings.Settings)}
+
+
+@pytest.mark.parametrize(
+    "field", [f for f in fields(settings.Settings) if settings.spec(f).shown], ids=lambda f: f.name
+)
+def test_each_default_is_shown_as_the_variable_would_spell_it(field):
+    spec = settings.spec(field)
+    assert spec.parse(field.name.upper(), spec.shown) == field.default
+
+
+def test_a_role_reads_only_its_settings():
+    bad_weights, bad_keys_file = {"MODEL_WEIGHTS": "/no/such/file.h5"}, {"API_KEYS_FILE": "/no/such/keys"}
+    assert load(env=bad_weights, dotenv=False, role=settings.WEB).model_weights == "imagenet"
+    with pytest.raises(SettingsError, match="MODEL_WEIGHTS"):
+        load(env=bad_weights, dotenv=False, role=settings.WORKER)
+    assert load(env=bad_keys_file, dotenv=False, role=settings.WORKER).accepted_api_keys == ()
+    with pytest.raises(SettingsError, match="API_KEYS_FILE"):
+        load(env=bad_keys_file, dotenv=False, role=settings.WEB)
+    with pytest.raises(SettingsError, match="MODEL_WEIGHTS"):
+        load(env=bad_weights, dotenv=False, role=settings.ALL)
+    with pytest.raises(ValueError, match="role"):
+        load(env={}, dotenv=False, role="webserver")
+
+
+@pytest.mark.parametrize(
+    "env, refused_by, ignored_by",
+    [
+        ({"FLASK_DEBUG": "true", "WEB_HOST": "0.0.0.0"}, settings.WEB, settings.WORKER),
+        ({"MAX_DECODE_BYTES": "3000", "DECODE_BUDGET_BYTES": "2000"}, settings.WEB, settings.LAUNCH),
+        ({"WORKER_SHARDS": "3", "QUEUE_SHARDS": "2"}, settings.WORKER, settings.WEB),
+    ],
+)
+def test_rules_between_settings_apply_where_the_role_reads_them(env, refused_by, ignored_by):
+    load(env=env, dotenv=False, role=ignored_by)
+    for role in (refused_by, settings.ALL):
+        with pytest.raises(SettingsError, match=next(iter(env))):
+            load(env=env, dotenv=False, role=role)
+
+
+def _settings_read(source: str) -> set[str]:
+    """The fields of Settings that `config.<name>` reads in `source`, properties followed to their fields."""
+    names = {f.name for f in fields(settings.Settings)}
+    read = set(re.findall(r"\bconfig\.(\w+)", source))
+    properties = {n for n in read if isinstance(getattr(settings.Settings, n, None), property)}
+    for name in properties:
+        read |= _settings_read(inspect.getsource(getattr(settings.Settings, name).fget).replace("self.", "config."))
+    return read & names
+
+
+@pytest.mark.parametrize(
+    "role, sources",
+    [
+        (settings.WEB, ["imgserve/web/*.py", "imgserve/protocol/*.py"]),
+        (settings.WORKER, ["imgserve/worker/*.py", "imgserve/protocol/*.py"]),
+        (settings.LAUNCH, ["imgserve/launch/stack.py", "imgserve/launch/proxy.py"]),
+    ],
+)
+def test_each_role_declares_every_setting_its_code_reads(role, sources):
+    read = set().union(
+        *(_settings_read(p.read_text()) for pattern in sources for p in settings.PROJECT_DIR.glob(pattern))
+    )
+    assert read, "the scan found nothing: the pattern no longer matches the code"
+    assert read <= settings.names_read_by(role), f"{role} reads settings not declared for it"
+
+
+def test_entry_points_load_their_own_role(tmp_path, monkeypatch, capsys):
+    from imgserve.web.app import create_app
+    from imgserve.worker import cli
+
+    monkeypatch.setattr(settings, "PROJECT_DIR", tmp_path)  # no .env
+    # Each pair: a setting the other role reads, declared before a bad one of this role's: only the second counts.
+    monkeypatch.setenv("API_KEYS_FILE", "/no/such/keys")
+    monkeypatch.setenv("METRICS_PORT", "-1")
+    assert cli.main([]) == 2
+    assert "METRICS_PORT" in capsys.readouterr().err
+    monkeypatch.setenv("MODEL_WEIGHTS", "/no/such/file.h5")
+    monkeypatch.setenv("FLASK_DEBUG", "maybe")
+    monkeypatch.setenv("API_KEYS_FILE", "")
+    with pytest.raises(SettingsError, match="FLASK_DEBUG"):
+        create_app()
+
+
+def test_a_rule_is_skipped_where_the_role_does_not_read_one_of_its_settings(monkeypatch):
+    def ports_differ(config):
+        if config.metrics_port == config.web_port:
+            raise SettingsError("METRICS_PORT must differ from WEB_PORT")
+
+    # Under the worker WEB_PORT keeps its default, 5000; comparing with it would refuse a setting that is fine.
+    monkeypatch.setattr(settings, "_RULES", ((frozenset({"metrics_port", "web_port"}), ports_differ),))
+    assert load(env={"METRICS_PORT": "5000"}, dotenv=False, role=settings.WORKER).metrics_port == 5000
+    with pytest.raises(SettingsError, match="METRICS_PORT"):
+        load(env={"METRICS_PORT": "5000"}, dotenv=False, role=settings.ALL)

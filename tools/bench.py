@@ -634,7 +634,7 @@ def sweep(report: Report, plan: Plan, client: Client, env: dict, counter: redis.
     name, _, raw = spec.partition("=")
     name, values = name.strip().upper(), [v.strip() for v in raw.split(",") if v.strip()]
     for value in values:
-        settings.load(env={name: value})  # a bad name or value stops here, naming the variable
+        settings.load(env={name: value}, role=settings.ALL)  # a bad name or value stops here, naming the variable
     report.section(f"Sweep: {name} side by side (one worker and queue per value, NOTIFICATIONS=auto)")
     with ExitStack() as stack:
         setups = {}
@@ -692,7 +692,7 @@ def _one_measured_request(client: Client, web: Web, worker: WorkerProcess, count
 
 def run(args: argparse.Namespace) -> Report:
     plan = QUICK if args.quick else FULL
-    config = settings.load()
+    config = settings.load(role=settings.ALL)
     report = Report()
     image = sample_image_bytes()
     source = "castle photo (../shared/images)" if CASTLE.exists() else "generated fallback image"
@@ -751,7 +751,12 @@ def run(args: argparse.Namespace) -> Report:
 
 def run_cluster_only(args: argparse.Namespace) -> Report:
     """Phases 8 and 11 alone: the single Redis and the cluster with the same mix, one after the other."""
-    plan, config, report, image = QUICK if args.quick else FULL, settings.load(), Report(), sample_image_bytes()
+    plan, config, report, image = (
+        QUICK if args.quick else FULL,
+        settings.load(role=settings.ALL),
+        Report(),
+        sample_image_bytes(),
+    )
     when = time.strftime("%Y-%m-%d %H:%M:%S")
     report.say(f"imgserve benchmark, phases 8 and 11 only, {when}; {os.cpu_count()} cores")
     with LocalRedis() as server:

@@ -116,7 +116,7 @@ class _WebIn(WebServer):
     def _start(self, args: list[str], **output: object) -> subprocess.Popen:
         if self.cwd is None:
             return super()._start(args, **output)
-        command = stack.gunicorn_command(settings.load(env=self.env, dotenv=False), self.app)
+        command = stack.gunicorn_command(settings.load(env=self.env, dotenv=False, role=settings.LAUNCH), self.app)
         env = dict(self.env, **{stack.METRICS_DIR_ENV: self._metrics_dir.name}, PYTHONPATH=str(self.cwd))
         return subprocess.Popen(command, cwd=self.cwd, env=env, **output)
 

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds-per-image", type=float, default=0.0)
     parser.add_argument("--stats", type=Path, help="on exit, write the stand-in's busy seconds and images here")
     args = parser.parse_args(argv)
-    config = settings.load()
+    config = settings.load(role=settings.WORKER)
     logger.setup("model-standin", config.log_level)
     logger.get("standin").warning("stand-in model (%g s per image): results are meaningless", args.seconds_per_image)
     model = StandInModel(args.seconds_per_image)

@@ -22,7 +22,7 @@ def post_fork(server, worker) -> None:
     from imgserve import settings
 
     try:
-        nice = settings.load().web_nice
+        nice = settings.load(role=settings.WEB).web_nice
     except settings.SettingsError:
         return  # the app factory loads the settings next and reports the bad one
     if nice:

@@ -31,7 +31,7 @@ log = logger.get("serve")
 
 def main() -> int:
     try:
-        config = settings.load()
+        config = settings.load(role=settings.ALL)  # it starts every role: all checked first
     except settings.SettingsError as exc:
         print(f"serve.py: configuration error: {exc}", file=sys.stderr)
         return 2

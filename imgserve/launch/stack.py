@@ -42,7 +42,7 @@ def start_web(
     env: Mapping[str, str], metrics_dir: str, app: str = WEB_APP, bind: str | None = None, **popen: object
 ) -> subprocess.Popen:
     """gunicorn serving the web app, with the settings in `env` and an empty folder for its metrics."""
-    config = settings.load(env=env)
+    config = settings.load(env=env, role=settings.LAUNCH)
     return subprocess.Popen(
         gunicorn_command(config, app, bind), cwd=PROJECT_DIR, env={**env, METRICS_DIR_ENV: metrics_dir}, **popen
     )

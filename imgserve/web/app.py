@@ -41,7 +41,7 @@ def create_app(config: settings.Settings | None = None, queue: JobQueue | None =
     Tests may pass a stand-in `queue`: then nothing connects to Redis and no listener thread starts
     (a waiting request polls the stand-in).
     """
-    config = config or settings.load()
+    config = config or settings.load(role=settings.WEB)
     logger.setup("web", config.log_level)
     app = Flask(__name__)
     app.request_class = UploadRequest
@@ -73,7 +73,7 @@ def redis_kind(queue: JobQueue) -> str:
 
 def main() -> int:
     try:
-        config = settings.load()
+        config = settings.load(role=settings.WEB)
     except settings.SettingsError as exc:
         print(f"run_web_server.py: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        config = settings.load(**vars(args))
+        config = settings.load(role=settings.WORKER, **vars(args))
     except settings.SettingsError as exc:
         print(f"run_model_server.py: configuration error: {exc}", file=sys.stderr)
         return 2
