@@ -225,6 +225,15 @@ MIN_API_KEY_LENGTH = 16
 
 
 def _api_keys(name: str, raw: str) -> tuple[str, ...]:
+    """Comma-separated keys; set but holding none (empty, or only commas and spaces) is an error: whoever set
+    it meant to close the API, and an empty value would leave it open without a word."""
+    keys = _key_list(name, raw)
+    if not keys:
+        raise SettingsError(f"{name} is set but holds no key: give at least one, or unset {name} to leave the API open")
+    return keys
+
+
+def _key_list(name: str, raw: str) -> tuple[str, ...]:
     keys = tuple(dict.fromkeys(k.strip() for k in raw.split(",") if k.strip()))
     # Never the key itself in the message: it may be a real key with a typo.
     for number, key in enumerate(keys, start=1):
@@ -238,13 +247,15 @@ def _api_keys(name: str, raw: str) -> tuple[str, ...]:
 
 def _api_keys_file(name: str, raw: str) -> tuple[str, ...]:
     """The keys in a file: one per line (or comma-separated); blank lines and lines starting with # ignored."""
+    if not raw.strip():
+        raise SettingsError(f"{name} is set but empty: name a file of keys, or unset {name} to leave the API open")
     path = Path(raw.strip()).expanduser()
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise SettingsError(f"{name}: cannot read {str(path)!r} ({type(exc).__name__})") from None
     lines = (line.strip() for line in text.splitlines())
-    keys = _api_keys(name, ",".join(line for line in lines if line and not line.startswith("#")))
+    keys = _key_list(name, ",".join(line for line in lines if line and not line.startswith("#")))
     if not keys:
         raise SettingsError(f"{name}: {str(path)!r} holds no key")
     return keys
@@ -253,6 +264,9 @@ def _api_keys_file(name: str, raw: str) -> tuple[str, ...]:
 def _log_level(name: str, raw: str) -> str:
     return _choice("debug", "info", "warning", "error")(name, raw).upper()
 
+
+# Settings whose empty value is an error rather than the default: set at all, they were meant to hold something.
+_EMPTY_IS_AN_ERROR = frozenset({"api_keys", "api_keys_file"})
 
 _PARSERS: dict[str, Callable[[str, str], object]] = {
     "redis_url": _redis_url,
@@ -314,7 +328,7 @@ def load(env: Mapping[str, str] | None = None, dotenv: bool = True, **overrides:
         name = field.name.upper()
         raw = overrides.get(field.name)
         raw = env.get(name) if raw is None else str(raw)
-        if raw is not None and raw != "":
+        if raw is not None and (raw != "" or field.name in _EMPTY_IS_AN_ERROR):
             values[field.name] = _PARSERS[field.name](name, raw)
     return _checked(Settings(**values))
 

@@ -185,3 +185,13 @@ def test_an_api_keys_file_without_keys_is_refused(tmp_path):
     (tmp_path / "keys").write_text("# none yet\n")
     with pytest.raises(SettingsError, match="API_KEYS_FILE.*no key"):
         load(env={"API_KEYS_FILE": str(tmp_path / "keys")})
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [("API_KEYS", ""), ("API_KEYS", " , "), ("API_KEYS", ","), ("API_KEYS_FILE", ""), ("API_KEYS_FILE", "  ")],
+    ids=["keys-empty", "keys-comma-space", "keys-comma", "file-empty", "file-spaces"],
+)
+def test_api_keys_set_but_empty_are_refused_not_taken_for_an_open_api(name, value):
+    with pytest.raises(SettingsError, match=f"{name} is set but"):
+        load(env={name: value})
