@@ -25,7 +25,7 @@ from helpers import DecodeBudget, DecodeBusy, ImageError, prepare_image
 from redis_protocol import REDIS_UNAVAILABLE, SUBMITTED, Job, JobQueue, ResultListener, ResultTimeout
 from redis_protocol.job import DEFAULT_TOP_K, MAX_TOP_K
 from redis_protocol.queue import distinct_models
-from uploads import UploadRequest
+from uploads import FormTooLarge, UploadRequest
 
 log = logger.get("web")
 JOB_ID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex: unguessable
@@ -87,6 +87,8 @@ def error(status: int, message: str, retry_after: int | None = None):
 
 
 def _http_error(exc: HTTPException):
+    if isinstance(exc, FormTooLarge):  # too many parts, or too much in fields: its own limit, not the body's size
+        return error(413, exc.description)
     if exc.code == 413:
         limit = _service().config.max_upload_bytes
         return error(413, f"the upload is larger than the limit of {limit:,} bytes (MAX_UPLOAD_BYTES)")

@@ -8,6 +8,7 @@ import re
 
 import pytest
 import redis
+import requests
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -118,6 +119,31 @@ def test_get_on_predict_is_405_with_allow():
     response = client.get("/predict")
     assert_error(response, 405, "method")
     assert "POST" in response.headers["Allow"]
+
+
+@pytest.mark.parametrize(
+    "fields, words",
+    [
+        (
+            {f"f{i}": "y" for i in range(5000)},
+            "more than 1,000 parts (fields and files); the limit is 1,000 (Flask's MAX_FORM_PARTS)",
+        ),
+        ({"big": "y" * 600_000}, "non-file fields hold more than 500,000 bytes"),
+    ],
+    ids=["5000-parts", "large-fields"],
+)
+def test_a_form_over_a_limit_other_than_the_size_is_413_naming_that_limit(fields, words):
+    client, _ = client_for(StandInQueue(), MAX_UPLOAD_BYTES="16777216")
+    body, content_type = _client_body({"image": ("a.png", png(40, 30), "image/png")}, fields)
+    assert len(body) < 16_777_216
+    response = client.post("/predict", data=body, content_type=content_type)
+    assert "MAX_UPLOAD_BYTES" not in assert_error(response, 413, words)["error"]
+
+
+def _client_body(files: dict, fields: dict) -> tuple[bytes, str]:
+    """The body and Content-Type that `requests` sends (Werkzeug's test client writes large forms slowly)."""
+    prepared = requests.Request("POST", "http://x/predict", files=files, data=fields).prepare()
+    return prepared.body, prepared.headers["Content-Type"]
 
 
 def test_a_body_over_max_upload_bytes_is_413():
