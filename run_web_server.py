@@ -66,6 +66,7 @@ def create_app(config: settings.Settings | None = None, queue: JobQueue | None =
     app.add_url_rule("/healthz", view_func=healthz)
     app.add_url_rule("/readyz", view_func=readyz)
     metrics.init_app(app, service.queue)
+    security.init_hosts(app, config.accepted_hosts)  # first of the refusals: a rebound name learns nothing
     security.init_app(app, config.allowed_origins, config.accepted_api_keys)  # after metrics: refusals counted
     app.add_url_rule("/", view_func=index)
     app.add_url_rule("/openapi.yaml", view_func=openapi_document)

@@ -45,6 +45,7 @@ class Settings:
     web_host: str = "127.0.0.1"
     web_port: int = 5000
     allowed_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] | None = None  # None: the loopback names when WEB_HOST is loopback, else any
     # Secrets: kept out of repr(), so that no log line or error message that shows the settings shows them.
     api_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)
     api_keys_file: tuple[str, ...] = dataclasses.field(default=(), repr=False)  # the keys read from the file it names
@@ -77,6 +78,13 @@ class Settings:
     def accepted_api_keys(self) -> tuple[str, ...]:
         """Every key API_KEYS and API_KEYS_FILE accept; empty: the API is open."""
         return self.api_keys + self.api_keys_file
+
+    @property
+    def accepted_hosts(self) -> tuple[str, ...]:
+        """The Host header values ALLOWED_HOSTS accepts (names, or name:port); empty: any."""
+        if self.allowed_hosts is None:
+            return LOOPBACK_HOSTS if is_loopback(self.web_host) else ()
+        return () if "*" in self.allowed_hosts else self.allowed_hosts
 
     @property
     def redis_url_safe(self) -> str:
@@ -221,6 +229,23 @@ def _origins(name: str, raw: str) -> tuple[str, ...]:
     return tuple(origins)
 
 
+# The names a browser on this machine reaches a loopback-bound server by: ALLOWED_HOSTS's default there.
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+_HOST_NAME = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9_.-]+)(:[0-9]{1,5})?")
+
+
+def _hosts(name: str, raw: str) -> tuple[str, ...]:
+    """Host names, each with an optional port (`example.com`, `10.0.0.5:8080`, `[::1]`), or `*` for any."""
+    values = tuple(dict.fromkeys(v.strip().lower().rstrip(".") for v in raw.split(",") if v.strip()))
+    bad = [v for v in values if v != "*" and not _HOST_NAME.fullmatch(v)]
+    if not values or bad:
+        raise SettingsError(
+            f"{name} must list host names, each with an optional port (api.example.com, 10.0.0.5:8080, [::1]), "
+            f"or * for any; got {raw!r}"
+        )
+    return values
+
+
 MIN_API_KEY_LENGTH = 16
 
 
@@ -284,6 +309,7 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "web_host": _host,
     "web_port": _int(1, 65535),
     "allowed_origins": _origins,
+    "allowed_hosts": _hosts,
     "api_keys": _api_keys,
     "api_keys_file": _api_keys_file,
     "proxy": _choice("auto", "nginx", "off"),

@@ -195,3 +195,26 @@ def test_an_api_keys_file_without_keys_is_refused(tmp_path):
 def test_api_keys_set_but_empty_are_refused_not_taken_for_an_open_api(name, value):
     with pytest.raises(SettingsError, match=f"{name} is set but"):
         load(env={name: value})
+
+
+@pytest.mark.parametrize(
+    "env, hosts",
+    [
+        ({}, ("localhost", "127.0.0.1", "[::1]")),
+        ({"WEB_HOST": "::1"}, ("localhost", "127.0.0.1", "[::1]")),
+        ({"WEB_HOST": "0.0.0.0"}, ()),
+        (
+            {"WEB_HOST": "0.0.0.0", "ALLOWED_HOSTS": "API.example.com., [2001:db8::1]:8443"},
+            ("api.example.com", "[2001:db8::1]:8443"),
+        ),
+        ({"ALLOWED_HOSTS": "*"}, ()),
+    ],
+)
+def test_allowed_hosts_default_to_the_loopback_names_on_a_loopback_address(env, hosts):
+    assert load(env=env).accepted_hosts == hosts
+
+
+@pytest.mark.parametrize("value", [" , ", "http://api.example.com", "a b", "host:port", "[::1"])
+def test_allowed_hosts_that_are_not_host_names_are_refused(value):
+    with pytest.raises(SettingsError, match="ALLOWED_HOSTS must list host names"):
+        load(env={"ALLOWED_HOSTS": value})

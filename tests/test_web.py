@@ -300,6 +300,48 @@ def test_reading_from_another_site_is_not_refused():
     assert response.status_code == 200 and "Access-Control-Allow-Origin" not in response.headers
 
 
+@pytest.mark.parametrize("path", ["/predict", "/jobs", "/jobs/" + "a" * 32])
+def test_an_allowed_origins_preflight_may_send_a_key_and_delete(path):
+    client, _ = client_for(StandInQueue(), ALLOWED_ORIGINS="https://app.example", API_KEYS=KEY)
+    asking = {"Access-Control-Request-Method": "DELETE", "Access-Control-Request-Headers": "authorization"}
+    response = client.options(path, headers={"Origin": "https://app.example", **asking})
+    assert response.status_code == 200 and response.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert {"GET", "POST", "DELETE"} <= set(response.headers["Access-Control-Allow-Methods"].split(", "))
+    assert {"Authorization", "Content-Type"} <= set(response.headers["Access-Control-Allow-Headers"].split(", "))
+    assert int(response.headers["Access-Control-Max-Age"]) > 0
+    other = client.options(path, headers={"Origin": "https://other.example", **asking})
+    assert not any(name.startswith("Access-Control-") for name in other.headers.keys())
+
+
+HOSTS = [
+    ({}, "localhost", 200),
+    ({}, "127.0.0.1:5000", 200),
+    ({}, "[::1]:8080", 200),
+    ({}, "evil.example", 400),  # DNS rebinding: another site's name for this loopback server
+    ({}, "localhost.evil.example:5000", 400),
+    ({"WEB_HOST": "0.0.0.0"}, "evil.example", 200),  # not loopback, no ALLOWED_HOSTS: any (README: set it)
+    ({"ALLOWED_HOSTS": "api.example.com, 10.0.0.5:8080"}, "API.example.com:443", 200),
+    ({"ALLOWED_HOSTS": "api.example.com, 10.0.0.5:8080"}, "10.0.0.5:8080", 200),
+    ({"ALLOWED_HOSTS": "api.example.com, 10.0.0.5:8080"}, "10.0.0.5:9090", 400),
+    ({"ALLOWED_HOSTS": "api.example.com"}, "localhost", 400),
+    ({"ALLOWED_HOSTS": "*"}, "evil.example", 200),
+]
+
+
+@pytest.mark.parametrize("env, host, status", HOSTS, ids=[f"{e}-{h}" for e, h, _ in HOSTS])
+def test_a_host_header_outside_allowed_hosts_is_400_json(env, host, status):
+    queue = StandInQueue()
+    client, _ = client_for(queue, **env)
+    for path in ("/healthz", "/predict"):
+        response = client.post(path, headers={"Host": host}, **upload(png(40, 30))) if path == "/predict" else (
+            client.get(path, headers={"Host": host}))  # fmt: skip
+        assert response.status_code == status, (path, response.get_data(as_text=True))
+        if status == 400:
+            assert_error(response, 400, "ALLOWED_HOSTS")
+            assert response.headers["X-Frame-Options"] == "DENY"
+    assert len(queue.enqueued) == (1 if status == 200 else 0)
+
+
 class FailingQueue(StandInQueue):
     def take_result(self, origin: str, job_id: str, shard: int = 0) -> dict:
         return {"success": False, "status": 500, "error": "boom\n[2026-01-01 00:00:00.000] [web] forged"}
