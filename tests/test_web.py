@@ -3,8 +3,10 @@ everything that needs no worker and no Redis (the real-process tests cover the r
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
+import threading
 
 import pytest
 import redis
@@ -163,13 +165,33 @@ def test_no_room_or_no_redis_is_503_with_retry_after(queue, words):
     assert response.headers["Retry-After"] == "1"
 
 
+@contextlib.contextmanager
+def held_elsewhere(budget: DecodeBudget, cost: int):
+    """`cost` bytes of the budget held by another thread (holds nest within one thread)."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with budget.hold(cost):
+            held.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    held.wait(5)
+    try:
+        yield
+    finally:
+        release.set()
+        thread.join()
+
+
 def test_a_full_decode_budget_is_503_with_retry_after():
     queue = StandInQueue()
     client, app = client_for(queue, DECODE_WAIT="0.1")
     budget: DecodeBudget = app.extensions["imgserve"].decode_budget
-    with budget.hold(budget.capacity):  # another upload is decoding as much as the budget allows
+    with held_elsewhere(budget, budget.capacity):  # another upload holds as much as the budget allows
         response = client.post("/predict", **upload(png(40, 30)))
-    assert_error(response, 503, "busy decoding")
+    assert_error(response, 503, "busy")
     assert response.headers["Retry-After"] == "1" and queue.enqueued == []
 
 
