@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,7 +25,7 @@ import proxy
 import security
 import settings
 from local_redis import free_port
-from tools.processes import WebServer, server_env, wait_until
+from tools.processes import WebServer, env_queue, sample_image_bytes, server_env, wait_until
 
 NGINX = proxy.find_nginx(settings.load(env={}, dotenv=False))
 pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed")
@@ -141,3 +140,25 @@ def test_the_web_apps_own_json_errors_pass_through_nginx_unchanged(nginx, web, r
     assert got == direct == status
     assert json.loads(body) == json.loads(direct_body)
     assert_json_with_security_headers(headers, body)
+
+
+def test_a_killed_gunicorn_worker_is_a_503_with_retry_after_and_the_next_worker_answers(nginx, web):
+    """Requests in flight when the gunicorn worker dies (no model worker: each waits for its result) get
+    nginx's 503, not a 502 or a reset connection; gunicorn's arbiter starts a new worker, which answers."""
+    master = web.process.pid
+    (worker,) = map(int, Path(f"/proc/{master}/task/{master}/children").read_text().split())
+    queue = env_queue(web.env)
+    before = queue.depth()
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(post_sample, nginx.url) for _ in range(4)]
+        wait_until(lambda: queue.depth() >= before + 4, 10, "four requests waiting in the web app")
+        os.kill(worker, signal.SIGKILL)
+        answers = [future.result() for future in futures]
+    for answer in answers:
+        assert answer.status_code == 503 and answer.headers["Retry-After"] == "1", (answer.status_code, answer.text)
+        assert_json_with_security_headers({k.lower(): v for k, v in answer.headers.items()}, answer.content)
+    wait_until(lambda: _answers(nginx.url), 30, "a new gunicorn worker")
+
+
+def post_sample(url: str) -> requests.Response:
+    return requests.post(url + "/predict", files={"image": ("a.jpg", sample_image_bytes())}, timeout=60)
