@@ -169,10 +169,36 @@ def _origins(name: str, raw: str) -> tuple[str, ...]:
     return tuple(origins)
 
 
+# The names a browser on this machine reaches a loopback-bound server by: ALLOWED_HOSTS's default there.
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+_HOST_NAME = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9_.-]+)(:[0-9]{1,5})?")
+
+
+def _hosts(name: str, raw: str) -> tuple[str, ...]:
+    """Host names, each with an optional port (`example.com`, `10.0.0.5:8080`, `[::1]`), or `*` for any."""
+    values = tuple(dict.fromkeys(v.strip().lower().rstrip(".") for v in raw.split(",") if v.strip()))
+    bad = [v for v in values if v != "*" and not _HOST_NAME.fullmatch(v)]
+    if not values or bad:
+        raise SettingsError(
+            f"{name} must list host names, each with an optional port (api.example.com, 10.0.0.5:8080, [::1]), "
+            f"or * for any; got {raw!r}"
+        )
+    return values
+
+
 MIN_API_KEY_LENGTH = 16
 
 
 def _api_keys(name: str, raw: str) -> tuple[str, ...]:
+    """Comma-separated keys; set but holding none (empty, or only commas and spaces) is an error: whoever set
+    it meant to close the API, and an empty value would leave it open without a word."""
+    keys = _key_list(name, raw)
+    if not keys:
+        raise SettingsError(f"{name} is set but holds no key: give at least one, or unset {name} to leave the API open")
+    return keys
+
+
+def _key_list(name: str, raw: str) -> tuple[str, ...]:
     keys = tuple(dict.fromkeys(k.strip() for k in raw.split(",") if k.strip()))
     # Never the key itself in the message: it may be a real key with a typo.
     for number, key in enumerate(keys, start=1):
@@ -186,13 +212,15 @@ def _api_keys(name: str, raw: str) -> tuple[str, ...]:
 
 def _api_keys_file(name: str, raw: str) -> tuple[str, ...]:
     """The keys in a file: one per line (or comma-separated); blank lines and lines starting with # ignored."""
+    if not raw.strip():
+        raise SettingsError(f"{name} is set but empty: name a file of keys, or unset {name} to leave the API open")
     path = Path(raw.strip()).expanduser()
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise SettingsError(f"{name}: cannot read {str(path)!r} ({type(exc).__name__})") from None
     lines = (line.strip() for line in text.splitlines())
-    keys = _api_keys(name, ",".join(line for line in lines if line and not line.startswith("#")))
+    keys = _key_list(name, ",".join(line for line in lines if line and not line.startswith("#")))
     if not keys:
         raise SettingsError(f"{name}: {str(path)!r} holds no key")
     return keys
@@ -348,6 +376,17 @@ class Settings:
         "the address the web server listens on: `127.0.0.1` keeps it private; `0.0.0.0` serves other machines",
     )
     web_port: int = setting(5000, _int(1, 65535), (WEB, LAUNCH), "the port the web server listens on")
+    allowed_hosts: tuple[str, ...] | None = setting(
+        None,
+        _hosts,
+        (WEB,),
+        "comma-separated host names, each with an optional port (`api.example.com`, `10.0.0.5:8080`, `[::1]`), "
+        "that the `Host` header may carry; others get a 400 JSON naming this setting (against DNS rebinding). "
+        "Default: `localhost`, `127.0.0.1` and "
+        "`[::1]` when `WEB_HOST` is a loopback address, else any host (set it when serving other machines); `*`: any",
+        shown="",
+        example="api.example.com",
+    )
     allowed_origins: tuple[str, ...] = setting(
         (),
         _origins,
@@ -364,7 +403,8 @@ class Settings:
         "comma-separated API keys (each at least 16 printable characters, no spaces; make one with "
         "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`). When it or `API_KEYS_FILE` holds any, "
         "every route but `/healthz`, `/readyz`, `/metrics`, the page and `/openapi.yaml` needs "
-        "`Authorization: Bearer <key>` (401 JSON otherwise). Unset: the API is open. A secret: keep it in `.env` "
+        "`Authorization: Bearer <key>` (401 JSON otherwise). Unset: the API is open; set but empty (or only commas) "
+        "is refused at start-up. A secret: keep it in `.env` "
         "or the environment, never in git. See [Security](#security)",
         example="<key1>,<key2>",
         secret=True,
@@ -540,6 +580,13 @@ class Settings:
         return self.api_keys + self.api_keys_file
 
     @property
+    def accepted_hosts(self) -> tuple[str, ...]:
+        """The Host header values ALLOWED_HOSTS accepts (names, or name:port); empty: any."""
+        if self.allowed_hosts is None:
+            return LOOPBACK_HOSTS if is_loopback(self.web_host) else ()
+        return () if "*" in self.allowed_hosts else self.allowed_hosts
+
+    @property
     def queue_share_per_key(self) -> int | None:
         """MAX_QUEUE_PER_KEY: jobs one API key may have queued or running; auto: MAX_QUEUE shared evenly
         between the keys (MAX_QUEUE itself for one key). None without API keys: MAX_QUEUE alone applies."""
@@ -552,6 +599,10 @@ class Settings:
     def redis_url_safe(self) -> str:
         """REDIS_URL with any password replaced by ***, for logs."""
         return hide_password(self.redis_url)
+
+
+# Settings whose empty value is an error rather than the default: set at all, they were meant to hold something.
+_EMPTY_IS_AN_ERROR = frozenset({"api_keys", "api_keys_file"})
 
 
 def names_read_by(role: str) -> frozenset[str]:
@@ -577,7 +628,7 @@ def load(env: Mapping[str, str] | None = None, dotenv: bool = True, role: str = 
         name = field.name.upper()
         raw = overrides.get(field.name)
         raw = env.get(name) if raw is None else str(raw)
-        if field.name in names and raw is not None and raw != "":
+        if field.name in names and raw is not None and (raw != "" or field.name in _EMPTY_IS_AN_ERROR):
             values[field.name] = spec(field).parse(name, raw)
     config = Settings(**values)
     for needs, rule in _RULES:

@@ -181,17 +181,38 @@ def test_an_orientation_exif_does_not_define_turns_nothing(orientation):
 
 def test_the_decode_budget_lets_uploads_through_as_long_as_they_fit():
     budget = DecodeBudget(capacity=100, wait=0.2)
-    with budget.hold(60):
-        with budget.hold(40):
-            assert budget.in_use == 100
-        started = time.monotonic()
-        with pytest.raises(DecodeBusy):
-            with budget.hold(41):
-                pass
-        assert time.monotonic() - started >= 0.2
+    held, release = threading.Event(), threading.Event()
+    other = threading.Thread(target=lambda: _hold_until(budget, 60, held, release))
+    other.start()
+    held.wait(5)
+    with budget.hold(40):
+        assert budget.in_use == 100
+    started = time.monotonic()
+    with pytest.raises(DecodeBusy):
+        with budget.hold(41):
+            pass
+    assert time.monotonic() - started >= 0.2
+    release.set()
+    other.join()
     assert budget.in_use == 0
     with budget.hold(150):  # alone, even an image larger than the budget may go
         assert budget.in_use == 150
+
+
+def test_holds_nest_within_a_thread_a_body_and_then_its_decoding():
+    budget = DecodeBudget(capacity=100, wait=0.2)
+    with budget.hold(60):  # the request's body
+        with budget.hold(90):  # its image: alone but for its own body, it may go
+            assert budget.in_use == 150
+        with budget.hold(30):
+            assert budget.in_use == 90
+    assert budget.in_use == 0
+
+
+def _hold_until(budget: DecodeBudget, cost: int, held: threading.Event, release: threading.Event) -> None:
+    with budget.hold(cost):
+        held.set()
+        release.wait(30)
 
 
 def test_an_upload_waiting_for_the_budget_goes_when_another_finishes():

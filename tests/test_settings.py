@@ -325,7 +325,7 @@ def test_entry_points_load_their_own_role(tmp_path, monkeypatch, capsys):
     assert "METRICS_PORT" in capsys.readouterr().err
     monkeypatch.setenv("MODEL_WEIGHTS", "/no/such/file.h5")
     monkeypatch.setenv("FLASK_DEBUG", "maybe")
-    monkeypatch.setenv("API_KEYS_FILE", "")
+    monkeypatch.delenv("API_KEYS_FILE")
     with pytest.raises(SettingsError, match="FLASK_DEBUG"):
         create_app()
 
@@ -340,3 +340,36 @@ def test_a_rule_is_skipped_where_the_role_does_not_read_one_of_its_settings(monk
     assert load(env={"METRICS_PORT": "5000"}, dotenv=False, role=settings.WORKER).metrics_port == 5000
     with pytest.raises(SettingsError, match="METRICS_PORT"):
         load(env={"METRICS_PORT": "5000"}, dotenv=False, role=settings.ALL)
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [("API_KEYS", ""), ("API_KEYS", " , "), ("API_KEYS", ","), ("API_KEYS_FILE", ""), ("API_KEYS_FILE", "  ")],
+    ids=["keys-empty", "keys-comma-space", "keys-comma", "file-empty", "file-spaces"],
+)
+def test_api_keys_set_but_empty_are_refused_not_taken_for_an_open_api(name, value):
+    with pytest.raises(SettingsError, match=f"{name} is set but"):
+        load(env={name: value})
+
+
+@pytest.mark.parametrize(
+    "env, hosts",
+    [
+        ({}, ("localhost", "127.0.0.1", "[::1]")),
+        ({"WEB_HOST": "::1"}, ("localhost", "127.0.0.1", "[::1]")),
+        ({"WEB_HOST": "0.0.0.0"}, ()),
+        (
+            {"WEB_HOST": "0.0.0.0", "ALLOWED_HOSTS": "API.example.com., [2001:db8::1]:8443"},
+            ("api.example.com", "[2001:db8::1]:8443"),
+        ),
+        ({"ALLOWED_HOSTS": "*"}, ()),
+    ],
+)
+def test_allowed_hosts_default_to_the_loopback_names_on_a_loopback_address(env, hosts):
+    assert load(env=env).accepted_hosts == hosts
+
+
+@pytest.mark.parametrize("value", [" , ", "http://api.example.com", "a b", "host:port", "[::1"])
+def test_allowed_hosts_that_are_not_host_names_are_refused(value):
+    with pytest.raises(SettingsError, match="ALLOWED_HOSTS must list host names"):
+        load(env={"ALLOWED_HOSTS": value})

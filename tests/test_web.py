@@ -3,11 +3,14 @@ everything that needs no worker and no Redis (the real-process tests cover the r
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
+import threading
 
 import pytest
 import redis
+import requests
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -80,6 +83,31 @@ def test_get_on_predict_is_405_with_allow():
     assert "POST" in response.headers["Allow"]
 
 
+@pytest.mark.parametrize(
+    "fields, words",
+    [
+        (
+            {f"f{i}": "y" for i in range(5000)},
+            "more than 1,000 parts (fields and files); the limit is 1,000 (Flask's MAX_FORM_PARTS)",
+        ),
+        ({"big": "y" * 600_000}, "non-file fields hold more than 500,000 bytes"),
+    ],
+    ids=["5000-parts", "large-fields"],
+)
+def test_a_form_over_a_limit_other_than_the_size_is_413_naming_that_limit(fields, words):
+    client, _ = client_for(StandInQueue(), MAX_UPLOAD_BYTES="16777216")
+    body, content_type = _client_body({"image": ("a.png", png(40, 30), "image/png")}, fields)
+    assert len(body) < 16_777_216
+    response = client.post("/predict", data=body, content_type=content_type)
+    assert "MAX_UPLOAD_BYTES" not in assert_error(response, 413, words)["error"]
+
+
+def _client_body(files: dict, fields: dict) -> tuple[bytes, str]:
+    """The body and Content-Type that `requests` sends (Werkzeug's test client writes large forms slowly)."""
+    prepared = requests.Request("POST", "http://x/predict", files=files, data=fields).prepare()
+    return prepared.body, prepared.headers["Content-Type"]
+
+
 def test_a_body_over_max_upload_bytes_is_413():
     client, _ = client_for(StandInQueue())
     assert_error(client.post("/predict", **upload(b"x" * 300_000)), 413, "MAX_UPLOAD_BYTES")
@@ -97,13 +125,33 @@ def test_no_room_or_no_redis_is_503_with_retry_after(queue, words):
     assert response.headers["Retry-After"] == "1"
 
 
+@contextlib.contextmanager
+def held_elsewhere(budget: DecodeBudget, cost: int):
+    """`cost` bytes of the budget held by another thread (holds nest within one thread)."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with budget.hold(cost):
+            held.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    held.wait(5)
+    try:
+        yield
+    finally:
+        release.set()
+        thread.join()
+
+
 def test_a_full_decode_budget_is_503_with_retry_after():
     queue = StandInQueue()
     client, app = client_for(queue, DECODE_WAIT="0.1")
     budget: DecodeBudget = app.extensions["imgserve"].decode_budget
-    with budget.hold(budget.capacity):  # another upload is decoding as much as the budget allows
+    with held_elsewhere(budget, budget.capacity):  # another upload holds as much as the budget allows
         response = client.post("/predict", **upload(png(40, 30)))
-    assert_error(response, 503, "busy decoding")
+    assert_error(response, 503, "busy")
     assert response.headers["Retry-After"] == "1" and queue.enqueued == []
 
 
@@ -273,6 +321,48 @@ def test_reading_from_another_site_is_not_refused():
     assert response.status_code == 200 and "Access-Control-Allow-Origin" not in response.headers
 
 
+@pytest.mark.parametrize("path", ["/predict", "/jobs", "/jobs/" + "a" * 32])
+def test_an_allowed_origins_preflight_may_send_a_key_and_delete(path):
+    client, _ = client_for(StandInQueue(), ALLOWED_ORIGINS="https://app.example", API_KEYS=KEY)
+    asking = {"Access-Control-Request-Method": "DELETE", "Access-Control-Request-Headers": "authorization"}
+    response = client.options(path, headers={"Origin": "https://app.example", **asking})
+    assert response.status_code == 200 and response.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert {"GET", "POST", "DELETE"} <= set(response.headers["Access-Control-Allow-Methods"].split(", "))
+    assert {"Authorization", "Content-Type"} <= set(response.headers["Access-Control-Allow-Headers"].split(", "))
+    assert int(response.headers["Access-Control-Max-Age"]) > 0
+    other = client.options(path, headers={"Origin": "https://other.example", **asking})
+    assert not any(name.startswith("Access-Control-") for name in other.headers.keys())
+
+
+HOSTS = [
+    ({}, "localhost", 200),
+    ({}, "127.0.0.1:5000", 200),
+    ({}, "[::1]:8080", 200),
+    ({}, "evil.example", 400),  # DNS rebinding: another site's name for this loopback server
+    ({}, "localhost.evil.example:5000", 400),
+    ({"WEB_HOST": "0.0.0.0"}, "evil.example", 200),  # not loopback, no ALLOWED_HOSTS: any (README: set it)
+    ({"ALLOWED_HOSTS": "api.example.com, 10.0.0.5:8080"}, "API.example.com:443", 200),
+    ({"ALLOWED_HOSTS": "api.example.com, 10.0.0.5:8080"}, "10.0.0.5:8080", 200),
+    ({"ALLOWED_HOSTS": "api.example.com, 10.0.0.5:8080"}, "10.0.0.5:9090", 400),
+    ({"ALLOWED_HOSTS": "api.example.com"}, "localhost", 400),
+    ({"ALLOWED_HOSTS": "*"}, "evil.example", 200),
+]
+
+
+@pytest.mark.parametrize("env, host, status", HOSTS, ids=[f"{e}-{h}" for e, h, _ in HOSTS])
+def test_a_host_header_outside_allowed_hosts_is_400_json(env, host, status):
+    queue = StandInQueue()
+    client, _ = client_for(queue, **env)
+    for path in ("/healthz", "/predict"):
+        response = client.post(path, headers={"Host": host}, **upload(png(40, 30))) if path == "/predict" else (
+            client.get(path, headers={"Host": host}))  # fmt: skip
+        assert response.status_code == status, (path, response.get_data(as_text=True))
+        if status == 400:
+            assert_error(response, 400, "ALLOWED_HOSTS")
+            assert response.headers["X-Frame-Options"] == "DENY"
+    assert len(queue.enqueued) == (1 if status == 200 else 0)
+
+
 class FailingQueue(StandInQueue):
     def take_result(self, origin: str, job_id: str, shard: int = 0) -> dict:
         return {"success": False, "status": 500, "error": "boom\n[2026-01-01 00:00:00.000] [web] forged"}
@@ -437,7 +527,7 @@ def test_api_keys_never_reach_the_log_or_the_metrics(capsys):
 
 
 def test_without_api_keys_the_api_is_open():
-    client, _ = client_for(StandInQueue(), API_KEYS="")
+    client, _ = client_for(StandInQueue())  # API_KEYS unset: set but empty is refused at start-up
     assert client.post("/predict", headers=bearer("anything"), **upload(png(40, 30))).status_code == 200
 
 

@@ -79,7 +79,7 @@ class Stack:
 
     def web(self, app: str = "run_web_server:create_app()", cwd: Path | None = None, **settings: str) -> WebServer:
         """A gunicorn web server of this stack, started as `make run` starts it (from `cwd`: another commit)."""
-        server = _WebIn(dict(self.env, **settings), app, cwd)
+        server = WebIn(dict(self.env, **settings), app, cwd)
         self.exits.enter_context(running(server))
         server.wait_ready(60)
         for _ in range(10):  # warm-up: connections, first-request costs
@@ -106,10 +106,10 @@ class Stack:
         )
 
 
-class _WebIn(WebServer):
+class WebIn(WebServer):
     """A gunicorn web server that loads `app` from `cwd` (this project by default)."""
 
-    def __init__(self, env: dict[str, str], app: str, cwd: Path | None) -> None:
+    def __init__(self, env: dict[str, str], app: str = stack.WEB_APP, cwd: Path | None = None) -> None:
         self.cwd = cwd
         super().__init__(env, gunicorn=True, app=app)
 
@@ -117,6 +117,7 @@ class _WebIn(WebServer):
         if self.cwd is None:
             return super()._start(args, **output)
         command = stack.gunicorn_command(settings.load(env=self.env, dotenv=False, role=settings.LAUNCH), self.app)
+        command[command.index("--config") + 1] = str(self.cwd / "gunicorn.conf.py")  # that commit's hooks
         env = dict(self.env, **{stack.METRICS_DIR_ENV: self._metrics_dir.name}, PYTHONPATH=str(self.cwd))
         return subprocess.Popen(command, cwd=self.cwd, env=env, **output)
 

@@ -33,7 +33,10 @@ def server_env(redis_url: str, queue: str, **extra: object) -> dict[str, str]:
     """Environment for a child server: test defaults, no .env surprises, random weights."""
     env = dict(os.environ)
     # Every setting explicit: the environment wins over a developer's .env (load_dotenv does not override).
+    # Not API_KEYS and API_KEYS_FILE: set but empty, they are refused (the operator meant to close the API).
     env.update({field.name.upper(): _env_value(field.default) for field in fields(Settings)})
+    for name in ("API_KEYS", "API_KEYS_FILE"):
+        env.pop(name, None)
     env.update(
         REDIS_URL=redis_url,
         IMAGE_QUEUE=queue,

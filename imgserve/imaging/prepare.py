@@ -33,15 +33,22 @@ class ImageError(ValueError):
     """An upload that cannot be turned into a model input; the message is for the person who sent it."""
 
 
+# Copies of a body a request holds at its peak: the body as read, its parts as parsed, an image's bytes as
+# handed to Pillow (tools/upload_bursts.py measures the process's memory under bursts of large bodies).
+UPLOAD_COPIES = 3
+
+
 class DecodeBusy(Exception):
     """The web process's decode budget stayed full for as long as an upload may wait (DECODE_WAIT)."""
 
 
 class DecodeBudget:
-    """Bytes of decoded pixels the uploads of one web process may hold at once (DECODE_BUDGET_BYTES).
+    """Bytes the uploads of one web process may hold at once (DECODE_BUDGET_BYTES): their bodies while read
+    and parsed, and their decoded pixels.
 
-    An upload reserves what its decoding will cost before any pixel is decoded, and gives it back when
-    its pixels are ready; one that cannot get its share within `wait` seconds gets DecodeBusy (a 503).
+    A request reserves its body's cost (UPLOAD_COPIES times its length) before the body is read, and an
+    image what its decoding will cost before any pixel is decoded; each gives it back when done. One that
+    cannot get its share within `wait` seconds gets DecodeBusy (a 503).
     """
 
     def __init__(self, capacity: int, wait: float) -> None:
@@ -49,19 +56,25 @@ class DecodeBudget:
         self.wait = wait
         self.in_use = 0
         self._changed = threading.Condition()
+        self._mine = threading.local()  # what this thread holds already: a request's body, while it decodes
 
     @contextmanager
     def hold(self, cost: int) -> Iterator[None]:
-        """Reserve `cost` bytes for the block; DecodeBusy if they are not free within `wait` seconds."""
+        """Reserve `cost` bytes for the block; DecodeBusy if they are not free within `wait` seconds.
+
+        Holds nest: a thread holding its upload's body may then hold its image's decoding."""
+        mine = getattr(self._mine, "held", 0)
         with self._changed:
             # Alone, an upload may always go: the per-image limit is checked against the budget at start-up.
-            fits = lambda: self.in_use == 0 or self.in_use + cost <= self.capacity  # noqa: E731
+            fits = lambda: self.in_use == mine or self.in_use + cost <= self.capacity  # noqa: E731
             if not self._changed.wait_for(fits, timeout=self.wait):
-                raise DecodeBusy(f"{self.in_use:,} of {self.capacity:,} bytes (DECODE_BUDGET_BYTES) are decoding")
+                raise DecodeBusy(f"{self.in_use:,} of {self.capacity:,} bytes (DECODE_BUDGET_BYTES) are in use")
             self.in_use += cost
+        self._mine.held = mine + cost
         try:
             yield
         finally:
+            self._mine.held = mine
             with self._changed:
                 self.in_use -= cost
                 self._changed.notify_all()

@@ -6,7 +6,17 @@ Gunicorn reads this file only when told to: it is not in the folder gunicorn sta
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+
+# Allocations from this size up get pages of their own, given back to the system when freed. glibc otherwise
+# raises this threshold to the largest block freed so far (up to 32 MB): after one upload, every later body
+# and its parsed copies come from the threads' heaps, which keep their peak, and the web process holds
+# gigabytes after a burst of large uploads whatever the decode budget allowed at once
+# (`python -m tools.upload_bursts`, deliverables/TEST_RESULTS.md).
+LARGE_ALLOCATION_BYTES = 1024 * 1024
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
 def child_exit(server, worker) -> None:
@@ -21,12 +31,22 @@ def post_fork(server, worker) -> None:
     """Lower this web process's CPU priority by WEB_NICE; the threads it starts later inherit it."""
     from imgserve import settings
 
+    _map_large_allocations()
     try:
         nice = settings.load(role=settings.WEB).web_nice
     except settings.SettingsError:
         return  # the app factory loads the settings next and reports the bad one
     if nice:
         os.nice(nice)
+
+
+def _map_large_allocations() -> None:
+    """Fix glibc's mmap threshold at LARGE_ALLOCATION_BYTES (fixing it also stops it from rising); nothing
+    on a C library without mallopt."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, LARGE_ALLOCATION_BYTES)
 
 
 # gunicorn 27 gives every instance the same control socket in ~/.gunicorn: several gunicorns on one

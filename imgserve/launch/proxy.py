@@ -17,6 +17,7 @@ import subprocess
 from pathlib import Path
 
 from imgserve import settings
+from imgserve.web import security
 
 TEMPLATE = Path(__file__).resolve().parent / "nginx.conf.template"
 # Connections nginx holds at once: idle and slow clients, and two per request it is passing on.
@@ -57,11 +58,22 @@ def render(config: settings.Settings, prefix: Path, upstream: str) -> str:
         "READ_TIMEOUT": _duration(config.request_timeout + 30),
         "MAX_UPLOAD_BYTES": config.max_upload_bytes,
         "MAX_UPLOAD_TEXT": f"{config.max_upload_bytes:,}",
+        "SECURITY_HEADERS": security_headers(),
     }
     text = TEMPLATE.read_text()
     for name, value in values.items():
         text = text.replace(f"@{name}@", str(value))
     return text
+
+
+def security_headers() -> str:
+    """add_header lines for security.HEADERS, the headers the web app puts on its own answers."""
+    lines = []
+    for name, value in security.HEADERS.items():
+        if any(c in value for c in '"\\$\n'):  # nginx would read these as quoting, escapes or variables
+            raise ValueError(f"{name}: {value!r} cannot be written into nginx.conf as it is")
+        lines.append(f'add_header {name} "{value}" always;')
+    return "\n            ".join(lines)
 
 
 def _bracketed(host: str) -> str:

@@ -53,6 +53,7 @@ def create_app(config: settings.Settings | None = None, queue: JobQueue | None =
     errors.init_app(app)
     app.register_blueprint(views.bp)
     metrics.init_app(app, service.queue)
+    security.init_hosts(app, config.accepted_hosts)  # first of the refusals: a rebound name learns nothing
     security.init_app(app, config.allowed_origins, config.accepted_api_keys)  # after metrics: refusals counted
     log.info(
         "web process %s ready; Redis %s (%s), queue %r",

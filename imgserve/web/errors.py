@@ -11,6 +11,7 @@ from werkzeug.exceptions import HTTPException
 
 from imgserve import logger
 from imgserve.protocol import REDIS_UNAVAILABLE
+from imgserve.web.uploads import FormTooLarge
 
 log = logger.get("web")
 
@@ -33,6 +34,8 @@ def error(status: int, message: str, retry_after: int | None = None):
 
 
 def _http_error(exc: HTTPException):
+    if isinstance(exc, FormTooLarge):  # too many parts, or too much in fields: its own limit, not the body's size
+        return error(413, exc.description)
     if exc.code == 413:
         limit = current_app.config["MAX_CONTENT_LENGTH"]  # MAX_UPLOAD_BYTES
         return error(413, f"the upload is larger than the limit of {limit:,} bytes (MAX_UPLOAD_BYTES)")

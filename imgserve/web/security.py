@@ -33,6 +33,12 @@ HEADERS = {
     "Cross-Origin-Resource-Policy": "same-origin",
 }
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# The answer to an allowed origin's preflight (OPTIONS): what its script may send. Browsers keep it Max-Age seconds.
+PREFLIGHT_HEADERS = {
+    "Access-Control-Allow-Methods": "GET, POST, DELETE",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type",
+    "Access-Control-Max-Age": "600",
+}
 # Open without a key: liveness and readiness probes, Prometheus, the page, its icon and the API's description.
 # (The page asks for a key when /readyz says one is required.) None: an unknown path (a 404). Endpoints are
 # named as Flask names them: "api." for the views' Blueprint (views.py).
@@ -100,6 +106,7 @@ def _add_headers(response: Response, allowed: frozenset[str]) -> Response:
     if origin is not None and origin.lower() in allowed:
         # An allowed site's script may read the answer, too.
         response.headers["Access-Control-Allow-Origin"] = origin
+        _answer_preflight(response)
     if allowed:  # the answer depends on the Origin: caches must keep one per origin
         response.vary.add("Origin")
     return response
@@ -120,3 +127,43 @@ def request_owner(keyed: bool) -> str:
 def owner_id(key: str) -> str:
     """An API key's owner id: 16 hex digits of a keyed SHA-256 of it (keys.py, the ticket and owner keys)."""
     return hmac.new(b"imgserve job owner", key.encode(), hashlib.sha256).hexdigest()[:16]
+
+
+def _answer_preflight(response: Response) -> None:
+    """To an allowed origin's preflight, the methods and headers its script may use: a key, a DELETE."""
+    if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+        response.headers.update(PREFLIGHT_HEADERS)
+
+
+def init_hosts(app: Flask, accepted_hosts: tuple[str, ...]) -> None:
+    """Refuse requests whose Host header is none of `accepted_hosts` (ALLOWED_HOSTS; empty: any host).
+
+    A page on another site can have a name of its own resolve to this machine (DNS rebinding): its script's
+    requests are then same-origin to the browser, and only their Host, that other name, gives them away.
+    """
+    if accepted_hosts:
+        accepted = frozenset(accepted_hosts)
+        app.before_request(lambda: _refuse_other_host(accepted))
+
+
+def host_allowed(host: str, accepted: frozenset[str]) -> bool:
+    """Whether a Host header value is in `accepted`: by its name alone, or by name and port."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        end = host.find("]") + 1
+        name, port = host[:end], host[end + 1 :] if host[end : end + 1] == ":" else ""
+    else:
+        name, _, port = host.partition(":")
+    name = name.rstrip(".")
+    return bool(name) and (name in accepted or f"{name}:{port}" in accepted)
+
+
+def _refuse_other_host(accepted: frozenset[str]) -> Response | None:
+    if host_allowed(request.host, accepted):
+        return None
+    response = jsonify(
+        success=False,
+        error="this server does not answer to that Host header: ALLOWED_HOSTS lists the names it answers to",
+    )
+    response.status_code = 400
+    return response

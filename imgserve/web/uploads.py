@@ -21,6 +21,23 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.formparser import FormDataParser
 
 
+class FormTooLarge(RequestEntityTooLarge):
+    """A 413 for a limit on the form's make-up rather than on its size in bytes; the description names it."""
+
+
+def _too_many_parts(limit: int) -> FormTooLarge:
+    return FormTooLarge(
+        f"the form has more than {limit:,} parts (fields and files); the limit is {limit:,} (Flask's MAX_FORM_PARTS)"
+    )
+
+
+def _fields_too_large(limit: int) -> FormTooLarge:
+    return FormTooLarge(
+        f"the form's non-file fields hold more than {limit:,} bytes; the limit is {limit:,} "
+        f"(Flask's MAX_FORM_MEMORY_SIZE)"
+    )
+
+
 class _Parts:
     """Collects the parts of one multipart body as python-multipart's callbacks report them."""
 
@@ -47,7 +64,7 @@ class _Parts:
 
     def _begin(self) -> None:
         if self.max_parts is not None and len(self.form) + len(self.files) >= self.max_parts:
-            raise RequestEntityTooLarge()
+            raise _too_many_parts(self.max_parts)
         self._headers, self._data = Headers(), io.BytesIO()
 
     def _add(self, data: bytes, start: int, end: int, which: str) -> None:
@@ -69,7 +86,7 @@ class _Parts:
         value = self._data.getvalue()
         self.form_bytes += len(value)
         if self.max_memory is not None and self.form_bytes > self.max_memory:
-            raise RequestEntityTooLarge()
+            raise _fields_too_large(self.max_memory)
         self.form.append((name, value.decode("utf-8", "replace")))
 
 

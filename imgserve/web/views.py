@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING
 from flask import Blueprint, Response, current_app, jsonify, request, send_from_directory
 
 from imgserve import logger
-from imgserve.imaging.prepare import DecodeBusy, ImageError, prepare_image
+from imgserve.imaging.prepare import UPLOAD_COPIES, DecodeBusy, ImageError, prepare_image
 from imgserve.protocol import REDIS_UNAVAILABLE, SUBMITTED, Job, JobQueue, ResultTimeout
 from imgserve.protocol.job import DEFAULT_TOP_K, MAX_TOP_K
 from imgserve.protocol.queue import distinct_models
@@ -71,8 +72,32 @@ def _top_k() -> int:
 
 
 def _prepared_uploads(service: Service, limit: int, limit_source: str = "MAX_IMAGES_PER_REQUEST") -> list:
-    """The uploaded `image` fields, each prepared for the model; Refused (and nothing queued) if any is bad."""
-    uploads = request.files.getlist("image")
+    """The uploaded `image` fields, each prepared for the model; Refused (and nothing queued) if any is bad.
+
+    The body's memory is reserved in the decode budget before it is read, and freed once prepared: a
+    burst of large uploads waits for (or is refused) memory, rather than each buffering its body."""
+    with _body_reserved(service):
+        files = request.files
+        try:
+            return _prepared(service, files.getlist("image"), limit, limit_source)
+        finally:
+            for _, upload in files.items(multi=True):
+                upload.close()  # the parsed copy; the request lives on while its jobs run
+
+
+@contextmanager
+def _body_reserved(service: Service) -> Iterator[None]:
+    """Hold UPLOAD_COPIES times the body's length (at most MAX_UPLOAD_BYTES) of the budget; a 503 if it stays full."""
+    limit = service.config.max_upload_bytes
+    length = min(request.content_length or limit, limit)
+    try:
+        with service.decode_budget.hold(UPLOAD_COPIES * length):
+            yield
+    except DecodeBusy:
+        raise Refused(503, "the server is busy reading other uploads; try again shortly", retry_after=1) from None
+
+
+def _prepared(service: Service, uploads: list, limit: int, limit_source: str) -> list:
     if not uploads:
         raise Refused(400, "send the image as a multipart form file field named 'image'")
     if len(uploads) > limit:
