@@ -117,12 +117,12 @@ EOF
     rm -rf "$out"
 }
 
-# Each worker's count of finished jobs, from its own /metrics inside its container (nothing published).
+# Each worker's finished jobs and queue waits, from its own /metrics inside its container (nothing published).
 per_worker() {
     local name
     for name in $(podman ps --filter "label=io.podman.compose.project=$PROJECT" --format '{{.Names}}' | grep worker); do
         say "$name: $(timeout 30 podman exec "$name" python3 -c 'import urllib.request as u; print(u.urlopen("http://127.0.0.1:9100/metrics").read().decode())' \
-            | grep -E '^worker_jobs_total\{outcome="done"\}' || echo 'no jobs')"
+            | grep -E '^(worker_jobs_total\{outcome="done"\}|worker_queue_wait_seconds_(count|sum))' | tr '\n' ' ' || echo 'no jobs')"
     done
 }
 
