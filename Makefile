@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install nginx run redis test test-fast lint settings-doc bench soak deliverables report clean
+.PHONY: install nginx run redis test test-fast lint settings-doc bench soak deliverables report container-smoke clean
 
 $(STAMP): requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -70,6 +70,11 @@ tools/node_modules/.package-lock.json: tools/package-lock.json
 # deliverables/report.pdf from the eight Markdown documents in deliverables/.
 report: $(STAMP) tools/node_modules/.package-lock.json
 	$(BIN)/python -m tools.report
+
+# The image built FROM a debootstrap base, compose.yaml under podman-compose, castle predictions through nginx
+# (deploy/smoke.sh: installs podman & co. with apt-get when missing; ~10 min the first time, ~2 min after).
+container-smoke:
+	bash deploy/smoke.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -8,6 +8,9 @@
     web_dead_letters                              dead letters kept in Redis, read at scrape time
     web_shard_queue_depth{shard}                  the same two, per queue shard (QUEUE_SHARDS)
     web_shard_dead_letters{shard}
+    web_shard_oldest_job_age_seconds{shard}       age of the job at the head of each shard (the next to be
+                                                  claimed), from its enqueued_at, read at scrape time; 0 when empty
+    web_oldest_job_age_seconds                    the largest of them: how late the queue is running
 
 Under gunicorn (several processes) set PROMETHEUS_MULTIPROC_DIR to an empty directory: every
 process then writes its values there and /metrics, whichever process answers, sums them all
@@ -28,7 +31,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from imgserve import logger
-from imgserve.protocol import REDIS_UNAVAILABLE, JobQueue
+from imgserve.protocol import REDIS_UNAVAILABLE, JobQueue, job_metadata
 
 log = logger.get(__name__)
 
@@ -73,6 +76,30 @@ class QueueDepthCollector(Collector):
         )
         yield _per_shard("web_shard_queue_depth", "Jobs waiting in each queue shard", depths)
         yield _per_shard("web_shard_dead_letters", "Dead letters kept in each queue shard", dead_letters)
+        ages = oldest_job_ages(self.queue)
+        yield GaugeMetricFamily(
+            "web_oldest_job_age_seconds",
+            "Age of the oldest queued job, in any shard",
+            value=max((age for age in ages if age is not None), default=0.0),
+        )
+        yield _per_shard("web_shard_oldest_job_age_seconds", "Age of the job next to be claimed, per shard", ages)
+
+
+def oldest_job_ages(queue: JobQueue, now: float | None = None) -> list[float | None]:
+    """Seconds since the job at the head of each shard (LINDEX -1: workers claim from the right) was
+    enqueued; 0 for an empty shard, None for one that cannot be reached. Reads the job's JSON head only, never
+    its image (job_metadata); a job without a valid enqueued_at counts as new."""
+    now = time.time() if now is None else now
+    ages: list[float | None] = []
+    for keys in queue.shards:
+        try:
+            head = queue.redis.lindex(keys.queue, -1)
+        except REDIS_UNAVAILABLE:
+            ages.append(None)
+            continue
+        enqueued = job_metadata(head, len(head)).get("enqueued_at", now) if head else now
+        ages.append(max(0.0, now - enqueued))
+    return ages
 
 
 def _total(values: list[int | None]) -> int:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from queue import Empty, Queue
 
 import numpy as np
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from imgserve import logger, settings
 from imgserve.protocol import REDIS_UNAVAILABLE, SLOTS, SUBMITTED, Claimer, DeadLetter, Job, JobError, JobQueue
@@ -33,6 +33,14 @@ SHARD_JOBS = Counter("worker_shard_jobs_total", "Jobs claimed by this worker, by
 BATCH_SIZE = Histogram("worker_batch_size", "Jobs per claimed batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 INFERENCE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)  # big CPU batches take > 10 s
 INFERENCE = Histogram("worker_inference_seconds", "Model time per batch", buckets=INFERENCE_BUCKETS)
+# For scaling (README "Scaling workers"), by model and queue shard. Queue wait: enqueue (the web's clock) to
+# claim (this worker's), per job. In flight: claimed, not yet published. The queue:compute ratio: the mean queue
+# wait of a batch's jobs over that batch's model time; above 1, jobs wait longer than they take to run.
+LABELS = ["model", "shard"]
+WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+QUEUE_WAIT = Histogram("worker_queue_wait_seconds", "Enqueue to claim, per job", LABELS, buckets=WAIT_BUCKETS)
+IN_FLIGHT = Gauge("worker_jobs_in_flight", "Jobs claimed by this worker and not yet published", LABELS)
+QUEUE_COMPUTE = Gauge("worker_queue_compute_ratio", "Mean queue wait of the last batch's jobs / its model time", LABELS)
 
 GIL_SWITCH_INTERVAL = 0.0005  # seconds; see Worker.run
 # Heartbeats per HEARTBEAT_TTL: a worker is reaped only after missing this many in a row (Redis unreachable,
@@ -52,6 +60,7 @@ class Batch:
     images: object = None  # their pixels, stacked, or what the classifier's prepare() made of them
     dead: list[DeadLetter] = field(default_factory=list)
     results: list[tuple[Job, dict]] | None = None  # None after a failed inference
+    waited: float = 0.0  # the mean queue wait of its jobs (s): enqueue to claim
 
 
 class Worker:
@@ -197,10 +206,20 @@ class Worker:
             batch.jobs.append(job)
             pixels.append(image)
         pixels = self._drop_cancelled(batch, pixels)
+        self._count_claimed(batch, now)
         if pixels:
             prepare = getattr(self.classifier, "prepare", None)  # e.g. the copy to a GPU, off the model's thread
             batch.images = prepare(np.stack(pixels)) if prepare else np.stack(pixels)
         return batch
+
+    def _count_claimed(self, batch: Batch, now: float) -> None:
+        """Observe the queue wait of the batch's runnable jobs, and count them in flight."""
+        labels = (self.model.get("model", "unknown"), str(batch.shard))
+        waits = [max(0.0, now - job.enqueued_at) for job in batch.jobs]
+        for wait in waits:
+            QUEUE_WAIT.labels(*labels).observe(wait)
+        batch.waited = sum(waits) / len(waits) if waits else 0.0
+        IN_FLIGHT.labels(*labels).inc(len(batch.jobs))
 
     def _drop_cancelled(self, batch: Batch, pixels: list[np.ndarray]) -> list[np.ndarray]:
         """Take submitted jobs (POST /jobs) out of the batch when their client cancelled them; mark the rest
@@ -246,6 +265,9 @@ class Worker:
             return batch
         seconds = time.perf_counter() - started
         INFERENCE.observe(seconds)
+        QUEUE_COMPUTE.labels(self.model.get("model", "unknown"), str(batch.shard)).set(
+            batch.waited / max(seconds, 1e-6)
+        )
         log.info("predicted a batch of %d in %.0f ms", len(batch.jobs), seconds * 1000)
         batch.results = [
             (job, {"success": True, "predictions": preds[: job.top_k], **self.model})
@@ -254,7 +276,14 @@ class Worker:
         return batch
 
     def _publish(self, batch: Batch) -> None:
-        """Write the batch's results and dead letters, then acknowledge it; or requeue it if inference failed."""
+        """Write the batch's results and dead letters, then acknowledge it; or requeue it if inference failed.
+        Its jobs are no longer in flight afterwards, whatever happened."""
+        try:
+            self._write(batch)
+        finally:
+            IN_FLIGHT.labels(self.model.get("model", "unknown"), str(batch.shard)).dec(len(batch.jobs))
+
+    def _write(self, batch: Batch) -> None:
         if batch.results is None:
             released = self._retry(
                 lambda: self.queue.release(self.id, "inference failed", slot=batch.slot, shard=batch.shard),
