@@ -20,9 +20,9 @@ from werkzeug.exceptions import HTTPException
 
 from imgserve import logger, settings
 from imgserve.imaging.prepare import DecodeBudget, DecodeBusy, ImageError, prepare_image
-from imgserve.protocol import REDIS_UNAVAILABLE, SUBMITTED, Job, JobQueue, ResultListener, ResultTimeout
+from imgserve.protocol import REDIS_UNAVAILABLE, SUBMITTED, Job, QueueInspector, ResultListener, ResultTimeout, WebQueue
+from imgserve.protocol.inspector import distinct_models
 from imgserve.protocol.job import DEFAULT_TOP_K, MAX_TOP_K
-from imgserve.protocol.queue import distinct_models
 from imgserve.web import metrics, security
 from imgserve.web.uploads import UploadRequest
 
@@ -32,28 +32,34 @@ JOB_ID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex: unguessable
 
 
 class Service:
-    """What the views need: settings, the queue and this process's result listener."""
+    """What the views need: settings, the queue (its web side, and read-only views for /readyz and
+    /metrics) and this process's result listener."""
 
-    def __init__(self, config: settings.Settings, queue: JobQueue | None = None) -> None:
+    def __init__(
+        self, config: settings.Settings, queue: WebQueue | None = None, inspector: QueueInspector | None = None
+    ) -> None:
         self.config = config
         self.origin = uuid.uuid4().hex[:12]
-        self.queue = queue or JobQueue.from_settings(config)
+        self.queue = queue or WebQueue.from_settings(config)
+        self.inspector = inspector or QueueInspector.sharing(self.queue)
         self.decode_budget = DecodeBudget(config.decode_budget_bytes, config.decode_wait)
         self.listener = ResultListener(self.queue, self.origin, config.notifications != "off")
 
 
-def create_app(config: settings.Settings | None = None, queue: JobQueue | None = None) -> Flask:
+def create_app(
+    config: settings.Settings | None = None, queue: WebQueue | None = None, inspector: QueueInspector | None = None
+) -> Flask:
     """Application factory: one Service (and one listener thread) per process.
 
-    Tests may pass a stand-in `queue`: then nothing connects to Redis and no listener thread starts
-    (a waiting request polls the stand-in).
+    Tests may pass a stand-in `queue` (and `inspector`): then nothing connects to Redis and no listener
+    thread starts (a waiting request polls the stand-in).
     """
     config = config or settings.load()
     logger.setup("web", config.log_level)
     app = Flask(__name__)
     app.request_class = UploadRequest
     app.config["MAX_CONTENT_LENGTH"] = config.max_upload_bytes
-    service = Service(config, queue)
+    service = Service(config, queue, inspector)
     app.extensions["imgserve"] = service
     if queue is None:
         service.listener.start()
@@ -65,7 +71,7 @@ def create_app(config: settings.Settings | None = None, queue: JobQueue | None =
     app.add_url_rule("/jobs/<job_id>", view_func=cancel_job, methods=["DELETE"])
     app.add_url_rule("/healthz", view_func=healthz)
     app.add_url_rule("/readyz", view_func=readyz)
-    metrics.init_app(app, service.queue)
+    metrics.init_app(app, service.inspector)
     security.init_app(app, config.allowed_origins, config.accepted_api_keys)  # after metrics: refusals counted
     app.add_url_rule("/", view_func=index)
     app.add_url_rule("/openapi.yaml", view_func=openapi_document)
@@ -80,7 +86,7 @@ def create_app(config: settings.Settings | None = None, queue: JobQueue | None =
     return app
 
 
-def redis_kind(queue: JobQueue) -> str:
+def redis_kind(queue: WebQueue) -> str:
     """What the queue runs on, for the log: "Redis Cluster, 3 shards" or "plain Redis, 1 shard"."""
     count = len(getattr(queue, "shards", [None]))
     kind = "Redis Cluster" if getattr(queue, "cluster", False) else "plain Redis"
@@ -237,7 +243,7 @@ def _entry(result: dict) -> dict:
     return {"success": False, "error": result.get("error", "the job failed")}
 
 
-def _give_up(queue: JobQueue, job: Job) -> None:
+def _give_up(queue: WebQueue, job: Job) -> None:
     """Take a timed-out job out of the queue, so that no worker runs it for a client that is gone.
 
     A job a worker holds already is dropped by the worker once past its deadline, and a late result
@@ -332,8 +338,8 @@ def readyz():
     """GET /readyz: Redis answers and at least one worker is alive."""
     service = _service()
     try:
-        depth = service.queue.depth()
-        alive = service.queue.live_worker_models()  # one read of the heartbeats: who is alive, running what
+        depth = service.inspector.depth()
+        alive = service.inspector.live_worker_models()  # one read of the heartbeats: who is alive, running what
     except REDIS_UNAVAILABLE as exc:
         # The details (Redis's address among them) go to the log, not to whoever asks.
         log.warning("not ready: Redis unavailable: %s", exc)

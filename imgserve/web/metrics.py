@@ -28,7 +28,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from imgserve import logger
-from imgserve.protocol import REDIS_UNAVAILABLE, JobQueue
+from imgserve.protocol import REDIS_UNAVAILABLE, QueueInspector
 
 log = logger.get(__name__)
 
@@ -56,7 +56,7 @@ PREDICT_SECONDS = Histogram(
 class QueueDepthCollector(Collector):
     """Reads the queue length from Redis when Prometheus scrapes; reports nothing while Redis is down."""
 
-    def __init__(self, queue: JobQueue) -> None:
+    def __init__(self, queue: QueueInspector) -> None:
         self.queue = queue
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -92,7 +92,7 @@ def multiprocess_dir() -> str | None:
     return os.environ.get(MULTIPROC_ENV) or None
 
 
-def scrape_registry(queue: JobQueue) -> CollectorRegistry:
+def scrape_registry(queue: QueueInspector) -> CollectorRegistry:
     """A registry with everything /metrics shows: all processes' values in multiprocess mode."""
     registry = CollectorRegistry()
     if multiprocess_dir():
@@ -104,7 +104,7 @@ def scrape_registry(queue: JobQueue) -> CollectorRegistry:
     return registry
 
 
-def init_app(app: Flask, queue: JobQueue) -> None:
+def init_app(app: Flask, queue: QueueInspector) -> None:
     """Count every request of `app` and serve GET /metrics."""
     app.before_request(_before)
     app.after_request(_after)
@@ -136,5 +136,5 @@ def _teardown(_exc: BaseException | None) -> None:
         IN_PROGRESS.dec()
 
 
-def _metrics_response(queue: JobQueue) -> Response:
+def _metrics_response(queue: QueueInspector) -> Response:
     return Response(generate_latest(scrape_registry(queue)), content_type=CONTENT_TYPE_LATEST)
