@@ -22,7 +22,8 @@ MODEL = {"model": "stand-in", "weights": "none"}
 
 
 class StandInQueue:
-    """Answers as JobQueue would: `accept` False is a full queue; `down` raises as an unreachable Redis."""
+    """Answers as WebQueue and QueueInspector would: `accept` False is a full queue; `down` raises as an
+    unreachable Redis."""
 
     def __init__(self, accept: bool = True, down: bool = False) -> None:
         self.accept, self.down = accept, down
@@ -69,16 +70,13 @@ class StandInQueue:
     def depths(self) -> list[int]:
         return [self.depth()]
 
-    def dead_letter_count(self) -> int:
-        return 0
-
     def dead_letter_counts(self) -> list[int]:
         return [0]
 
 
 def client_for(queue: StandInQueue, **env: str):
     config = settings.load(env={"MAX_UPLOAD_BYTES": "200000", **env}, dotenv=False)
-    app = create_app(config, queue=queue)
+    app = create_app(config, queue=queue, inspector=queue)
     app.testing = True
     return app.test_client(), app
 

@@ -50,8 +50,9 @@ import requests
 from imgserve import settings
 from imgserve.imaging.codecs import CODECS
 from imgserve.launch.local_redis import LocalCluster, LocalRedis, free_port
-from imgserve.protocol import Claimer, Job, JobQueue, connect
+from imgserve.protocol import Claimer, Job, connect
 from tools.processes import CASTLE, PROJECT, Child, WebServer, Worker, sample_image_bytes, server_env
+from tools.queues import Queues
 from tools.standin import StandInModel
 
 # Commands the benchmark itself sends; left out of every per-request count.
@@ -382,10 +383,10 @@ class LogMark:
         return [n for w, off in zip(self.workers, self.offsets, strict=True) for n in batch_sizes(w.log[off:])]
 
 
-def sample_job(queue: JobQueue, tries: int = 200) -> bytes | None:
+def sample_job(queue: Queues, tries: int = 200) -> bytes | None:
     """A real job as the web server queued it, read at the queue's head without claiming it."""
     for _ in range(tries):
-        raw = queue.peek()
+        raw = queue.inspect.peek()
         if raw is not None:
             return raw
         time.sleep(0.01)
@@ -610,7 +611,7 @@ def round_trips(report: Report, url: str, client: Client, redis_url: str, count:
 
 
 def saturation(
-    plan: Plan, client: Client, web: Web, workers: list[Child], counter: redis.Redis, meter: CpuMeter, queue: JobQueue
+    plan: Plan, client: Client, web: Web, workers: list[Child], counter: redis.Redis, meter: CpuMeter, queue: Queues
 ) -> Load:
     """(2)/(6) closed-loop clients against the real model worker(s); samples a queued job meanwhile."""
     mark = LogMark(workers)
@@ -667,7 +668,7 @@ def job_size(report: Report, raw: bytes | None) -> dict:
         "codec": job.codec,
     }
     report.say(
-        f"   a real queued job (read with JobQueue.peek): {len(raw):,} bytes = base64 image {len(job.image):,} "
+        f"   a real queued job (read with Queues.peek): {len(raw):,} bytes = base64 image {len(job.image):,} "
         f"(codec {job.codec}; raw would be 200,704) + JSON envelope {out['envelope_bytes']:,} "
         "(id, origin, shape, dtype, codec, times)"
     )
@@ -769,7 +770,7 @@ def _cpu_ms(call: Callable[[], object], repeats: int) -> float:
 
 
 def redis_alone(report: Report, seconds: float, image: bytes, url: str, codec: str, processes: int = 2) -> dict:
-    """(8) Redis with our per-request command mix and real job sizes, driven through JobQueue without HTTP or model.
+    """(8) Redis with our per-request command mix and real job sizes, driven through Queues without HTTP or model.
 
     Each client process plays web and worker in turn: enqueue a batch of real jobs, claim it, publish the results,
     take every result. Redis's own CPU per request says how many requests one Redis core can carry.
@@ -819,18 +820,18 @@ def _null_result() -> dict:
 
 def redis_mix(url: str, queue_name: str, seconds: float, job_json: bytes) -> int:
     """Run the per-request Redis mix for `seconds` in batches of BATCH_FOR_MIX; the number of requests done."""
-    queue = JobQueue(connect(url), queue_name, result_ttl=60)
+    queue = Queues.on(connect(url), queue_name, result_ttl=60)
     template = Job.from_json(job_json)
     result = _null_result()
     done, end = 0, time.monotonic() + seconds
     while time.monotonic() < end:
         jobs = [replace(template, id=f"{done + i}") for i in range(BATCH_FOR_MIX)]
         for job in jobs:
-            queue.enqueue(job, max_queue=10 * BATCH_FOR_MIX)
-        claimed = queue.claim_batch("mix-worker", BATCH_FOR_MIX, wait=0, block=1)
-        queue.finish_batch("mix-worker", [(Job.from_json(raw), result) for raw in claimed], [])
+            queue.web.enqueue(job, max_queue=10 * BATCH_FOR_MIX)
+        claimed = queue.worker.claim_batch("mix-worker", BATCH_FOR_MIX, wait=0, block=1)
+        queue.worker.finish_batch("mix-worker", [(Job.from_json(raw), result) for raw in claimed], [])
         for job in jobs:
-            queue.take_result(job.origin, job.id)
+            queue.web.take_result(job.origin, job.id)
         done += len(jobs)
     return done
 
@@ -901,23 +902,23 @@ def _describe_cluster(
 def cluster_mix(url: str, queue_name: str, seconds: float, job_json: bytes) -> list[int]:
     """Phase 8's mix on a sharded queue, for `seconds`: enqueue BATCH_FOR_MIX jobs (spread over the shards), claim
     them back shard by shard, publish, take every result. Returns the jobs done in each shard."""
-    queue = JobQueue(connect(url), queue_name, result_ttl=60, shards=CLUSTER_SHARDS)
-    claimer = Claimer(queue, "mix-worker", range(CLUSTER_SHARDS), BATCH_FOR_MIX, 0)
+    queue = Queues.on(connect(url), queue_name, result_ttl=60, shards=CLUSTER_SHARDS)
+    claimer = Claimer(queue.worker, "mix-worker", range(CLUSTER_SHARDS), BATCH_FOR_MIX, 0)
     claimer.registered.update(range(CLUSTER_SHARDS))
     template, result = Job.from_json(job_json), _null_result()
     per_shard, done, end = [0] * CLUSTER_SHARDS, 0, time.monotonic() + seconds
     while time.monotonic() < end:
         jobs = [replace(template, id=f"{done + i}") for i in range(BATCH_FOR_MIX)]
         for job in jobs:
-            queue.enqueue(job, max_queue=10 * BATCH_FOR_MIX)
+            queue.web.enqueue(job, max_queue=10 * BATCH_FOR_MIX)
             per_shard[job.shard] += 1
         claimed = 0
         while claimed < len(jobs):
             shard, raws = claimer.claim(0)
-            queue.finish_batch("mix-worker", [(Job.from_json(raw), result) for raw in raws], [], 0, shard)
+            queue.worker.finish_batch("mix-worker", [(Job.from_json(raw), result) for raw in raws], [], 0, shard)
             claimed += len(raws)
         for job in jobs:
-            queue.take_result(job.origin, job.id, job.shard)
+            queue.web.take_result(job.origin, job.id, job.shard)
         done += len(jobs)
     return per_shard
 
@@ -1030,7 +1031,7 @@ def run(args: argparse.Namespace) -> Report:
             LOG_LEVEL="DEBUG",
             PYTHONPATH=str(PROJECT),
         )
-        queue = JobQueue(counter, "bench")
+        queue = Queues.on(counter, "bench")
         model, classifier = model_limit(report, plan, config.batch_size)
         report.results["model"] = model
         for spec in args.sweep or []:
@@ -1067,7 +1068,7 @@ def measure_stack(
     client: Client,
     env: dict[str, str],
     counter: redis.Redis,
-    queue: JobQueue,
+    queue: Queues,
     models: tuple[dict, object],
     stack: ExitStack,
     redis_url: str,
