@@ -19,7 +19,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from imgserve import settings
-from imgserve.protocol import SLOTS, Job, connect
+from imgserve.protocol import SLOTS, Job, WorkerQueue, connect
 from imgserve.worker.pipeline import Worker
 from tests.fault_proxy import FaultProxy
 from tools.processes import Child, server_env, wait_until
@@ -57,8 +57,8 @@ class RunningWorker:
     """A Worker on its own thread, for the duration of a `with` block."""
 
     def __init__(self, config: settings.Settings, model: NumberedModel) -> None:
-        self.queue = Queues.from_settings(config)
-        self.worker = Worker(config, self.queue.worker, model)
+        self.queue = WorkerQueue.from_settings(config)
+        self.worker = Worker(config, self.queue, model)
         self.thread = threading.Thread(target=self.worker.run, daemon=True)
 
     def __enter__(self) -> RunningWorker:
@@ -92,8 +92,8 @@ def assert_all_answered_once(queue: Queues, jobs: list[Job], model: NumberedMode
     assert len(queue.inspect.dead_letters()) == dead, "each bad job dead-lettered once"
 
 
-def script_token(queue: Queues, name: str) -> bytes:
-    return getattr(queue.worker, name).sha.encode()
+def script_token(queue: WorkerQueue, name: str) -> bytes:
+    return getattr(queue, name).sha.encode()
 
 
 # What is lost: (the bytes that identify its command on the wire, bad jobs queued first so that it is used)
