@@ -497,12 +497,12 @@ def test_without_api_keys_there_is_no_per_key_share():
     assert queue.held == {}
 
 
-class FailedJobQueue(StandInQueue):
+class FailedJobsQueue(StandInQueue):
     def job_status(self, job_id: str, owner: str = OPEN_OWNER) -> dict | None:
         return {"status": "failed", "error": "job failed: out of attempts"}
 
 
 def test_a_failed_job_is_shown_as_failed_with_its_error():
-    client, _ = client_for(FailedJobQueue())
+    client, _ = client_for(FailedJobsQueue())
     body = client.get("/jobs/" + "0" * 32).get_json()
     assert body == {"id": "0" * 32, "status": "failed", "error": "job failed: out of attempts"}

@@ -668,7 +668,7 @@ def job_size(report: Report, raw: bytes | None) -> dict:
         "codec": job.codec,
     }
     report.say(
-        f"   a real queued job (read with Queues.peek): {len(raw):,} bytes = base64 image {len(job.image):,} "
+        f"   a real queued job (read with QueueInspector.peek): {len(raw):,} bytes = base64 image {len(job.image):,} "
         f"(codec {job.codec}; raw would be 200,704) + JSON envelope {out['envelope_bytes']:,} "
         "(id, origin, shape, dtype, codec, times)"
     )
