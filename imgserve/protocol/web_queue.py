@@ -28,8 +28,9 @@ log = logger.get(__name__)
 class WebQueue(QueueBase):
     """A web process's operations on the queue."""
 
-    def __init__(self, client: Client, queue: str, *args, **kwargs) -> None:
-        super().__init__(client, queue, *args, **kwargs)
+    def __init__(self, client: Client, queue: str, *limits: int, **named_limits: int) -> None:
+        """`limits` as QueueBase takes them (result_ttl, max_attempts, ..., shards)."""
+        super().__init__(client, queue, *limits, **named_limits)
         self._turn = itertools.count(random.randrange(len(self.shards)))  # where this process starts spreading jobs
         self._cancel = client.register_script(scripts.CANCEL)
         self._hold = client.register_script(scripts.HOLD)

@@ -22,8 +22,9 @@ log = logger.get(__name__)
 class WorkerQueue(QueueBase):
     """A worker's operations on the queue, each on one shard (or on each of the shards it names)."""
 
-    def __init__(self, client: Client, queue: str, *args, **kwargs) -> None:
-        super().__init__(client, queue, *args, **kwargs)
+    def __init__(self, client: Client, queue: str, *limits: int, **named_limits: int) -> None:
+        """`limits` as QueueBase takes them (result_ttl, max_attempts, ..., shards)."""
+        super().__init__(client, queue, *limits, **named_limits)
         self._ack = client.register_script(scripts.ACK)
         self._reap = client.register_script(scripts.REAP)
         self._release = client.register_script(scripts.RELEASE)
