@@ -175,7 +175,7 @@ def step_costs(repeats: int = 300) -> dict[str, float]:
 
 def claim_costs(jobs: int = 2000, batch: int = 32) -> dict[str, float]:
     """Redis CPU ms per job to claim castle jobs: the old CLAIM Lua script (LRANGE, LTRIM, RPUSH, return)
-    beside BLMOVE + LLEN and pipelined LMOVEs (Queues.claim_batch), on a Redis of its own."""
+    beside BLMOVE + LLEN and pipelined LMOVEs (WorkerQueue.claim_batch), on a Redis of its own."""
     lua_claim = """
     local jobs = redis.call('LRANGE', KEYS[1], -tonumber(ARGV[1]), -1)
     if #jobs == 0 then return jobs end
