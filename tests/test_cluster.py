@@ -213,7 +213,7 @@ def test_an_idle_worker_waits_in_redis_and_still_sees_a_job_on_any_shard_at_once
     assert (time.process_time() - cpu) / seconds < 0.15, "mostly waiting in Redis, not spinning"
     for shard in range(SHARDS):
         job = numbered_job(shard)
-        cqueue._push(cqueue.shards[shard], [job.to_json()], 100)
+        cqueue.web._push(cqueue.shards[shard], [job.to_json()], 100)
         started = time.monotonic()
         got = claimer.claim(0)
         assert got[0] == shard and len(got[1]) == 1

@@ -49,3 +49,7 @@ class Queues:
     @property
     def shards(self) -> list[Keys]:
         return self.web.shards
+
+    @property
+    def cluster(self) -> bool:
+        return self.web.cluster
