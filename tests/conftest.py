@@ -7,7 +7,8 @@ import uuid
 import pytest
 
 from imgserve.launch.local_redis import LocalRedis
-from imgserve.protocol import JobQueue, connect
+from imgserve.protocol import connect
+from tools.queues import Queues
 
 KINDS = ("unit", "system")
 
@@ -38,5 +39,5 @@ def redis_client(redis_server):
 
 
 @pytest.fixture
-def queue(redis_client, queue_name) -> JobQueue:
-    return JobQueue(redis_client, queue_name, result_ttl=60, max_attempts=3)
+def queue(redis_client, queue_name) -> Queues:
+    return Queues.on(redis_client, queue_name, result_ttl=60, max_attempts=3)

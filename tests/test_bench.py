@@ -79,6 +79,6 @@ def test_the_front_door_profile_times_the_steps_of_real_requests():
     steps = out["steps"]["steps_ms"]
     assert steps["decode and resize the image (prepare_image)"] > 0.5
     assert steps["multipart parse (request.files: uploads.py)"] > 0
-    assert steps["Redis: LPUSH the job (JobQueue.enqueue_many)"] > 0
+    assert steps["Redis: LPUSH the job (WebQueue.enqueue_many)"] > 0
     assert 0 < steps["gunicorn: accept, read and parse HTTP, write the answer"] < out["steps"]["process_ms"] / 2
     assert out["steps"]["window"]["errors"] == 0 and out["steps"]["window"]["web_ms"] > 1

@@ -26,13 +26,15 @@ from redis.crc import key_slot
 
 from imgserve import settings
 from imgserve.launch.local_redis import LocalCluster, LocalRedis
-from imgserve.protocol import SLOTS, SUBMITTED, Claimer, Job, JobQueue, ResultListener, connect
+from imgserve.protocol import SLOTS, SUBMITTED, Claimer, Job, ResultListener, connect
 from imgserve.protocol.claim import ROTATE_BLOCK
+from imgserve.protocol.notifications import servers
 from imgserve.worker.cli import parse_args
 from tests.support.freezing import freeze_holding_jobs
 from tests.support.workers import MALFORMED, NumberedModel, RunningWorker, numbered_job, worker_config
 from tools import processes
 from tools.processes import PublishedResults, WebServer, Worker, env_queue, sample_image_bytes, server_env, wait_until
+from tools.queues import Queues
 
 pytestmark = pytest.mark.system
 
@@ -53,11 +55,11 @@ def spread_name(prefix: str) -> str:
 
 
 @pytest.fixture
-def cqueue(cluster) -> JobQueue:
-    return JobQueue(connect(cluster.url), spread_name(f"t{uuid.uuid4().hex[:6]}"), result_ttl=60, shards=SHARDS)
+def cqueue(cluster) -> Queues:
+    return Queues.on(connect(cluster.url), spread_name(f"t{uuid.uuid4().hex[:6]}"), result_ttl=60, shards=SHARDS)
 
 
-def node_of(cluster: LocalCluster, queue: JobQueue, shard: int) -> LocalRedis:
+def node_of(cluster: LocalCluster, queue: Queues, shard: int) -> LocalRedis:
     """The node that is the primary of a shard now, as the cluster itself says."""
     with redis.Redis(port=cluster.nodes[0].port) as client:
         slots = client.cluster("slots")
@@ -80,10 +82,10 @@ def replica_of(cluster: LocalCluster, primary: LocalRedis) -> LocalRedis:
 
 
 def test_a_cluster_is_detected_from_the_server_and_every_key_of_a_shard_is_in_one_slot(cluster, redis_server):
-    plain = JobQueue(connect(redis_server.url), "image_queue")
+    plain = Queues.on(connect(redis_server.url), "image_queue")
     assert not plain.cluster and [k.queue for k in plain.shards] == ["image_queue"]
     assert (plain.keys.workers, plain.keys.processing("w", 1)) == ("image_queue:workers", "image_queue:processing:w:1")
-    queue = JobQueue(connect(cluster.url), "image_queue", shards=SHARDS)
+    queue = Queues.on(connect(cluster.url), "image_queue", shards=SHARDS)
     assert isinstance(queue.redis, RedisCluster) and queue.cluster
     assert [k.queue for k in queue.shards] == ["{image_queue:0}", "{image_queue:1}", "{image_queue:2}"]
     for keys in queue.shards:
@@ -111,7 +113,7 @@ def script_keys_touched(redis_server: LocalRedis, action) -> list[tuple[set[str]
 
 def test_every_script_touches_only_the_keys_it_declares(redis_server, queue_name):
     """A cluster runs a script on the slot of its KEYS: every key it touches must be among them."""
-    queue = JobQueue(connect(redis_server.url), queue_name, result_ttl=60, shards=2, max_attempts=1)
+    queue = Queues.on(connect(redis_server.url), queue_name, result_ttl=60, shards=2, max_attempts=1)
     ghost = queue.shards[1]
     bad = json_job_without_image()
 
@@ -119,17 +121,17 @@ def test_every_script_touches_only_the_keys_it_declares(redis_server, queue_name
         queue.redis.sadd(ghost.workers, "ghost")  # registered, no heartbeat: dead
         queue.redis.rpush(ghost.processing("ghost", 0), numbered_job(1).to_json(), MALFORMED["NaN deadline"])
         queue.redis.rpush(ghost.processing("ghost", SLOTS - 1), bad)
-        assert queue.reap() == (1, 0, 3), "out of attempts (MAX_ATTEMPTS=1) or unreadable: all dead-lettered"
+        assert queue.worker.reap() == (1, 0, 3), "out of attempts (MAX_ATTEMPTS=1) or unreadable: all dead-lettered"
         queue.redis.rpush(ghost.processing("w", 2), numbered_job(2).to_json())
-        assert queue.release("w", "inference failed", slot=2, shard=1) == (0, 1)
+        assert queue.worker.release("w", "inference failed", slot=2, shard=1) == (0, 1)
         queue.redis.rpush(ghost.processing("w", 3), b"x")
-        queue.finish_batch("w", [], [dead_letter(b"x")], slot=3, shard=1)
+        queue.worker.finish_batch("w", [], [dead_letter(b"x")], slot=3, shard=1)
 
     runs = [run for run in script_keys_touched(redis_server, action) if run[1]]  # not the NOSCRIPT replies
     assert len(runs) == 3, "REAP, RELEASE and ACK ran"
     for declared, touched in runs:
         assert set(touched) <= declared, set(touched) - declared
-    answered = [queue.take_result("00000000000f", numbered_job(n).id, 1) for n in (1, 2)]
+    answered = [queue.web.take_result("00000000000f", numbered_job(n).id, 1) for n in (1, 2)]
     assert all(a is None or a["success"] is False for a in answered)
 
 
@@ -145,16 +147,16 @@ def dead_letter(raw: bytes):
 
 
 def test_on_a_plain_redis_several_shards_are_tagged_and_their_results_notified(redis_server, queue_name):
-    queue = JobQueue(connect(redis_server.url), queue_name, result_ttl=60, shards=2)
+    queue = Queues.on(connect(redis_server.url), queue_name, result_ttl=60, shards=2)
     assert [k.queue for k in queue.shards] == [f"{{{queue_name}:0}}", f"{{{queue_name}:1}}"]
-    listener = ResultListener(queue, "00000000000f")  # numbered_job's origin
+    listener = ResultListener(queue.web, "00000000000f")  # numbered_job's origin
     listener.start()
     try:
         assert listener.wait_ready(5) and listener.mode == "notifications"
         listener.SAFETY_POLL = listener.MAX_SAFETY_POLL = 30  # only a notification can wake the waiter in time
         for job in (numbered_job(1), numbered_job(2)):
             with listener.expect(job.id):
-                assert queue.enqueue(job, 100)
+                assert queue.web.enqueue(job, 100)
                 threading.Timer(0.1, lambda job=job: finish_one(queue, job)).start()
                 started = time.monotonic()
                 assert listener.wait(job.id, time.time() + 20, job.shard) == {"success": True}
@@ -163,45 +165,45 @@ def test_on_a_plain_redis_several_shards_are_tagged_and_their_results_notified(r
         listener.stop()
 
 
-def finish_one(queue: JobQueue, job: Job) -> None:
-    [raw] = queue.claim_batch("w", 1, 0, 1, shard=job.shard)
-    queue.finish_batch("w", [(Job.from_json(raw), {"success": True})], [], shard=job.shard)
+def finish_one(queue: Queues, job: Job) -> None:
+    [raw] = queue.worker.claim_batch("w", 1, 0, 1, shard=job.shard)
+    queue.worker.finish_batch("w", [(Job.from_json(raw), {"success": True})], [], shard=job.shard)
 
 
 def test_jobs_are_spread_evenly_over_the_shards_and_full_shards_are_skipped(cqueue):
     jobs = [numbered_job(n) for n in range(300)]
-    assert all(cqueue.enqueue(job, max_queue=1000) for job in jobs)
-    assert cqueue.depths() == [100, 100, 100]
+    assert all(cqueue.web.enqueue(job, max_queue=1000) for job in jobs)
+    assert cqueue.inspect.depths() == [100, 100, 100]
     assert Counter(job.shard for job in jobs) == {0: 100, 1: 100, 2: 100}
     for keys in cqueue.shards:
         cqueue.redis.delete(keys.queue)
-    assert all(cqueue.enqueue(numbered_job(n), max_queue=6) for n in range(6))  # two per shard
-    assert not cqueue.enqueue(numbered_job(7), max_queue=6), "every shard full: refused"
-    assert cqueue.depths() == [2, 2, 2]
+    assert all(cqueue.web.enqueue(numbered_job(n), max_queue=6) for n in range(6))  # two per shard
+    assert not cqueue.web.enqueue(numbered_job(7), max_queue=6), "every shard full: refused"
+    assert cqueue.inspect.depths() == [2, 2, 2]
     cqueue.redis.rpop(cqueue.shards[1].queue)
     late = numbered_job(8)
-    assert cqueue.enqueue(late, max_queue=6) and late.shard == 1, "the one shard with room took it"
+    assert cqueue.web.enqueue(late, max_queue=6) and late.shard == 1, "the one shard with room took it"
 
 
 def test_a_worker_takes_its_batches_from_every_shard_in_turn(cqueue):
     for n in range(30):
-        cqueue.enqueue(numbered_job(n), 1000)
-    claimer = Claimer(cqueue, "w", range(SHARDS), size=4, wait=0)
+        cqueue.web.enqueue(numbered_job(n), 1000)
+    claimer = Claimer(cqueue.worker, "w", range(SHARDS), size=4, wait=0)
     claimer.registered.update(range(SHARDS))
     order = []
     for _ in range(6):
         shard, batch = claimer.claim(0)
         order.append(shard)
-        cqueue.finish_batch("w", [(Job.from_json(raw), {}) for raw in batch], [], 0, shard)
+        cqueue.worker.finish_batch("w", [(Job.from_json(raw), {}) for raw in batch], [], 0, shard)
     assert sorted(order[:3]) == [0, 1, 2] and order[3:] == order[:3], "round robin: no shard waits for another"
 
 
-def commands_served(queue: JobQueue) -> int:
-    return sum(sum(int(v["calls"]) for v in node.info("commandstats").values()) for node in queue.nodes())
+def commands_served(queue: Queues) -> int:
+    return sum(sum(int(v["calls"]) for v in node.info("commandstats").values()) for node in servers(queue.web))
 
 
 def test_an_idle_worker_waits_in_redis_and_still_sees_a_job_on_any_shard_at_once(cqueue):
-    claimer = Claimer(cqueue, "idle", range(SHARDS), size=4, wait=0)
+    claimer = Claimer(cqueue.worker, "idle", range(SHARDS), size=4, wait=0)
     claimer.registered.update(range(SHARDS))
     before, cpu, started = commands_served(cqueue), time.process_time(), time.monotonic()
     while time.monotonic() - started < 2.0:
@@ -213,12 +215,12 @@ def test_an_idle_worker_waits_in_redis_and_still_sees_a_job_on_any_shard_at_once
     assert (time.process_time() - cpu) / seconds < 0.15, "mostly waiting in Redis, not spinning"
     for shard in range(SHARDS):
         job = numbered_job(shard)
-        cqueue._push(cqueue.shards[shard], [job.to_json()], 100)
+        cqueue.web._push(cqueue.shards[shard], [job.to_json()], 100)
         started = time.monotonic()
         got = claimer.claim(0)
         assert got[0] == shard and len(got[1]) == 1
         assert time.monotonic() - started < ROTATE_BLOCK + 0.15, "found within one blocking wait"
-        cqueue.finish_batch("idle", [], [], 0, shard)
+        cqueue.worker.finish_batch("idle", [], [], 0, shard)
 
 
 def test_a_worker_pinned_to_a_shard_serves_only_that_shard(cluster, cqueue):
@@ -226,7 +228,7 @@ def test_a_worker_pinned_to_a_shard_serves_only_that_shard(cluster, cqueue):
     assert settings.load(env={"QUEUE_SHARDS": "3"}, dotenv=False, **flags).worker_shards == (0, 2)
     jobs = [numbered_job(n) for n in range(9)]
     for job in jobs:
-        cqueue.enqueue(job, 100)
+        cqueue.web.enqueue(job, 100)
     mine = [job for job in jobs if job.shard == 1]
     config = worker_config(cluster.url, cqueue.name, QUEUE_SHARDS=SHARDS, WORKER_SHARDS=1)
     model = NumberedModel()
@@ -235,8 +237,8 @@ def test_a_worker_pinned_to_a_shard_serves_only_that_shard(cluster, cqueue):
     }
     with RunningWorker(config, model) as running:
         wait_until(lambda: all(results_in(cqueue, mine)), 30, "the pinned shard's results")
-        assert cqueue.depths() == [3, 0, 3]
-        assert cqueue.worker_ids() == {running.worker.id}
+        assert cqueue.inspect.depths() == [3, 0, 3]
+        assert cqueue.inspect.worker_ids() == {running.worker.id}
         assert cqueue.redis.smembers(cqueue.shards[0].workers) == set(), "registered only where it serves"
     assert sum(model.seen.values()) == 3
     counted = {
@@ -245,30 +247,30 @@ def test_a_worker_pinned_to_a_shard_serves_only_that_shard(cluster, cqueue):
     assert (counted[0] - claimed[0], counted[1] - claimed[1]) == (0, 3), "worker_shard_jobs_total counts per shard"
 
 
-def results_in(queue: JobQueue, jobs: list[Job]) -> list[dict | None]:
-    return [queue.take_result(job.origin, job.id, job.shard) for job in jobs]
+def results_in(queue: Queues, jobs: list[Job]) -> list[dict | None]:
+    return [queue.web.take_result(job.origin, job.id, job.shard) for job in jobs]
 
 
 def test_the_reaper_returns_a_dead_workers_jobs_in_each_shard(cqueue):
     for n in range(6):
-        cqueue.enqueue(numbered_job(n), 100)
-    cqueue.register("doomed", 0.3)
-    claimer = Claimer(cqueue, "doomed", range(SHARDS), size=2, wait=0)
+        cqueue.web.enqueue(numbered_job(n), 100)
+    cqueue.worker.heartbeat("doomed", 0.3)
+    claimer = Claimer(cqueue.worker, "doomed", range(SHARDS), size=2, wait=0)
     claimer.registered.update(range(SHARDS))
     for slot in range(SHARDS):
         claimer.claim(slot)
-    assert cqueue.depth() == 0 and len(cqueue.claimed("doomed")) == 6
+    assert cqueue.inspect.depth() == 0 and len(cqueue.inspect.claimed("doomed")) == 6
     time.sleep(0.4)
-    assert cqueue.reap() == (3, 6, 0), "registered in three shards: reaped in each"
-    assert cqueue.depths() == [2, 2, 2] and cqueue.claimed("doomed") == []
+    assert cqueue.worker.reap() == (3, 6, 0), "registered in three shards: reaped in each"
+    assert cqueue.inspect.depths() == [2, 2, 2] and cqueue.inspect.claimed("doomed") == []
 
 
 def test_results_in_every_shard_of_the_cluster_are_answered_once(cluster):
     """The in-process worker on the cluster: each job of every shard runs once and gets its own result."""
-    queue = JobQueue(connect(cluster.url), spread_name("once"), shards=SHARDS)
+    queue = Queues.on(connect(cluster.url), spread_name("once"), shards=SHARDS)
     jobs = [numbered_job(n) for n in range(12)]
     for job in jobs:
-        queue.enqueue(job, 100)
+        queue.web.enqueue(job, 100)
     model = NumberedModel()
     with RunningWorker(worker_config(cluster.url, queue.name, QUEUE_SHARDS=SHARDS), model):
         wait_until(lambda: all(results_in(queue, jobs)), 30, "every result")
@@ -285,7 +287,7 @@ class Stack:
     env: dict[str, str]
     worker: Worker
     web: WebServer
-    queue: JobQueue
+    queue: Queues
 
 
 @pytest.fixture(scope="module")
@@ -419,7 +421,7 @@ def test_the_benchmarks_cluster_mix_spreads_jobs_evenly_and_answers_them_all(clu
     name = spread_name("bench")
     per_shard = cluster_mix(cluster.url, name, 0.3, numbered_job(0).to_json())
     assert sum(per_shard) % 32 == 0 and max(per_shard) - min(per_shard) <= 1
-    assert JobQueue(connect(cluster.url), name, shards=SHARDS).depths() == [0, 0, 0]
+    assert Queues.on(connect(cluster.url), name, shards=SHARDS).depths() == [0, 0, 0]
 
 
 def test_a_resharding_under_load_moves_a_shard_and_every_request_is_answered(stack, cluster):
@@ -463,13 +465,13 @@ def test_a_submitted_job_on_the_cluster_is_found_by_its_id_alone(cqueue):
     """POST /jobs on a cluster: the ticket says the shard, so another web process finds status and result."""
     job = numbered_job(7)
     job.origin = SUBMITTED
-    assert cqueue.submit(job, 100)
+    assert cqueue.web.submit(job, 100)
     node = cqueue.redis.get_nodes()[-1]  # another web process, which may know the cluster by another node
-    elsewhere = JobQueue(connect(f"redis://{node.host}:{node.port}/0"), cqueue.name, result_ttl=60, shards=SHARDS)
-    assert elsewhere.job_status(job.id) == {"status": "queued"}
-    raws = cqueue.claim_batch("w", 4, 0, 0, shard=job.shard)
-    assert cqueue.take_tickets([Job.from_json(raws[0])], job.shard) == set()
-    assert elsewhere.job_status(job.id) == {"status": "running"}
-    cqueue.finish_batch("w", [(job, {"success": True, "predictions": []})], [], 0, job.shard)
-    assert elsewhere.job_status(job.id) == {"status": "done", "success": True, "predictions": []}
-    assert elsewhere.cancel_submitted(job.id) == 0
+    elsewhere = Queues.on(connect(f"redis://{node.host}:{node.port}/0"), cqueue.name, result_ttl=60, shards=SHARDS)
+    assert elsewhere.web.job_status(job.id) == {"status": "queued"}
+    raws = cqueue.worker.claim_batch("w", 4, 0, 0, shard=job.shard)
+    assert cqueue.worker.take_tickets([Job.from_json(raws[0])], job.shard) == set()
+    assert elsewhere.web.job_status(job.id) == {"status": "running"}
+    cqueue.worker.finish_batch("w", [(job, {"success": True, "predictions": []})], [], 0, job.shard)
+    assert elsewhere.web.job_status(job.id) == {"status": "done", "success": True, "predictions": []}
+    assert elsewhere.web.cancel_submitted(job.id) == 0

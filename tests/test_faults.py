@@ -16,10 +16,11 @@ from collections import Counter
 import pytest
 from prometheus_client import REGISTRY
 
-from imgserve.protocol import SLOTS, Job, JobQueue, connect
+from imgserve.protocol import SLOTS, Job, WorkerQueue, connect
 from tests.support.fault_proxy import FaultProxy
 from tests.support.workers import MALFORMED, NumberedModel, RunningWorker, good_wire, numbered_job, worker_config
 from tools.processes import Child, server_env, wait_until
+from tools.queues import Queues
 
 
 @pytest.fixture
@@ -29,21 +30,21 @@ def proxy(redis_server):
     proxy.close()
 
 
-def results(queue: JobQueue, jobs: list[Job]) -> list[dict | None]:
+def results(queue: Queues, jobs: list[Job]) -> list[dict | None]:
     raws = queue.redis.mget([queue.keys.result(job.origin, job.id) for job in jobs])
     return [None if raw is None else json.loads(raw) for raw in raws]
 
 
-def assert_all_answered_once(queue: JobQueue, jobs: list[Job], model: NumberedModel, dead: int = 0) -> None:
+def assert_all_answered_once(queue: Queues, jobs: list[Job], model: NumberedModel, dead: int = 0) -> None:
     """Every job ran exactly once and got its own result; nothing is left claimed; `dead` dead letters."""
     assert model.seen == Counter(range(len(jobs))), "each job ran exactly once"
     labels = [result["predictions"][0]["label"] for result in results(queue, jobs)]
     assert labels == [f"image-{n}" for n in range(len(jobs))]
-    assert queue.depth() == 0
-    assert len(queue.dead_letters()) == dead, "each bad job dead-lettered once"
+    assert queue.inspect.depth() == 0
+    assert len(queue.inspect.dead_letters()) == dead, "each bad job dead-lettered once"
 
 
-def script_token(queue: JobQueue, name: str) -> bytes:
+def script_token(queue: WorkerQueue, name: str) -> bytes:
     return getattr(queue, name).sha.encode()
 
 
@@ -63,13 +64,13 @@ WORKER_STEPS = {
 def test_a_connection_lost_at_any_step_of_a_batch_loses_no_job_and_runs_none_twice(
     redis_server, proxy, queue_name, step, phase
 ):
-    direct = JobQueue(connect(redis_server.url), queue_name)
+    direct = Queues.on(connect(redis_server.url), queue_name)
     token, bad = WORKER_STEPS[step]
     for _ in range(bad):
         direct.redis.lpush(direct.keys.queue, b"not a job")
     jobs = [numbered_job(n) for n in range(10)]
     for job in jobs:
-        assert direct.enqueue(job, 100)
+        assert direct.web.enqueue(job, 100)
     model = NumberedModel()
     with RunningWorker(worker_config(proxy.url, queue_name), model) as running:
         proxy.arm(token(running.queue), phase)
@@ -83,10 +84,10 @@ def test_a_connection_lost_at_any_step_of_a_batch_loses_no_job_and_runs_none_twi
 @pytest.mark.unit
 @pytest.mark.parametrize("phase", ["before", "after", "mid"])
 def test_a_lost_reply_while_requeueing_a_failed_batch_loses_no_job(redis_server, proxy, queue_name, phase):
-    direct = JobQueue(connect(redis_server.url), queue_name)
+    direct = Queues.on(connect(redis_server.url), queue_name)
     jobs = [numbered_job(n) for n in range(6)]
     for job in jobs:
-        direct.enqueue(job, 100)
+        direct.web.enqueue(job, 100)
     model = NumberedModel()
     model.failures = 1
     config = worker_config(proxy.url, queue_name)
@@ -101,10 +102,10 @@ def test_a_lost_reply_while_requeueing_a_failed_batch_loses_no_job(redis_server,
 @pytest.mark.unit
 @pytest.mark.parametrize("phase", ["before", "after", "mid"])
 def test_a_lost_reply_to_lpush_queues_the_job_exactly_once(redis_server, proxy, queue_name, phase):
-    through_proxy = JobQueue(connect(proxy.url), queue_name)
+    through_proxy = Queues.on(connect(proxy.url), queue_name)
     job = numbered_job(1)
     proxy.arm(b"LPUSH", phase)
-    assert through_proxy.enqueue(job, 100)
+    assert through_proxy.web.enqueue(job, 100)
     assert proxy.fired.is_set()
     assert connect(redis_server.url).lrange(through_proxy.keys.queue, 0, -1) == [job.to_json()]
 
@@ -112,11 +113,11 @@ def test_a_lost_reply_to_lpush_queues_the_job_exactly_once(redis_server, proxy, 
 @pytest.mark.unit
 @pytest.mark.parametrize("phase", ["before", "after", "mid"])
 def test_a_lost_reply_to_taking_a_result_still_returns_it(redis_server, proxy, queue_name, phase):
-    through_proxy = JobQueue(connect(proxy.url), queue_name)
+    through_proxy = Queues.on(connect(proxy.url), queue_name)
     key = through_proxy.keys.result("web", "job1")
     connect(redis_server.url).set(key, json.dumps({"success": True}), ex=60)
     proxy.arm(b"GETEX", phase)
-    assert through_proxy.take_result("web", "job1") == {"success": True}
+    assert through_proxy.web.take_result("web", "job1") == {"success": True}
     assert proxy.fired.is_set()
 
 
@@ -127,20 +128,22 @@ def test_a_lost_reply_to_taking_a_result_still_returns_it(redis_server, proxy, q
 def test_malformed_jobs_are_dead_lettered_without_their_image_and_the_worker_goes_on(
     redis_server, queue_name, redis_client
 ):
-    direct = JobQueue(redis_client, queue_name)
+    direct = Queues.on(redis_client, queue_name)
     redis_client.lpush(direct.keys.queue, *MALFORMED.values())
     good = [numbered_job(n) for n in range(2)]
     for job in good:
-        direct.enqueue(job, 100)
+        direct.web.enqueue(job, 100)
     model = NumberedModel()
     config = worker_config(redis_server.url, queue_name, MAX_JOB_BYTES=262_144)
     before = REGISTRY.get_sample_value("worker_jobs_total", {"outcome": "dead_lettered"})
     with RunningWorker(config, model):
         wait_until(lambda: all(results(direct, good)), 30, "the good jobs' results")
-        wait_until(lambda: direct.dead_letter_count() == len(MALFORMED), 10, "every bad job dead-lettered")
+        wait_until(
+            lambda: sum(direct.inspect.dead_letter_counts()) == len(MALFORMED), 10, "every bad job dead-lettered"
+        )
     after = REGISTRY.get_sample_value("worker_jobs_total", {"outcome": "dead_lettered"})
     assert after - before == len(MALFORMED)
-    letters = direct.dead_letters()
+    letters = direct.inspect.dead_letters()
     assert all(set(letter) == {"reason", "worker", "at", "job"} for letter in letters)
     assert all("image" not in letter["job"] and letter["job"]["bytes"] > 0 for letter in letters)
     reasons = " | ".join(letter["reason"] for letter in letters)
@@ -156,40 +159,40 @@ def test_the_reaper_dead_letters_what_it_cannot_requeue_and_forgets_the_dead_wor
     redis_client.sadd(queue.keys.workers, "ghost")  # registered, no heartbeat: dead
     redis_client.rpush(queue.keys.processing("ghost", 0), good[0].to_json(), *poison[:2])
     redis_client.rpush(queue.keys.processing("ghost", SLOTS - 1), poison[2], good[1].to_json())
-    assert queue.reap() == (1, 2, 3)
+    assert queue.worker.reap() == (1, 2, 3)
     for _ in range(2):
-        assert queue.reap() == (0, 0, 0)
-    assert queue.depth() == 2 and not redis_client.sismember(queue.keys.workers, "ghost")
+        assert queue.worker.reap() == (0, 0, 0)
+    assert queue.inspect.depth() == 2 and not redis_client.sismember(queue.keys.workers, "ghost")
     assert not any(redis_client.exists(key) for key in queue.keys.processing_lists("ghost"))
     assert {Job.from_json(raw).id for raw in redis_client.lrange(queue.keys.queue, 0, -1)} == {j.id for j in good}
-    assert len(queue.dead_letters()) == 3
+    assert len(queue.inspect.dead_letters()) == 3
 
 
 @pytest.mark.unit
 def test_dead_letters_are_bounded_by_dead_letter_max(redis_server, queue_name, redis_client):
-    direct = JobQueue(redis_client, queue_name)
+    direct = Queues.on(redis_client, queue_name)
     redis_client.lpush(direct.keys.queue, *(b"not json %d" % n for n in range(12)))
     sentinel = numbered_job(0)
-    direct.enqueue(sentinel, 100)  # queued last: answered once every bad job before it was handled
+    direct.web.enqueue(sentinel, 100)  # queued last: answered once every bad job before it was handled
     with RunningWorker(worker_config(redis_server.url, queue_name, DEAD_LETTER_MAX=5), NumberedModel()):
         wait_until(lambda: all(results(direct, [sentinel])), 30, "the sentinel's result")
-    assert direct.dead_letter_count() == 5
-    assert all("not valid JSON" in letter["reason"] for letter in direct.dead_letters())
+    assert sum(direct.inspect.dead_letter_counts()) == 5
+    assert all("not valid JSON" in letter["reason"] for letter in direct.inspect.dead_letters())
 
 
 @pytest.mark.system
 def test_kill_9_while_a_prefetched_batch_waits_loses_nothing(redis_server, queue_name):
     """A worker whose model is busy with one batch while the next waits, decoded, in its own slot."""
-    direct = JobQueue(connect(redis_server.url), queue_name)
+    direct = Queues.on(connect(redis_server.url), queue_name)
     jobs = [numbered_job(n) for n in range(6)]
     for job in jobs:
-        direct.enqueue(job, 100)
+        direct.web.enqueue(job, 100)
     env = server_env(redis_server.url, queue_name, BATCH_SIZE=2, HEARTBEAT_TTL=2)
     slow = Child([sys.executable, "-m", "tools.standin", "--seconds-per-image", "30"], env)
     try:
         worker = wait_until(lambda: [w.decode() for w in direct.redis.smembers(direct.keys.workers)], 60, "a worker")
-        wait_until(lambda: len(direct.claimed(worker[0])) == 4, 30, "one batch in the model and one prefetched")
-        assert direct.depth() == 2, "no more than PREFETCH_BATCHES=1 batch waits for the model"
+        wait_until(lambda: len(direct.inspect.claimed(worker[0])) == 4, 30, "one batch in the model and one prefetched")
+        assert direct.inspect.depth() == 2, "no more than PREFETCH_BATCHES=1 batch waits for the model"
         slow.process.kill()
         slow.process.wait(30)
     finally:
@@ -198,7 +201,7 @@ def test_kill_9_while_a_prefetched_batch_waits_loses_nothing(redis_server, queue
     with RunningWorker(worker_config(redis_server.url, queue_name, HEARTBEAT_TTL=2, REAP_INTERVAL=0.5), model):
         wait_until(lambda: all(results(direct, jobs)), 30, "a result for every job")
     assert_all_answered_once(direct, jobs, model)
-    assert direct.claimed(worker[0]) == [] and not direct.redis.sismember(direct.keys.workers, worker[0])
+    assert direct.inspect.claimed(worker[0]) == [] and not direct.redis.sismember(direct.keys.workers, worker[0])
 
 
 # ---- a publish that raises ------------------------------------------------------------------------
@@ -213,7 +216,7 @@ def foreign(**changes: object) -> str:
 def test_jobs_with_ids_or_origins_the_web_would_not_mint_are_dead_lettered_and_their_batch_answered(
     redis_server, queue_name, redis_client
 ):
-    direct = JobQueue(redis_client, queue_name)
+    direct = Queues.on(redis_client, queue_name)
     bad = [foreign(id="\ud800"), foreign(id="a" * 31 + ":"), foreign(id="a" * 31 + "*"), foreign(origin="0" * 13)]
     good = [numbered_job(n) for n in range(4)]
     # Interleaved, oldest first, so that every batch of 4 holds bad and good jobs.
@@ -223,17 +226,17 @@ def test_jobs_with_ids_or_origins_the_web_would_not_mint_are_dead_lettered_and_t
     model = NumberedModel()
     with RunningWorker(worker_config(redis_server.url, queue_name), model) as running:
         wait_until(lambda: all(results(direct, good)), 30, "the good jobs' results")
-        wait_until(lambda: direct.dead_letter_count() == len(bad), 10, "every bad job dead-lettered")
+        wait_until(lambda: sum(direct.inspect.dead_letter_counts()) == len(bad), 10, "every bad job dead-lettered")
         later = numbered_job(4)
-        direct.enqueue(later, 100)
+        direct.web.enqueue(later, 100)
         wait_until(lambda: all(results(direct, [later])), 30, "a later job's result: the worker keeps serving")
-        assert direct.claimed(running.worker.id) == []
+        assert direct.inspect.claimed(running.worker.id) == []
     assert_all_answered_once(direct, [*good, later], model, dead=len(bad))
-    reasons = sorted(letter["reason"] for letter in direct.dead_letters())
+    reasons = sorted(letter["reason"] for letter in direct.inspect.dead_letters())
     assert reasons == ["job has a malformed 'id': it must be 32 lowercase hex digits"] * 3 + [
         "job has a malformed 'origin': it must be 12 lowercase hex digits or 'submitted'"
     ]
-    assert all("id" not in letter["job"] or letter["job"]["id"].isalnum() for letter in direct.dead_letters())
+    assert all("id" not in letter["job"] or letter["job"]["id"].isalnum() for letter in direct.inspect.dead_letters())
 
 
 def raising_once(method, error: Exception):
@@ -253,7 +256,7 @@ def raising_once(method, error: Exception):
 def test_a_publish_that_raises_for_any_reason_loses_no_job(redis_server, queue_name, redis_client, release_fails_too):
     """The first batch's publish raises something unforeseen (and, in the second case, so does returning it to
     the queue). Then more batches than the worker has slots follow: none may be claimed into the full slot."""
-    direct = JobQueue(redis_client, queue_name)
+    direct = Queues.on(redis_client, queue_name)
     waves = [[numbered_job(4 * w + i) for i in range(4)] for w in range(SLOTS + 2)]
     model = NumberedModel()
     with RunningWorker(worker_config(redis_server.url, queue_name), model) as running:
@@ -262,11 +265,11 @@ def test_a_publish_that_raises_for_any_reason_loses_no_job(redis_server, queue_n
         if release_fails_too:
             queue.release = raising_once(queue.release, RuntimeError("injected release failure"))
         for wave in waves:
-            assert direct.enqueue_many(wave, 100)
+            assert direct.web.enqueue_many(wave, 100)
             later = waves[1:] if release_fails_too else waves
             wait_until(lambda wave=wave: wave is waves[0] or all(results(direct, wave)), 30, "the wave's results")
         wait_until(lambda: all(results(direct, [job for wave in later for job in wave])), 30, "every result")
-        held = [Job.from_json(raw).id for raw in direct.claimed(running.worker.id)]
+        held = [Job.from_json(raw).id for raw in direct.inspect.claimed(running.worker.id)]
     first = {job.id for job in waves[0]}
     answered = {job.id for job, result in zip(waves[0], results(direct, waves[0]), strict=True) if result}
     requeued = {Job.from_json(raw).id for raw in redis_client.lrange(direct.keys.queue, 0, -1)}
@@ -275,4 +278,4 @@ def test_a_publish_that_raises_for_any_reason_loses_no_job(redis_server, queue_n
         assert requeued == first and not answered, "and went back to the queue when the worker stopped"
     else:
         assert answered == first and not held and not requeued
-    assert direct.dead_letters() == []
+    assert direct.inspect.dead_letters() == []

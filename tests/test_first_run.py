@@ -107,7 +107,8 @@ def test_favicon_is_an_icon_open_without_a_key():
     from tests.support.web import StandInQueue
 
     config = settings.load(env={"API_KEYS": "k" * 24}, dotenv=False)
-    app = create_app(config, queue=StandInQueue())
+    queue = StandInQueue()
+    app = create_app(config, queue=queue, inspector=queue)
     response = app.test_client().get("/favicon.ico")
     assert response.status_code == 200
     assert response.mimetype in ("image/vnd.microsoft.icon", "image/x-icon")

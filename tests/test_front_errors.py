@@ -148,10 +148,10 @@ def test_a_killed_gunicorn_worker_is_a_503_with_retry_after_and_the_next_worker_
     master = web.process.pid
     (worker,) = map(int, Path(f"/proc/{master}/task/{master}/children").read_text().split())
     queue = env_queue(web.env)
-    before = queue.depth()
+    before = queue.inspect.depth()
     with ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(post_sample, nginx.url) for _ in range(4)]
-        wait_until(lambda: queue.depth() >= before + 4, 10, "four requests waiting in the web app")
+        wait_until(lambda: queue.inspect.depth() >= before + 4, 10, "four requests waiting in the web app")
         os.kill(worker, signal.SIGKILL)
         answers = [future.result() for future in futures]
     for answer in answers:

@@ -118,10 +118,10 @@ def test_top_k_sets_how_many_classes_come_back(env, webs):
 def start_standin(env: dict[str, str], seconds_per_image: float) -> tuple[Child, str]:
     """A stand-in model worker (tools/standin.py), and its id once it has registered."""
     queue = env_queue(env)
-    before = queue.worker_ids()
+    before = queue.inspect.worker_ids()
     worker = Child([sys.executable, "-m", "tools.standin", "--seconds-per-image", str(seconds_per_image)], env)
     try:
-        found = wait_until(lambda: queue.worker_ids() - before, 60, "the stand-in worker to register")
+        found = wait_until(lambda: queue.inspect.worker_ids() - before, 60, "the stand-in worker to register")
     finally:
         queue.redis.close()
     return worker, next(iter(found))
@@ -141,11 +141,11 @@ def test_a_job_whose_worker_died_on_its_last_attempt_says_failed_and_the_client_
     queue = env_queue(env)
     survivor = victim = None
     try:
-        wait_until(lambda: queue.depth() == 2, 30, "both jobs queued")
+        wait_until(lambda: queue.inspect.depth() == 2, 30, "both jobs queued")
         victim, victim_id = start_standin(workers_env, 60)  # takes both in one batch, then holds it a minute
         wait_until(lambda: requests.get(f"{web.url}/jobs/{ours}", timeout=10).json()["status"] == "running", 30,
                    "the job to be running")  # fmt: skip
-        assert len(queue.claimed(victim_id)) == 2
+        assert len(queue.inspect.claimed(victim_id)) == 2
         victim.process.kill()
         victim.process.wait(30)
         survivor, _ = start_standin(workers_env, 0)

@@ -16,11 +16,12 @@ from prometheus_client import REGISTRY
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
-from imgserve import settings
 from imgserve.launch.local_redis import free_port
-from imgserve.protocol import Job, JobQueue, connect
+from imgserve.protocol import Job, connect
 from imgserve.worker import pipeline
+from tests.test_faults import RunningWorker, worker_config
 from tools.processes import live_stack, post_image, sample_image_bytes, server_env, start_web, wait_until
+from tools.queues import Queues
 
 pytestmark = pytest.mark.system
 
@@ -80,12 +81,12 @@ def test_queue_depth_is_read_from_redis_at_scrape_time(redis_server):
     name = f"depth-{uuid.uuid4().hex[:6]}"
     web = start_web(server_env(redis_server.url, name))  # no worker: jobs stay queued
     try:
-        queue = JobQueue(connect(redis_server.url), name)
+        queue = Queues.on(connect(redis_server.url), name)
         pixels = np.zeros((224, 224, 3), np.uint8)
         for _ in range(3):
-            assert queue.enqueue(Job.new(pixels, "000000007e57", 60), max_queue=100)
+            assert queue.web.enqueue(Job.new(pixels, "000000007e57", 60), max_queue=100)
         assert value(scrape(web.url + "/metrics"), "web_queue_depth") == 3
-        queue.enqueue(Job.new(pixels, "000000007e57", 60), max_queue=100)
+        queue.web.enqueue(Job.new(pixels, "000000007e57", 60), max_queue=100)
         assert value(scrape(web.url + "/metrics"), "web_queue_depth") == 4
     finally:
         web.stop()
@@ -166,7 +167,7 @@ def test_worker_metrics_count_done_jobs_batches_and_inference(stack):
 
 def test_worker_metrics_count_dead_lettered_and_expired_jobs(stack, redis_server):
     env, _, worker_metrics = stack
-    queue = JobQueue(connect(redis_server.url), env["IMAGE_QUEUE"])
+    queue = Queues.on(connect(redis_server.url), env["IMAGE_QUEUE"])
     before = scrape(worker_metrics)
     expired = Job.new(np.zeros((224, 224, 3), np.uint8), "0000000000b0", 60)
     expired.deadline = time.time() - 1
@@ -189,20 +190,19 @@ class BrokenClassifier:
         raise RuntimeError("inference exploded")
 
 
-@pytest.mark.parametrize("max_attempts, outcome", [(3, "requeued"), (1, "dead_lettered")])
-def test_failed_inference_is_counted(redis_client, queue_name, max_attempts, outcome):
-    queue = JobQueue(redis_client, queue_name, result_ttl=60, max_attempts=max_attempts)
-    worker = pipeline.Worker(settings.load(env={}), queue, BrokenClassifier())
-    queue.enqueue(Job.new(np.zeros((224, 224, 3), np.uint8), "0000000007e5", 60), max_queue=10)
-    raws = queue.claim_batch(worker.id, size=4, wait=0, block=1)
-    assert len(raws) == 1
+@pytest.mark.parametrize("max_attempts", [1, 3])
+def test_failed_inference_is_counted(redis_server, queue_name, max_attempts):
+    """Each failed attempt is counted, the job requeued until MAX_ATTEMPTS, then dead-lettered."""
+    queue = Queues.on(connect(redis_server.url), queue_name)
 
     def sample(name: str) -> float:
         return REGISTRY.get_sample_value("worker_jobs_total", {"outcome": name}) or 0.0
 
-    failed, moved = sample("failed"), sample(outcome)
-    worker.process(raws)
-    assert sample("failed") == failed + 1
-    assert sample(outcome) == moved + 1
-    assert queue.depth() == (1 if outcome == "requeued" else 0)
-    assert len(queue.dead_letters()) == (1 if outcome == "dead_lettered" else 0)
+    before = {name: sample(name) for name in ("failed", "requeued", "dead_lettered")}
+    queue.web.enqueue(Job.new(np.zeros((224, 224, 3), np.uint8), "0000000007e5", 60), max_queue=10)
+    with RunningWorker(worker_config(redis_server.url, queue_name, MAX_ATTEMPTS=max_attempts), BrokenClassifier()):
+        wait_until(lambda: queue.inspect.dead_letters(), 30, "the job dead-lettered")
+    assert sample("failed") == before["failed"] + max_attempts
+    assert sample("requeued") == before["requeued"] + max_attempts - 1
+    assert sample("dead_lettered") == before["dead_lettered"] + 1
+    assert queue.inspect.depth() == 0 and len(queue.inspect.dead_letters()) == 1

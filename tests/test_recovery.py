@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 
 from imgserve.launch.local_redis import free_port
-from imgserve.protocol import Job, JobQueue, connect
+from imgserve.protocol import Job, connect
 from imgserve.settings import Settings
 from tests.support.freezing import freeze_holding_jobs
 from tests.support.metrics import metric
 from tools.processes import server_env, start_worker, wait_until
+from tools.queues import Queues
 
 pytestmark = pytest.mark.system
 
@@ -37,22 +38,22 @@ def survivor(redis_server):
     assert defaults.heartbeat_ttl + defaults.reap_interval <= RECOVERY_GOAL, "the defaults cannot meet the goal"
     env = server_env(redis_server.url, f"rec-{uuid.uuid4().hex[:6]}", BATCH_SIZE=BATCH, METRICS_PORT=free_port())
     worker = start_worker(env)
-    queue = JobQueue(connect(redis_server.url), env["IMAGE_QUEUE"])
+    queue = Queues.on(connect(redis_server.url), env["IMAGE_QUEUE"])
     yield worker, queue
     worker.stop()
     queue.redis.close()
 
 
-def queue_jobs(queue: JobQueue, count: int) -> list[Job]:
+def queue_jobs(queue: Queues, count: int) -> list[Job]:
     """`count` jobs, due in 5 minutes, queued as the web server queues them (blank images: the model's time
     does not depend on the pixels, and blank ones compress to almost nothing in Redis)."""
     jobs = [Job.new(np.zeros((224, 224, 3), np.uint8), "00000000ec0e", 300, "zstd2") for _ in range(count)]
     for job in jobs:
-        assert queue.enqueue(job, max_queue=10_000)
+        assert queue.web.enqueue(job, max_queue=10_000)
     return jobs
 
 
-def published(queue: JobQueue, jobs: list[Job]) -> int:
+def published(queue: Queues, jobs: list[Job]) -> int:
     return int(queue.redis.exists(*(queue.keys.result(job.origin, job.id) for job in jobs)))
 
 
@@ -65,7 +66,7 @@ def cpu_seconds(pid: int) -> float:
 class StrictReaper(threading.Thread):
     """Runs the reaper every 50 ms, far more often than any worker does, and watches the heartbeat's TTL."""
 
-    def __init__(self, queue: JobQueue, worker: str) -> None:
+    def __init__(self, queue: Queues, worker: str) -> None:
         super().__init__(daemon=True)
         self.queue, self.worker = queue, worker
         self.reaped = 0
@@ -75,7 +76,7 @@ class StrictReaper(threading.Thread):
     def run(self) -> None:
         while not self.stop.wait(0.05):
             self.lowest_ttl_ms = min(self.lowest_ttl_ms, self.queue.redis.pttl(self.queue.keys.heartbeat(self.worker)))
-            self.reaped += self.queue.reap()[0]
+            self.reaped += self.queue.worker.reap()[0]
 
 
 def batch_counts(port: int) -> dict[str, float]:
@@ -128,7 +129,7 @@ def test_a_crashed_workers_jobs_are_back_in_the_queue_within_3_s(survivor):
         frozen_at = time.monotonic()
         victim.process.kill()
         victim.process.wait(30)
-        wait_until(lambda: not queue.claimed(victim.id), 10, "the dead worker's jobs back in the queue", 0.01)
+        wait_until(lambda: not queue.inspect.claimed(victim.id), 10, "the dead worker's jobs back in the queue", 0.01)
         recovered_after = time.monotonic() - frozen_at
         assert not queue.redis.sismember(queue.keys.workers, victim.id)
         wait_until(lambda: published(queue, held) == len(held), 120, "the dead worker's jobs answered", 0.2)

@@ -23,9 +23,10 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from imgserve.launch.local_redis import LocalRedis, free_port
-from imgserve.protocol import Job, JobQueue, connect
+from imgserve.protocol import Job, connect
 from tools import redis_acl
 from tools.processes import post_image, sample_image_bytes, server_env, start_web, start_worker, wait_until
+from tools.queues import Queues
 
 pytestmark = pytest.mark.system
 
@@ -137,7 +138,7 @@ def submit_collect_and_cancel(url: str) -> tuple[str, int]:
 
 
 def test_the_whole_stack_runs_with_users_restricted_to_the_documented_rules(secured, worker):
-    admin, keys = secured.admin, JobQueue(secured.admin, secured.queue).keys
+    admin, keys = secured.admin, Queues.on(secured.admin, secured.queue).keys
     # A worker that died holding a job, and a malformed job: the reaper's and the dead letters' scripts run too.
     stranded = Job.new(np.zeros((224, 224, 3), np.uint8), "0000000000b0", 120)
     admin.sadd(keys.workers, "gone-1")

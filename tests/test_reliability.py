@@ -28,8 +28,9 @@ import requests
 from PIL import Image
 
 from imgserve.launch.local_redis import LocalRedis, free_port
-from imgserve.protocol import Job, JobQueue, ResultListener, connect, job_metadata
-from imgserve.protocol.queue import TAKEN_RESULT_TTL_MS
+from imgserve.protocol import Job, ResultListener, WebQueue, connect, job_metadata
+from imgserve.protocol.notifications import common_flags
+from imgserve.protocol.web_queue import TAKEN_RESULT_TTL_MS
 from tests.support.freezing import freeze, freeze_holding_jobs
 from tests.support.metrics import metric
 from tools import processes
@@ -44,6 +45,7 @@ from tools.processes import (
     start_worker,
     wait_until,
 )
+from tools.queues import Queues
 
 pytestmark = pytest.mark.system
 
@@ -78,7 +80,7 @@ class Stack:
     env: dict[str, str]
     worker: Child
     web: WebServer
-    queue: JobQueue
+    queue: Queues
     metrics_port: int
 
     def extra_worker_env(self) -> dict[str, str]:
@@ -102,7 +104,7 @@ def stack(redis_server):
     worker = start_worker(env)
     web = start_web(env)
     client = connect(redis_server.url)
-    yield Stack(env, worker, web, JobQueue(client, name), metrics_port)
+    yield Stack(env, worker, web, Queues.on(client, name), metrics_port)
     web.stop()
     worker.stop()
     client.close()
@@ -162,22 +164,22 @@ def test_sigterm_mid_batch_finishes_the_batch_and_exits_0(stack):
     assert [r.status_code for r in responses] == [200] * 40
     assert len(counts) == 40 and max(counts.values()) == 1
     assert {job.id for job in held} <= finished_by_leaver, "the batch in hand was finished, not dropped"
-    wait_until(lambda: stack.queue.live_workers() == 1, 30, "the leaving worker to unregister")
+    wait_until(lambda: len(stack.queue.inspect.live_worker_models()) == 1, 30, "the leaving worker to unregister")
 
 
 def test_heartbeat_re_registers_a_worker_that_was_reaped(queue):
     """A worker paused longer than HEARTBEAT_TTL (or cut off from Redis) is reaped; when it comes back its
     heartbeat must put it back on the reaper's list, or a later crash of it would lose its jobs."""
-    queue.register("slow", heartbeat_ttl=0.2)
+    queue.worker.heartbeat("slow", 0.2)
     time.sleep(0.3)
-    assert queue.reap()[0] == 1 and queue.live_workers() == 0
-    queue.heartbeat("slow", 5)
-    assert queue.live_workers() == 1
-    queue.enqueue(Job.new(PIXELS, "0123456789ab", 30), 100)
-    queue.claim_batch("slow", 1, 0, 1)
-    queue.heartbeat("slow", 0.2)
+    assert queue.worker.reap()[0] == 1 and len(queue.inspect.live_worker_models()) == 0
+    queue.worker.heartbeat("slow", 5)
+    assert len(queue.inspect.live_worker_models()) == 1
+    queue.web.enqueue(Job.new(PIXELS, "0123456789ab", 30), 100)
+    queue.worker.claim_batch("slow", 1, 0, 1)
+    queue.worker.heartbeat("slow", 0.2)
     time.sleep(0.3)
-    assert queue.reap() == (1, 1, 0), "the crashed worker's job went back to the queue"
+    assert queue.worker.reap() == (1, 1, 0), "the crashed worker's job went back to the queue"
 
 
 # ---- poison jobs and bad jobs -------------------------------------------------------------------
@@ -191,7 +193,7 @@ def test_job_that_kills_every_worker_is_dead_lettered_and_its_client_answered(re
     env = server_env(redis_server.url, name, MAX_ATTEMPTS=2, BATCH_SIZE=4, BATCH_WAIT_MS=2000)
     children = [Worker(env) for _ in range(3)]
     web = None
-    queue = JobQueue(connect(redis_server.url), name)
+    queue = Queues.on(connect(redis_server.url), name)
     try:
         for child in children:
             child.wait_registered(240)
@@ -204,16 +206,16 @@ def test_job_that_kills_every_worker_is_dead_lettered_and_its_client_answered(re
                 delivered.append(job.id)
                 assert job.attempts == delivery - 1 and len(set(delivered)) == 1
                 freeze(holder)
-                assert len(queue.claimed(holder.id)) == 1, "still unacknowledged"
+                assert len(queue.inspect.claimed(holder.id)) == 1, "still unacknowledged"
                 holder.process.kill()
                 holder.process.wait(30)
                 victims.append(holder)
             response = poisoned.result()
         body = assert_json_error(response, 500, "delivered 2 times (MAX_ATTEMPTS=2)")
         assert "stopped sending heartbeats" in body["error"]
-        [letter] = queue.dead_letters()
+        [letter] = queue.inspect.dead_letters()
         assert letter["job"]["id"] == job.id and "MAX_ATTEMPTS=2" in letter["reason"]
-        assert queue.depth() == 0
+        assert queue.inspect.depth() == 0
         [survivor] = [child for child in children if child not in victims]
         assert post_image(web.url, sample_image_bytes()).status_code == 200
         assert survivor.stop(signal.SIGINT) == 0, "Ctrl-C stops a worker cleanly"
@@ -223,12 +225,12 @@ def test_job_that_kills_every_worker_is_dead_lettered_and_its_client_answered(re
         queue.redis.close()
 
 
-def holding(children: list[Worker], queue: JobQueue, exclude: list[Worker]) -> tuple[Worker, list[Job]] | None:
+def holding(children: list[Worker], queue: Queues, exclude: list[Worker]) -> tuple[Worker, list[Job]] | None:
     """The first worker (not in `exclude`) whose processing lists hold jobs, with those jobs."""
     for child in children:
         if child in exclude:
             continue
-        held = queue.claimed(child.id)
+        held = queue.inspect.claimed(child.id)
         if held:
             return child, [Job.from_json(raw) for raw in held]
     return None
@@ -274,21 +276,23 @@ def letter_key(metadata: dict) -> str | int:
 def test_hand_written_bad_jobs_are_dead_lettered_with_reasons_and_the_worker_keeps_serving(stack):
     queue = stack.queue
     cases = bad_jobs()
-    letters_before = len(queue.dead_letters(1000))
+    letters_before = len(queue.inspect.dead_letters(1000))
     for raw, _, _ in cases:
         queue.redis.lpush(queue.keys.queue, raw)
-    wait_until(lambda: len(queue.dead_letters(1000)) >= letters_before + len(cases), 60, "the dead letters")
+    wait_until(lambda: len(queue.inspect.dead_letters(1000)) >= letters_before + len(cases), 60, "the dead letters")
     # A dead letter keeps the job's id when it is readable, else only its size (unique among these cases).
-    reason_of = {letter_key(letter["job"]): letter["reason"] for letter in queue.dead_letters(1000)[: len(cases)]}
+    reason_of = {
+        letter_key(letter["job"]): letter["reason"] for letter in queue.inspect.dead_letters(1000)[: len(cases)]
+    }
     for raw, expected, _ in cases:
         reason = reason_of[letter_key(job_metadata(raw))]
         assert expected in reason, (raw[:60], reason)
     for _, expected, job in cases:
         if job is not None:
-            answer = wait_until(lambda job=job: queue.take_result(job.origin, job.id), 10, "the error result")
+            answer = wait_until(lambda job=job: queue.web.take_result(job.origin, job.id), 10, "the error result")
             assert answer["success"] is False and answer["status"] == 400 and expected in answer["error"]
     assert stack.worker.process.poll() is None, "the worker is still running"
-    assert queue.depth() == 0
+    assert queue.inspect.depth() == 0
     assert post_image(stack.web.url, sample_image_bytes()).status_code == 200
 
 
@@ -322,35 +326,35 @@ def test_expired_jobs_are_dropped_without_running_the_model_and_counted(stack):
     inference_before = metric(port, "worker_inference_seconds_count")
     jobs = [Job.new(PIXELS, "0000000001a7", timeout=-5) for _ in range(3)]  # deadline 5 s ago
     for job in jobs:
-        assert queue.enqueue(job, 100)
+        assert queue.web.enqueue(job, 100)
     wait_until(lambda: metric(port, "worker_jobs_total", outcome="expired") >= expired_before + 3, 60, "expired count")
-    wait_until(lambda: not queue.claimed(stack.worker.id), 30, "acknowledgement")
+    wait_until(lambda: not queue.inspect.claimed(stack.worker.id), 30, "acknowledgement")
     assert metric(port, "worker_jobs_total", outcome="expired") == expired_before + 3
     assert metric(port, "worker_inference_seconds_count") == inference_before, "the model did not run"
-    assert all(queue.take_result(job.origin, job.id) is None for job in jobs), "no result was written"
+    assert all(queue.web.take_result(job.origin, job.id) is None for job in jobs), "no result was written"
 
 
 def test_full_queue_answers_503_at_once_and_a_late_request_504(redis_server):
     name = f"full-{uuid.uuid4().hex[:6]}"
     env = server_env(redis_server.url, name, MAX_QUEUE=2, REQUEST_TIMEOUT=3, RESULT_TTL=2)
     web = start_web(env)  # no worker at all
-    queue = JobQueue(connect(redis_server.url), name, result_ttl=2)
+    queue = Queues.on(connect(redis_server.url), name, result_ttl=2)
     data = sample_image_bytes()
     try:
         with ThreadPoolExecutor(2) as pool:
             waiting = [pool.submit(post_image, web.url, data) for _ in range(2)]
-            wait_until(lambda: queue.depth() == 2, 30, "two queued jobs")
+            wait_until(lambda: queue.inspect.depth() == 2, 30, "two queued jobs")
             full = post_image(web.url, data)
             assert_json_error(full, 503, "queue full")
             assert full.headers["Retry-After"] == "1"
-            assert queue.depth() == 2, "the refused job was not left in the queue"
+            assert queue.inspect.depth() == 2, "the refused job was not left in the queue"
             # A slow worker claims one of the two in time, and will finish it after its deadline.
-            late = [Job.from_json(raw) for raw in queue.claim_batch("late-worker", 1, 0, 1)]
+            late = [Job.from_json(raw) for raw in queue.worker.claim_batch("late-worker", 1, 0, 1)]
             for future in waiting:
                 assert_json_error(future.result(), 504, "REQUEST_TIMEOUT")
-        assert queue.depth() == 0, "the job nobody had claimed was cancelled when its client got 504"
+        assert queue.inspect.depth() == 0, "the job nobody had claimed was cancelled when its client got 504"
         # The late result expires within seconds (RESULT_TTL=2 here) instead of lingering.
-        queue.finish_batch("late-worker", [(job, {"success": True, "predictions": []}) for job in late], [])
+        queue.worker.finish_batch("late-worker", [(job, {"success": True, "predictions": []}) for job in late], [])
         keys = [queue.keys.result(job.origin, job.id) for job in late]
         assert all(0 < queue.redis.pttl(key) <= 2000 for key in keys)
         wait_until(lambda: queue.redis.exists(*keys) == 0, 30, "the late results to expire")
@@ -425,17 +429,17 @@ def test_malformed_uploads_get_4xx_json_and_the_next_good_request_succeeds(stack
 def test_gunicorn_sigterm_stops_taking_requests_and_finishes_those_in_flight(redis_server):
     name = f"term-{uuid.uuid4().hex[:6]}"
     web = start_web(server_env(redis_server.url, name, REQUEST_TIMEOUT=120), gunicorn=True)
-    queue = JobQueue(connect(redis_server.url), name)
+    queue = Queues.on(connect(redis_server.url), name)
     data = sample_image_bytes()
     try:
         with ThreadPoolExecutor(3) as pool:
             in_flight = [pool.submit(post_image, web.url, data) for _ in range(3)]
-            wait_until(lambda: queue.depth() == 3, 30, "three queued jobs")
+            wait_until(lambda: queue.inspect.depth() == 3, 30, "three queued jobs")
             web.process.send_signal(signal.SIGTERM)
             wait_until(lambda: unanswered(web.url), 30, "the server to stop answering new requests")
             # Play the model worker: answer the three jobs while gunicorn is shutting down.
-            jobs = [Job.from_json(raw) for raw in queue.claim_batch("test-worker", 3, 0, 1)]
-            queue.finish_batch("test-worker", [(job, {"success": True, "predictions": []}) for job in jobs], [])
+            jobs = [Job.from_json(raw) for raw in queue.worker.claim_batch("test-worker", 3, 0, 1)]
+            queue.worker.finish_batch("test-worker", [(job, {"success": True, "predictions": []}) for job in jobs], [])
             responses = [future.result() for future in in_flight]
         assert [r.status_code for r in responses] == [200] * 3
         assert all(r.json() == {"success": True, "predictions": []} for r in responses)
@@ -489,7 +493,7 @@ def test_redis_outage_fails_fast_and_everything_resumes_without_restarts():
     env = server_env(redis_server.url, name, BATCH_SIZE=4, BATCH_WAIT_MS=5, REQUEST_TIMEOUT=60)
     worker = web = None
     client = connect(redis_server.url)
-    queue = JobQueue(client, name)
+    queue = Queues.on(client, name)
     data = sample_image_bytes()
     try:
         worker = start_worker(env)
@@ -499,7 +503,9 @@ def test_redis_outage_fails_fast_and_everything_resumes_without_restarts():
         with ThreadPoolExecutor(10) as pool:
             freeze(worker)  # let requests pile up, so that some are waiting when Redis goes away
             waiting = [pool.submit(post_image, web.url, data, timeout=50) for _ in range(10)]
-            wait_until(lambda: queue.depth() + len(queue.claimed(worker.id)) == 10, 30, "ten queued jobs")
+            wait_until(
+                lambda: queue.inspect.depth() + len(queue.inspect.claimed(worker.id)) == 10, 30, "ten queued jobs"
+            )
             redis_server.stop()
             os.kill(worker.process.pid, signal.SIGCONT)
             for future in waiting:
@@ -515,7 +521,7 @@ def test_redis_outage_fails_fast_and_everything_resumes_without_restarts():
         wait_until(lambda: post_image(web.url, data, timeout=50).status_code == 200, 120, "a request to succeed again")
         body = wait_until(lambda: ready_body(web.url), 60, "/readyz to report a worker and notifications")
         assert body["workers"] == 1 and body["redis"] is True, "the worker registered again in the emptied Redis"
-        assert set("K$") <= set(queue.notification_flags()), "the listener re-enabled keyspace notifications"
+        assert set("K$") <= set(common_flags(queue.web)), "the listener re-enabled keyspace notifications"
         assert (worker.process.pid, web.process.pid) == pids
         assert worker.process.poll() is None and web.process.poll() is None
     finally:
@@ -539,19 +545,19 @@ def test_listener_re_enables_notifications_when_its_connection_comes_back():
     A Redis of its own: no other listener may re-enable the events for it."""
     with LocalRedis() as server:
         redis_client = connect(server.url)
-        queue = JobQueue(redis_client, "relisten", result_ttl=60)
+        queue = Queues.on(redis_client, "relisten", result_ttl=60)
         redis_client.config_set("notify-keyspace-events", "")
-        listener = ResultListener(queue, "0123456789ab")
+        listener = ResultListener(queue.web, "0123456789ab")
         listener.start()
         try:
             assert listener.wait_ready(5) and listener.mode == "notifications"
             redis_client.config_set("notify-keyspace-events", "")  # what a restart without persistence does
             redis_client.client_kill_filter(_type="pubsub")
-            wait_until(lambda: set("K$") <= set(queue.notification_flags()), 20, "notifications to be re-enabled")
+            wait_until(lambda: set("K$") <= set(common_flags(queue.web)), 20, "notifications to be re-enabled")
             listener.SAFETY_POLL = listener.MAX_SAFETY_POLL = 60  # only a notification can wake the waiter now
             job = Job.new(PIXELS, "0123456789ab", 30)
             with listener.expect(job.id):
-                queue.enqueue(job, 100)
+                queue.web.enqueue(job, 100)
                 done = threading.Timer(0.2, lambda: finish(queue, job))
                 done.start()
                 assert listener.wait(job.id, time.time() + 30) == {"success": True}
@@ -560,9 +566,9 @@ def test_listener_re_enables_notifications_when_its_connection_comes_back():
             redis_client.close()
 
 
-def finish(queue: JobQueue, job: Job) -> None:
-    queue.claim_batch("w", 1, 0, 1)
-    queue.finish_batch("w", [(job, {"success": True})], [])
+def finish(queue: Queues, job: Job) -> None:
+    queue.worker.claim_batch("w", 1, 0, 1)
+    queue.worker.finish_batch("w", [(job, {"success": True})], [])
 
 
 def test_listener_survives_a_redis_error_that_is_not_a_lost_connection(queue, redis_client, redis_server):
@@ -573,7 +579,7 @@ def test_listener_survives_a_redis_error_that_is_not_a_lost_connection(queue, re
         user, enabled=True, passwords=[f"+{password}"], keys=["*"], commands=["+@all", "-psubscribe"]
     )
     limited = connect(f"redis://{user}:{password}@127.0.0.1:{redis_server.port}/0")
-    listener = ResultListener(JobQueue(limited, queue.keys.queue), "0123456789ab")
+    listener = ResultListener(WebQueue(limited, queue.keys.queue), "0123456789ab")
     listener.start()
     try:
         assert listener.wait_ready(5) and listener.mode == "polling"
@@ -581,7 +587,7 @@ def test_listener_survives_a_redis_error_that_is_not_a_lost_connection(queue, re
         assert listener._thread.is_alive()
         job = Job.new(PIXELS, "0123456789ab", 30)
         with listener.expect(job.id):
-            queue.enqueue(job, 100)
+            queue.web.enqueue(job, 100)
             threading.Timer(0.1, lambda: finish(queue, job)).start()
             assert listener.wait(job.id, time.time() + 30) == {"success": True}
     finally:

@@ -3,16 +3,17 @@ ratio from the worker, per model and shard; the oldest job's age from the web's 
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from imgserve import settings
-from imgserve.protocol import Job, JobQueue
-from imgserve.web.metrics import QueueDepthCollector, oldest_job_ages
-from imgserve.worker import pipeline
+from imgserve.protocol import Job
+from imgserve.web.metrics import QueueDepthCollector
+from tests.support.workers import RunningWorker, worker_config
+from tools.processes import wait_until
 
 pytestmark = pytest.mark.unit
 
@@ -21,11 +22,17 @@ LABELS = {"model": MODEL["model"], "shard": "0"}
 
 
 class FixedClassifier:
-    """Stands in for the model: the same answer for every image, under a model name of the test's own."""
+    """Stands in for the model: the same answer for every image, under a model name of the test's own; each
+    batch waits until `gate` is set (it is, unless a test clears it)."""
 
     identity = MODEL
 
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.gate.set()
+
     def classify(self, images: np.ndarray, k: int = 5) -> list[list[dict]]:
+        assert self.gate.wait(30), "the test never let the batch through"
         return [[{"label": "castle", "probability": 1.0}] * k for _ in images]
 
 
@@ -40,39 +47,52 @@ def sample(name: str, labels: dict | None = None) -> float:
 
 
 @pytest.fixture
-def worker(queue: JobQueue) -> pipeline.Worker:
-    return pipeline.Worker(settings.load(env={}), queue, FixedClassifier())
+def model() -> FixedClassifier:
+    return FixedClassifier()
 
 
-def claim(queue: JobQueue, worker: pipeline.Worker, jobs: list[Job]) -> list[bytes]:
-    for job in jobs:
-        assert queue.enqueue(job, max_queue=100)
-    raws = queue.claim_batch(worker.id, size=len(jobs), wait=0, block=1)
-    assert len(raws) == len(jobs)
-    return raws
+@pytest.fixture
+def serve(redis_server, queue, model):
+    """serve(jobs): queue the jobs, run a Worker (through run()) until every one is answered, stop it."""
+
+    def run(jobs: list[Job]) -> None:
+        for job in jobs:
+            assert queue.web.enqueue(job, max_queue=100)
+        with RunningWorker(worker_config(redis_server.url, queue.name), model):
+            wait_until(lambda: all(answered(queue, job) for job in jobs), 30, "every job answered")
+
+    return run
 
 
-def test_queue_wait_is_observed_per_job_from_enqueue_to_claim(queue, worker):
+def answered(queue, job: Job) -> bool:
+    return queue.redis.exists(queue.keys.result(job.origin, job.id)) == 1
+
+
+def test_queue_wait_is_observed_per_job_from_enqueue_to_claim(serve):
     count, total = sample("worker_queue_wait_seconds_count"), sample("worker_queue_wait_seconds_sum")
-    raws = claim(queue, worker, [job_enqueued_ago(20), job_enqueued_ago(40)])
-    worker.process(raws)
+    serve([job_enqueued_ago(20), job_enqueued_ago(40)])
     assert sample("worker_queue_wait_seconds_count") == count + 2
     waited = sample("worker_queue_wait_seconds_sum") - total
     assert 60 <= waited < 60 + 2 * 60  # at least the backdating; the rest is this test's own run time
 
 
-def test_jobs_are_in_flight_from_claim_until_published(queue, worker):
+def test_jobs_are_in_flight_from_claim_until_published(redis_server, queue, model):
     before = sample("worker_jobs_in_flight")
-    batch = worker._decode(0, claim(queue, worker, [job_enqueued_ago(0) for _ in range(3)]))
-    assert sample("worker_jobs_in_flight") == before + 3
-    worker._publish(worker._infer(batch))
-    assert sample("worker_jobs_in_flight") == before
+    jobs = [job_enqueued_ago(0) for _ in range(3)]
+    for job in jobs:
+        assert queue.web.enqueue(job, max_queue=100)
+    model.gate.clear()
+    with RunningWorker(worker_config(redis_server.url, queue.name), model):
+        wait_until(lambda: sample("worker_jobs_in_flight") == before + 3, 30, "three jobs in flight")
+        model.gate.set()
+        wait_until(lambda: all(answered(queue, job) for job in jobs), 30, "every job answered")
+        wait_until(lambda: sample("worker_jobs_in_flight") == before, 10, "none in flight once published")
 
 
-def test_queue_compute_ratio_is_the_mean_wait_over_the_model_time(queue, worker):
+def test_queue_compute_ratio_is_the_mean_wait_over_the_model_time(serve):
     waited = sample("worker_queue_wait_seconds_sum")
     computed = REGISTRY.get_sample_value("worker_inference_seconds_sum") or 0.0
-    worker.process(claim(queue, worker, [job_enqueued_ago(30), job_enqueued_ago(10)]))
+    serve([job_enqueued_ago(30), job_enqueued_ago(10)])  # queued before the worker starts: one batch
     mean_wait = (sample("worker_queue_wait_seconds_sum") - waited) / 2
     model_time = REGISTRY.get_sample_value("worker_inference_seconds_sum") - computed
     assert sample("worker_queue_compute_ratio") == pytest.approx(mean_wait / max(model_time, 1e-6), rel=1e-6)
@@ -81,11 +101,11 @@ def test_queue_compute_ratio_is_the_mean_wait_over_the_model_time(queue, worker)
 
 def test_oldest_job_age_is_read_from_the_head_of_each_shard(queue):
     now = time.time()
-    assert oldest_job_ages(queue, now) == [0.0]  # an empty queue is not late
+    assert queue.inspect.oldest_job_ages(now) == [0.0]  # an empty queue is not late
     for age in (90, 30, 5):  # the first enqueued is the next claimed
-        assert queue.enqueue(job_enqueued_ago(age), max_queue=100)
-    assert oldest_job_ages(queue, now)[0] == pytest.approx(90, abs=5)
-    families = {family.name: family for family in QueueDepthCollector(queue).collect()}
+        assert queue.web.enqueue(job_enqueued_ago(age), max_queue=100)
+    assert queue.inspect.oldest_job_ages(now)[0] == pytest.approx(90, abs=5)
+    families = {family.name: family for family in QueueDepthCollector(queue.inspect).collect()}
     assert families["web_oldest_job_age_seconds"].samples[0].value >= 90
     shard_sample = families["web_shard_oldest_job_age_seconds"].samples[0]
     assert shard_sample.labels == {"shard": "0"} and shard_sample.value >= 90

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.unit
 
 def client_for(queue: StandInQueue, **env: str):
     config = settings.load(env={"MAX_UPLOAD_BYTES": "200000", **env}, dotenv=False)
-    app = create_app(config, queue=queue)
+    app = create_app(config, queue=queue, inspector=queue)
     app.testing = True
     return app.test_client(), app
 
@@ -574,12 +574,12 @@ def test_without_api_keys_there_is_no_per_key_share():
     assert queue.held == {}
 
 
-class FailedJobQueue(StandInQueue):
+class FailedJobsQueue(StandInQueue):
     def job_status(self, job_id: str, owner: str = OPEN_OWNER) -> dict | None:
         return {"status": "failed", "error": "job failed: out of attempts"}
 
 
 def test_a_failed_job_is_shown_as_failed_with_its_error():
-    client, _ = client_for(FailedJobQueue())
+    client, _ = client_for(FailedJobsQueue())
     body = client.get("/jobs/" + "0" * 32).get_json()
     assert body == {"id": "0" * 32, "status": "failed", "error": "job failed: out of attempts"}

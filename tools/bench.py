@@ -48,7 +48,7 @@ import requests
 from imgserve import settings
 from imgserve.imaging.codecs import CODECS
 from imgserve.launch.local_redis import LocalCluster, LocalRedis
-from imgserve.protocol import Job, JobQueue, connect
+from imgserve.protocol import Job, connect
 from tools.bench_report import Report
 from tools.load import (
     BATCH_FOR_MIX,
@@ -73,6 +73,7 @@ from tools.load import (
     with_children,
 )
 from tools.processes import CASTLE, PROJECT, Child, sample_image_bytes, server_env
+from tools.queues import Queues
 
 MONITOR_END = "imgserve-bench-monitor-end"
 
@@ -133,10 +134,10 @@ def cpu_lines(report: Report, cpu: dict) -> None:
     )
 
 
-def sample_job(queue: JobQueue, tries: int = 200) -> bytes | None:
+def sample_job(queue: Queues, tries: int = 200) -> bytes | None:
     """A real job as the web server queued it, read at the queue's head without claiming it."""
     for _ in range(tries):
-        raw = queue.peek()
+        raw = queue.inspect.peek()
         if raw is not None:
             return raw
         time.sleep(0.01)
@@ -361,7 +362,7 @@ def round_trips(report: Report, url: str, client: Client, redis_url: str, count:
 
 
 def saturation(
-    plan: Plan, client: Client, web: Web, workers: list[Child], counter: redis.Redis, meter: CpuMeter, queue: JobQueue
+    plan: Plan, client: Client, web: Web, workers: list[Child], counter: redis.Redis, meter: CpuMeter, queue: Queues
 ) -> Load:
     """(2)/(6) closed-loop clients against the real model worker(s); samples a queued job meanwhile."""
     mark = LogMark(workers)
@@ -418,7 +419,7 @@ def job_size(report: Report, raw: bytes | None) -> dict:
         "codec": job.codec,
     }
     report.say(
-        f"   a real queued job (read with JobQueue.peek): {len(raw):,} bytes = base64 image {len(job.image):,} "
+        f"   a real queued job (read with QueueInspector.peek): {len(raw):,} bytes = base64 image {len(job.image):,} "
         f"(codec {job.codec}; raw would be 200,704) + JSON envelope {out['envelope_bytes']:,} "
         "(id, origin, shape, dtype, codec, times)"
     )
@@ -520,7 +521,7 @@ def _cpu_ms(call: Callable[[], object], repeats: int) -> float:
 
 
 def redis_alone(report: Report, seconds: float, image: bytes, url: str, codec: str, processes: int = 2) -> dict:
-    """(8) Redis with our per-request command mix and real job sizes, driven through JobQueue without HTTP or model.
+    """(8) Redis with our per-request command mix and real job sizes, driven through Queues without HTTP or model.
 
     Each client process plays web and worker in turn: enqueue a batch of real jobs, claim it, publish the results,
     take every result. Redis's own CPU per request says how many requests one Redis core can carry.
@@ -731,7 +732,7 @@ def run(args: argparse.Namespace) -> Report:
             LOG_LEVEL="DEBUG",
             PYTHONPATH=str(PROJECT),
         )
-        queue = JobQueue(counter, "bench")
+        queue = Queues.on(counter, "bench")
         model, classifier = model_limit(report, plan, config.batch_size)
         report.results["model"] = model
         for spec in args.sweep or []:
@@ -773,7 +774,7 @@ def measure_stack(
     client: Client,
     env: dict[str, str],
     counter: redis.Redis,
-    queue: JobQueue,
+    queue: Queues,
     models: tuple[dict, object],
     stack: ExitStack,
     redis_url: str,

@@ -27,7 +27,8 @@ import redis
 
 from imgserve.imaging.prepare import prepare_image
 from imgserve.launch.local_redis import LocalRedis
-from imgserve.protocol import Job, JobQueue, connect
+from imgserve.protocol import Job, connect
+from tools.queues import Queues
 
 PROJECT = Path(__file__).resolve().parent.parent
 CASTLE = PROJECT.parent / "shared" / "images" / "castle_image.jpg"
@@ -74,7 +75,7 @@ def measure(jobs: int, seconds_per_image: float, batch_size: int, codec: str, ti
     pixels = castle_pixels()
     with LocalRedis() as server, tempfile.TemporaryDirectory() as tmp:
         client = connect(server.url)
-        queue = JobQueue(client, "gpufeed")
+        queue = Queues.on(client, "gpufeed")
         staging = queue.keys.queue + ":staging"  # filled first, then renamed onto the queue in one step
         raws = [Job.new(pixels, "00000000bec0", 3600, codec).to_json() for _ in range(jobs)]
         for start in range(0, jobs, 500):
@@ -174,7 +175,7 @@ def step_costs(repeats: int = 300) -> dict[str, float]:
 
 def claim_costs(jobs: int = 2000, batch: int = 32) -> dict[str, float]:
     """Redis CPU ms per job to claim castle jobs: the old CLAIM Lua script (LRANGE, LTRIM, RPUSH, return)
-    beside BLMOVE + LLEN and pipelined LMOVEs (JobQueue.claim_batch), on a Redis of its own."""
+    beside BLMOVE + LLEN and pipelined LMOVEs (WorkerQueue.claim_batch), on a Redis of its own."""
     lua_claim = """
     local jobs = redis.call('LRANGE', KEYS[1], -tonumber(ARGV[1]), -1)
     if #jobs == 0 then return jobs end
@@ -187,7 +188,7 @@ def claim_costs(jobs: int = 2000, batch: int = 32) -> dict[str, float]:
     out = {}
     with LocalRedis() as server:
         client = connect(server.url)
-        queue = JobQueue(client, "claims")
+        queue = Queues.on(client, "claims")
         script = client.register_script(lua_claim)
         plist = queue.keys.processing("w", 0)
 
@@ -196,13 +197,13 @@ def claim_costs(jobs: int = 2000, batch: int = 32) -> dict[str, float]:
             return 0 if first is None else 1 + len(script(keys=[queue.keys.queue, plist], args=[batch - 1]))
 
         def lmove() -> int:
-            return len(queue.claim_batch("w", batch, 0, 1))
+            return len(queue.worker.claim_batch("w", batch, 0, 1))
 
         for name, claim in (("old: BLMOVE + CLAIM Lua script", lua), ("new: BLMOVE + LLEN, LMOVE pipeline", lmove)):
             for start in range(0, jobs, 500):
                 client.lpush(queue.keys.queue, *raws[start : start + 500])
             before, moved = redis_cpu(client), 0
-            while queue.depth():
+            while queue.inspect.depth():
                 moved += claim()
                 client.delete(plist)
             out[name] = (redis_cpu(client) - before) / moved * 1000

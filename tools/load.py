@@ -24,8 +24,9 @@ import redis
 import requests
 
 from imgserve.launch.local_redis import free_port
-from imgserve.protocol import Claimer, Job, JobQueue, connect
+from imgserve.protocol import Claimer, Job, connect
 from tools.processes import PROJECT, Child, WebServer, Worker
+from tools.queues import Queues
 from tools.standin import StandInModel
 
 # Commands the benchmark itself sends; left out of every per-request count.
@@ -282,18 +283,18 @@ def null_result() -> dict:
 
 def redis_mix(url: str, queue_name: str, seconds: float, job_json: bytes) -> int:
     """Run the per-request Redis mix for `seconds` in batches of BATCH_FOR_MIX; the number of requests done."""
-    queue = JobQueue(connect(url), queue_name, result_ttl=60)
+    queue = Queues.on(connect(url), queue_name, result_ttl=60)
     template = Job.from_json(job_json)
     result = null_result()
     done, end = 0, time.monotonic() + seconds
     while time.monotonic() < end:
         jobs = [replace(template, id=f"{done + i:032x}") for i in range(BATCH_FOR_MIX)]
         for job in jobs:
-            queue.enqueue(job, max_queue=10 * BATCH_FOR_MIX)
-        claimed = queue.claim_batch("mix-worker", BATCH_FOR_MIX, wait=0, block=1)
-        queue.finish_batch("mix-worker", [(Job.from_json(raw), result) for raw in claimed], [])
+            queue.web.enqueue(job, max_queue=10 * BATCH_FOR_MIX)
+        claimed = queue.worker.claim_batch("mix-worker", BATCH_FOR_MIX, wait=0, block=1)
+        queue.worker.finish_batch("mix-worker", [(Job.from_json(raw), result) for raw in claimed], [])
         for job in jobs:
-            queue.take_result(job.origin, job.id)
+            queue.web.take_result(job.origin, job.id)
         done += len(jobs)
     return done
 
@@ -301,22 +302,22 @@ def redis_mix(url: str, queue_name: str, seconds: float, job_json: bytes) -> int
 def cluster_mix(url: str, queue_name: str, seconds: float, job_json: bytes) -> list[int]:
     """Phase 8's mix on a sharded queue, for `seconds`: enqueue BATCH_FOR_MIX jobs (spread over the shards), claim
     them back shard by shard, publish, take every result. Returns the jobs done in each shard."""
-    queue = JobQueue(connect(url), queue_name, result_ttl=60, shards=CLUSTER_SHARDS)
-    claimer = Claimer(queue, "mix-worker", range(CLUSTER_SHARDS), BATCH_FOR_MIX, 0)
+    queue = Queues.on(connect(url), queue_name, result_ttl=60, shards=CLUSTER_SHARDS)
+    claimer = Claimer(queue.worker, "mix-worker", range(CLUSTER_SHARDS), BATCH_FOR_MIX, 0)
     claimer.registered.update(range(CLUSTER_SHARDS))
     template, result = Job.from_json(job_json), null_result()
     per_shard, done, end = [0] * CLUSTER_SHARDS, 0, time.monotonic() + seconds
     while time.monotonic() < end:
         jobs = [replace(template, id=f"{done + i:032x}") for i in range(BATCH_FOR_MIX)]
         for job in jobs:
-            queue.enqueue(job, max_queue=10 * BATCH_FOR_MIX)
+            queue.web.enqueue(job, max_queue=10 * BATCH_FOR_MIX)
             per_shard[job.shard] += 1
         claimed = 0
         while claimed < len(jobs):
             shard, raws = claimer.claim(0)
-            queue.finish_batch("mix-worker", [(Job.from_json(raw), result) for raw in raws], [], 0, shard)
+            queue.worker.finish_batch("mix-worker", [(Job.from_json(raw), result) for raw in raws], [], 0, shard)
             claimed += len(raws)
         for job in jobs:
-            queue.take_result(job.origin, job.id, job.shard)
+            queue.web.take_result(job.origin, job.id, job.shard)
         done += len(jobs)
     return per_shard

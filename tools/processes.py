@@ -21,8 +21,10 @@ import requests
 
 from imgserve.launch import stack
 from imgserve.launch.local_redis import free_port
-from imgserve.protocol import JobQueue, connect
+from imgserve.protocol import connect
+from imgserve.protocol.notifications import channel_pattern, enable_everywhere, servers
 from imgserve.settings import PROJECT_DIR, Settings
+from tools.queues import Queues
 
 PROJECT = PROJECT_DIR
 SHARED_IMAGES = PROJECT.parent / "shared" / "images"
@@ -57,9 +59,9 @@ def _env_value(default: object) -> str:
     return ",".join(default) if isinstance(default, tuple) else str(default)
 
 
-def env_queue(env: dict[str, str]) -> JobQueue:
+def env_queue(env: dict[str, str]) -> Queues:
     """A client for the queue, and its shards, that a child's environment names."""
-    return JobQueue(connect(env["REDIS_URL"]), env["IMAGE_QUEUE"], shards=int(env.get("QUEUE_SHARDS") or 1))
+    return Queues.on(connect(env["REDIS_URL"]), env["IMAGE_QUEUE"], shards=int(env.get("QUEUE_SHARDS") or 1))
 
 
 class Child:
@@ -120,7 +122,7 @@ class Worker(Child):
         deadline = time.monotonic() + timeout
         try:
             while not self.id:
-                self.id = next((w for w in queue.worker_ids() if w.startswith(mine)), "")
+                self.id = next((w for w in queue.inspect.worker_ids() if w.startswith(mine)), "")
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"the worker did not register within {timeout} s:\n{self.log[-3000:]}")
                 time.sleep(0.05)
@@ -245,16 +247,16 @@ class PublishedResults:
     """
 
     def __init__(self, redis_url: str, queue_name: str, shards: int = 1) -> None:
-        self.queue = JobQueue(connect(redis_url), queue_name, shards=shards)
+        self.queue = Queues.on(connect(redis_url), queue_name, shards=shards)
         self.times: dict[str, list[float]] = {}
-        self._pubsubs = [node.pubsub() for node in self.queue.nodes()]
+        self._pubsubs = [node.pubsub() for node in servers(self.queue.web)]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._listen, daemon=True)
 
     def __enter__(self) -> PublishedResults:
-        assert self.queue.enable_notifications()
+        assert enable_everywhere(self.queue.web)
         for pubsub in self._pubsubs:
-            pubsub.psubscribe(self.queue.result_channel_pattern("*"))  # every web process's results
+            pubsub.psubscribe(channel_pattern(self.queue.web, "*"))  # every web process's results
         self._thread.start()
         return self
 

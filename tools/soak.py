@@ -28,9 +28,9 @@ import redis
 import requests
 
 from imgserve.launch.local_redis import LocalRedis
-from imgserve.protocol import JobQueue
-from imgserve.protocol.queue import TAKEN_RESULT_TTL_MS
+from imgserve.protocol.web_queue import TAKEN_RESULT_TTL_MS
 from tools.processes import Stack, sample_image_bytes, server_env
+from tools.queues import Queues
 
 GROWTH_LIMIT = 0.10
 SAMPLE_EVERY = 5.0  # seconds
@@ -98,7 +98,7 @@ def drive(url: str, count: int, concurrency: int, done: Counter) -> list[float]:
     return latencies
 
 
-def quiet(sampler: Sampler, queue: JobQueue) -> tuple[dict[str, float], list[str]]:
+def quiet(sampler: Sampler, queue: Queues) -> tuple[dict[str, float], list[str]]:
     """Once the taken results have expired: a sample, and the queue's keys left in Redis but the live
     worker's own two (the workers set and its heartbeat)."""
     time.sleep(TAKEN_RESULT_TTL_MS / 1000 + 1)
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     warm_up = int(args.warm_up * args.requests)
     with LocalRedis() as server, redis.Redis(port=server.port) as admin:
-        queue = JobQueue(admin, "soak")
+        queue = Queues.on(admin, "soak")
         stack = Stack(server_env(server.url, queue.keys.queue, LOG_LEVEL="WARNING", PROXY="auto")).wait_ready()
         done: Counter = Counter()
         sampler = Sampler(stack, admin, done)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from imgserve import logger, settings
-from imgserve.protocol import JobQueue
+from imgserve.protocol import WorkerQueue
 from imgserve.worker.model import TOP_K, keras_labels, top_k
 
 
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.setup("model-standin", config.log_level)
     logger.get("standin").warning("stand-in model (%g s per image): results are meaningless", args.seconds_per_image)
     model = StandInModel(args.seconds_per_image)
-    worker = Worker(config, JobQueue.from_settings(config), model)
+    worker = Worker(config, WorkerQueue.from_settings(config), model)
     signal.signal(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, worker.stop)
     worker.run()

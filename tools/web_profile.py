@@ -68,7 +68,7 @@ def _patch_module_steps() -> None:
 
 
 def _patch_service(service: web.Service) -> None:
-    service.queue.enqueue_many = timed("Redis: LPUSH the job (JobQueue.enqueue_many)", service.queue.enqueue_many)
+    service.queue.enqueue_many = timed("Redis: LPUSH the job (WebQueue.enqueue_many)", service.queue.enqueue_many)
     service.listener.wait = timed("Redis: wait for and GETEX the result (listener.wait)", service.listener.wait)
     service.listener.expect = timed("listener: register the job (listener.expect)", service.listener.expect)
 

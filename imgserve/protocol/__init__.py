@@ -2,14 +2,18 @@
 
 The servers call this package and never spell a Redis key. One concern per module:
 
-    keys.py        every key name (declared once, per shard) and what each key holds
-    connection.py  the client (plain or cluster, detected), which never resends a command; REDIS_UNAVAILABLE
-    job.py         the job's wire format (JSON), parsed as untrusted input; dead-letter metadata
-    scripts.py     the Lua scripts, each documenting its KEYS and ARGV
-    queue.py       JobQueue: the operations of both sides, each on one shard (or spread over them)
-    claim.py       Claimer: how a worker takes batches from its shards in turn
-    listener.py    ResultListener: how a waiting request learns that its result is there
-    backoff.py     Backoff and retry: the delays between attempts while Redis is unavailable
+    keys.py           every key name (declared once, per shard) and what each key holds
+    connection.py     the client (plain or cluster, detected), which never resends a command; REDIS_UNAVAILABLE
+    job.py            the job's wire format (JSON), parsed as untrusted input; dead-letter metadata
+    scripts.py        the Lua scripts, each documenting its KEYS and ARGV
+    queue.py          QueueBase: what the roles share (client, each shard's keys, limits); read_result
+    web_queue.py      WebQueue: what a web process does (enqueue or submit, hold, take results, cancel)
+    worker_queue.py   WorkerQueue: what a worker does (heartbeat, claim, publish and acknowledge, release, reap)
+    inspector.py      QueueInspector: read-only views (depths, live workers and their models, dead letters)
+    claim.py          Claimer: how a worker takes batches from its shards in turn
+    notifications.py  keyspace notifications for result keys: turned on per server, probed, their channels
+    listener.py       ResultListener: how a waiting request learns that its result is there
+    backoff.py        Backoff and retry: the delays between attempts while Redis is unavailable
 
 The rule that loses nothing, in each shard: a job is in the shard's queue, in one batch slot (processing
 list) of one worker in that shard, or in the shard's dead letters. Every move between the queue and a
@@ -46,10 +50,12 @@ operation on the job path is either idempotent, and then retried once, or recove
 
 from .claim import Claimer
 from .connection import REDIS_UNAVAILABLE, connect
+from .inspector import QueueInspector
 from .job import DeadLetter, Job, JobError, error_result, job_metadata
 from .keys import SLOTS, SUBMITTED, Keys
 from .listener import ResultListener, ResultTimeout
-from .queue import JobQueue
+from .web_queue import WebQueue
+from .worker_queue import WorkerQueue
 
 __all__ = [
     "REDIS_UNAVAILABLE",
@@ -59,10 +65,12 @@ __all__ = [
     "DeadLetter",
     "Job",
     "JobError",
-    "JobQueue",
     "Keys",
+    "QueueInspector",
     "ResultListener",
     "ResultTimeout",
+    "WebQueue",
+    "WorkerQueue",
     "connect",
     "error_result",
     "job_metadata",

@@ -24,7 +24,7 @@ from imgserve import logger
 
 from .backoff import Backoff
 from .connection import REDIS_UNAVAILABLE
-from .queue import JobQueue
+from .worker_queue import WorkerQueue
 
 SINGLE_BLOCK = 1.0  # seconds a claim blocks on the only shard (then the caller checks whether to stop)
 ROTATE_BLOCK = 0.1  # seconds a claim blocks on one of several shards before visiting the others again
@@ -36,7 +36,7 @@ log = logger.get(__name__)
 class Claimer:
     """Claims one worker's batches over its shards (one thread: the worker's feeder)."""
 
-    def __init__(self, queue: JobQueue, worker: str, shards: Iterable[int], size: int, wait: float) -> None:
+    def __init__(self, queue: WorkerQueue, worker: str, shards: Iterable[int], size: int, wait: float) -> None:
         self.queue = queue
         self.worker = worker
         self.shards = list(shards)

@@ -63,7 +63,7 @@ class Job:
     # True when `image` is base64 text made by Job.new: it needs no JSON escaping, so to_json can
     # splice it in instead of having json.dumps scan 200 KB of it.
     _image_is_base64: bool = field(default=False, init=False, repr=False, compare=False)
-    # The shard JobQueue.enqueue put it in (its result is written there too); not on the wire.
+    # The shard WebQueue.enqueue put it in (its result is written there too); not on the wire.
     shard: int = field(default=0, init=False, repr=False, compare=False)
 
     @classmethod

@@ -22,7 +22,8 @@ from imgserve import logger
 from .backoff import Backoff
 from .connection import node_client
 from .keys import Keys
-from .queue import JobQueue, enable_notifications
+from .notifications import channel_pattern, enable_notifications, write_probe
+from .web_queue import WebQueue
 
 log = logger.get(__name__)
 
@@ -135,7 +136,7 @@ class ResultListener:
     # In a cluster: how often the slot map is read, to follow failovers and reshardings.
     TOPOLOGY_REFRESH = 2.0
 
-    def __init__(self, queue: JobQueue, origin: str, use_notifications: bool = True) -> None:
+    def __init__(self, queue: WebQueue, origin: str, use_notifications: bool = True) -> None:
         self.queue = queue
         self.origin = origin
         self.use_notifications = use_notifications
@@ -225,8 +226,8 @@ class ResultListener:
         """A listener for one server; its probe key goes to `shard`, one of the shards on that server."""
         return NodeListener(
             client,
-            self.queue.result_channel_pattern(self.origin),
-            lambda probe_id: self.queue.probe_notifications(self.origin, probe_id, shard.shard),
+            channel_pattern(self.queue, self.origin),
+            lambda probe_id: write_probe(self.queue, self.origin, probe_id, shard.shard),
             self._wake,
             self._wake_all,
         )

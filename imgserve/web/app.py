@@ -17,7 +17,7 @@ from flask import Flask
 
 from imgserve import logger, settings
 from imgserve.imaging.prepare import DecodeBudget
-from imgserve.protocol import JobQueue, ResultListener
+from imgserve.protocol import QueueInspector, ResultListener, WebQueue
 from imgserve.web import errors, metrics, security, views
 from imgserve.web.uploads import UploadRequest
 
@@ -25,34 +25,40 @@ log = logger.get("web")
 
 
 class Service:
-    """What the views need: settings, the queue and this process's result listener."""
+    """What the views need: settings, the queue (its web side, and read-only views for /readyz and
+    /metrics) and this process's result listener."""
 
-    def __init__(self, config: settings.Settings, queue: JobQueue | None = None) -> None:
+    def __init__(
+        self, config: settings.Settings, queue: WebQueue | None = None, inspector: QueueInspector | None = None
+    ) -> None:
         self.config = config
         self.origin = uuid.uuid4().hex[:12]
-        self.queue = queue or JobQueue.from_settings(config)
+        self.queue = queue or WebQueue.from_settings(config)
+        self.inspector = inspector or QueueInspector.sharing(self.queue)
         self.decode_budget = DecodeBudget(config.decode_budget_bytes, config.decode_wait)
         self.listener = ResultListener(self.queue, self.origin, config.notifications != "off")
 
 
-def create_app(config: settings.Settings | None = None, queue: JobQueue | None = None) -> Flask:
+def create_app(
+    config: settings.Settings | None = None, queue: WebQueue | None = None, inspector: QueueInspector | None = None
+) -> Flask:
     """Application factory: one Service (and one listener thread) per process.
 
-    Tests may pass a stand-in `queue`: then nothing connects to Redis and no listener thread starts
-    (a waiting request polls the stand-in).
+    Tests may pass a stand-in `queue` (and `inspector`): then nothing connects to Redis and no listener
+    thread starts (a waiting request polls the stand-in).
     """
     config = config or settings.load(role=settings.WEB)
     logger.setup("web", config.log_level)
     app = Flask(__name__)
     app.request_class = UploadRequest
     app.config["MAX_CONTENT_LENGTH"] = config.max_upload_bytes
-    service = Service(config, queue)
+    service = Service(config, queue, inspector)
     app.extensions["imgserve"] = service
     if queue is None:
         service.listener.start()
     errors.init_app(app)
     app.register_blueprint(views.bp)
-    metrics.init_app(app, service.queue)
+    metrics.init_app(app, service.inspector)
     security.init_hosts(app, config.accepted_hosts)  # first of the refusals: a rebound name learns nothing
     security.init_app(app, config.allowed_origins, config.accepted_api_keys)  # after metrics: refusals counted
     log.info(
@@ -65,7 +71,7 @@ def create_app(config: settings.Settings | None = None, queue: JobQueue | None =
     return app
 
 
-def redis_kind(queue: JobQueue) -> str:
+def redis_kind(queue: WebQueue) -> str:
     """What the queue runs on, for the log: "Redis Cluster, 3 shards" or "plain Redis, 1 shard"."""
     count = len(getattr(queue, "shards", [None]))
     kind = "Redis Cluster" if getattr(queue, "cluster", False) else "plain Redis"

@@ -31,7 +31,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from imgserve import logger
-from imgserve.protocol import REDIS_UNAVAILABLE, JobQueue, job_metadata
+from imgserve.protocol import REDIS_UNAVAILABLE, QueueInspector
 
 log = logger.get(__name__)
 
@@ -59,7 +59,7 @@ PREDICT_SECONDS = Histogram(
 class QueueDepthCollector(Collector):
     """Reads the queue length from Redis when Prometheus scrapes; reports nothing while Redis is down."""
 
-    def __init__(self, queue: JobQueue) -> None:
+    def __init__(self, queue: QueueInspector) -> None:
         self.queue = queue
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -76,30 +76,13 @@ class QueueDepthCollector(Collector):
         )
         yield _per_shard("web_shard_queue_depth", "Jobs waiting in each queue shard", depths)
         yield _per_shard("web_shard_dead_letters", "Dead letters kept in each queue shard", dead_letters)
-        ages = oldest_job_ages(self.queue)
+        ages = self.queue.oldest_job_ages()
         yield GaugeMetricFamily(
             "web_oldest_job_age_seconds",
             "Age of the oldest queued job, in any shard",
             value=max((age for age in ages if age is not None), default=0.0),
         )
         yield _per_shard("web_shard_oldest_job_age_seconds", "Age of the job next to be claimed, per shard", ages)
-
-
-def oldest_job_ages(queue: JobQueue, now: float | None = None) -> list[float | None]:
-    """Seconds since the job at the head of each shard (LINDEX -1: workers claim from the right) was
-    enqueued; 0 for an empty shard, None for one that cannot be reached. Reads the job's JSON head only, never
-    its image (job_metadata); a job without a valid enqueued_at counts as new."""
-    now = time.time() if now is None else now
-    ages: list[float | None] = []
-    for keys in queue.shards:
-        try:
-            head = queue.redis.lindex(keys.queue, -1)
-        except REDIS_UNAVAILABLE:
-            ages.append(None)
-            continue
-        enqueued = job_metadata(head, len(head)).get("enqueued_at", now) if head else now
-        ages.append(max(0.0, now - enqueued))
-    return ages
 
 
 def _total(values: list[int | None]) -> int:
@@ -119,7 +102,7 @@ def multiprocess_dir() -> str | None:
     return os.environ.get(MULTIPROC_ENV) or None
 
 
-def scrape_registry(queue: JobQueue) -> CollectorRegistry:
+def scrape_registry(queue: QueueInspector) -> CollectorRegistry:
     """A registry with everything /metrics shows: all processes' values in multiprocess mode."""
     registry = CollectorRegistry()
     if multiprocess_dir():
@@ -131,7 +114,7 @@ def scrape_registry(queue: JobQueue) -> CollectorRegistry:
     return registry
 
 
-def init_app(app: Flask, queue: JobQueue) -> None:
+def init_app(app: Flask, queue: QueueInspector) -> None:
     """Count every request of `app` and serve GET /metrics."""
     app.before_request(_before)
     app.after_request(_after)
@@ -163,5 +146,5 @@ def _teardown(_exc: BaseException | None) -> None:
         IN_PROGRESS.dec()
 
 
-def _metrics_response(queue: JobQueue) -> Response:
+def _metrics_response(queue: QueueInspector) -> Response:
     return Response(generate_latest(scrape_registry(queue)), content_type=CONTENT_TYPE_LATEST)

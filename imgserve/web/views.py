@@ -19,9 +19,9 @@ from flask import Blueprint, Response, current_app, jsonify, request, send_from_
 
 from imgserve import logger
 from imgserve.imaging.prepare import UPLOAD_COPIES, DecodeBusy, ImageError, prepare_image
-from imgserve.protocol import REDIS_UNAVAILABLE, SUBMITTED, Job, JobQueue, ResultTimeout
+from imgserve.protocol import REDIS_UNAVAILABLE, SUBMITTED, Job, ResultTimeout, WebQueue
+from imgserve.protocol.inspector import distinct_models
 from imgserve.protocol.job import DEFAULT_TOP_K, MAX_TOP_K
-from imgserve.protocol.queue import distinct_models
 from imgserve.web import security
 from imgserve.web.errors import Refused, error
 
@@ -170,7 +170,7 @@ def _entry(result: dict) -> dict:
     return {"success": False, "error": result.get("error", "the job failed")}
 
 
-def _give_up(queue: JobQueue, job: Job) -> None:
+def _give_up(queue: WebQueue, job: Job) -> None:
     """Take a timed-out job out of the queue, so that no worker runs it for a client that is gone.
 
     A job a worker holds already is dropped by the worker once past its deadline, and a late result
@@ -261,8 +261,8 @@ def readyz():
     """GET /readyz: Redis answers and at least one worker is alive."""
     service = _service()
     try:
-        depth = service.queue.depth()
-        alive = service.queue.live_worker_models()  # one read of the heartbeats: who is alive, running what
+        depth = service.inspector.depth()
+        alive = service.inspector.live_worker_models()  # one read of the heartbeats: who is alive, running what
     except REDIS_UNAVAILABLE as exc:
         # The details (Redis's address among them) go to the log, not to whoever asks.
         log.warning("not ready: Redis unavailable: %s", exc)

@@ -15,7 +15,7 @@ import sys
 from prometheus_client import start_http_server
 
 from imgserve import logger, settings
-from imgserve.protocol import JobQueue
+from imgserve.protocol import WorkerQueue
 from imgserve.worker.pipeline import Worker
 
 log = logger.get("worker")
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         config.redis_url_safe,
     )
     serve_metrics(config)
-    queue = JobQueue.from_settings(config)
+    queue = WorkerQueue.from_settings(config)
     worker = Worker(config, queue, classifier)
     signal.signal(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, worker.stop)

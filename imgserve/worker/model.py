@@ -1,4 +1,4 @@
-"""ResNet50 loading, batched inference and offline top-5 label decoding."""
+"""ResNet50 loading, batched inference and offline top-k label decoding (k as each job asks, 5 by default)."""
 
 from __future__ import annotations
 

@@ -19,12 +19,13 @@ import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 
 from imgserve import logger, settings
-from imgserve.protocol import REDIS_UNAVAILABLE, SLOTS, SUBMITTED, Claimer, DeadLetter, Job, JobError, JobQueue
+from imgserve.protocol import REDIS_UNAVAILABLE, SLOTS, SUBMITTED, Claimer, DeadLetter, Job, JobError, WorkerQueue
 from imgserve.protocol.backoff import Backoff, retry
 
-# Outcomes: done (result published), expired (deadline passed before inference, dropped), failed (inference
-# raised; the job goes back to the queue), requeued (returned to the queue after a failure, or from a dead
-# worker by this worker's reaper), dead_lettered (bad job, or out of attempts).
+# Outcomes: done (result published), expired (deadline passed before inference, dropped), cancelled (a
+# submitted job its client cancelled before a worker took it, skipped), failed (inference raised; the job goes
+# back to the queue), requeued (returned to the queue after a failure, or from a dead worker by this worker's
+# reaper), dead_lettered (bad job, or out of attempts).
 JOB_OUTCOMES = ("done", "expired", "cancelled", "failed", "requeued", "dead_lettered")
 JOBS = Counter("worker_jobs_total", "Jobs handled by this worker, by outcome", ["outcome"])
 for _outcome in JOB_OUTCOMES:
@@ -73,7 +74,7 @@ class Worker:
     names (all by default): it claims from them in turn (redis_protocol.claim) and heartbeats and reaps in each.
     """
 
-    def __init__(self, config: settings.Settings, queue: JobQueue, classifier) -> None:
+    def __init__(self, config: settings.Settings, queue: WorkerQueue, classifier) -> None:
         self.config = config
         self.queue = queue
         self.classifier = classifier
@@ -131,10 +132,6 @@ class Worker:
         if not self.stopping.is_set():
             log.info("stop requested: finishing the batches in hand, then exiting")
         self.stopping.set()
-
-    def process(self, raws: list[bytes], slot: int = 0, shard: int = 0) -> None:
-        """Decode, run and publish one batch claimed into `slot` of `shard`, on this thread."""
-        self._publish(self._infer(self._decode(slot, raws, shard)))
 
     # ---- the three stages -----------------------------------------------------------------
 

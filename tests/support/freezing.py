@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from imgserve.protocol import Job, JobQueue
+from imgserve.protocol import Job
 from tools.processes import Child, Worker, wait_until
+from tools.queues import Queues
 
 
 def freeze(child: Child) -> None:
@@ -30,14 +31,14 @@ def freeze(child: Child) -> None:
     wait_until(all_stopped, 10, "the process to stop", interval=0.005)
 
 
-def freeze_holding_jobs(child: Worker, queue: JobQueue, timeout: float = 120) -> list[Job]:
+def freeze_holding_jobs(child: Worker, queue: Queues, timeout: float = 120) -> list[Job]:
     """Freeze a worker at a moment when it holds claimed jobs it has not published yet; return those jobs."""
     worker = child.id
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if queue.claimed(worker):
+        if queue.inspect.claimed(worker):
             freeze(child)
-            held = [Job.from_json(raw) for raw in queue.claimed(worker)]
+            held = [Job.from_json(raw) for raw in queue.inspect.claimed(worker)]
             # Results are written before the acknowledgement: a job caught in between is published already.
             published = held and queue.redis.exists(*(queue.keys.result(job.origin, job.id) for job in held))
             if held and not published:

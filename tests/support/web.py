@@ -10,7 +10,8 @@ MODEL = {"model": "stand-in", "weights": "none"}
 
 
 class StandInQueue:
-    """Answers as JobQueue would: `accept` False is a full queue; `down` raises as an unreachable Redis."""
+    """Answers as WebQueue and QueueInspector would: `accept` False is a full queue; `down` raises as an
+    unreachable Redis."""
 
     def __init__(self, accept: bool = True, down: bool = False) -> None:
         self.accept, self.down = accept, down
@@ -62,3 +63,6 @@ class StandInQueue:
 
     def dead_letter_counts(self) -> list[int]:
         return [0]
+
+    def oldest_job_ages(self) -> list[float]:
+        return [0.0]

@@ -11,7 +11,7 @@ from collections import Counter
 import numpy as np
 
 from imgserve import settings
-from imgserve.protocol import Job, JobQueue
+from imgserve.protocol import Job, WorkerQueue
 from imgserve.worker.pipeline import Worker
 
 
@@ -46,7 +46,7 @@ class RunningWorker:
     """A Worker on its own thread, for the duration of a `with` block."""
 
     def __init__(self, config: settings.Settings, model: NumberedModel) -> None:
-        self.queue = JobQueue.from_settings(config)
+        self.queue = WorkerQueue.from_settings(config)
         self.worker = Worker(config, self.queue, model)
         self.thread = threading.Thread(target=self.worker.run, daemon=True)
 

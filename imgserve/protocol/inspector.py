@@ -1,0 +1,85 @@
+"""Read-only views of the queue, for /readyz, /metrics, the tools and the tests: how many jobs wait, which
+workers are alive and what model each runs, what a worker holds, the dead letters. Nothing here changes
+the queue."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+
+from .job import job_metadata
+from .queue import QueueBase
+
+UNKNOWN_MODEL = {"model": "unknown", "weights": "unknown"}
+
+
+class QueueInspector(QueueBase):
+    """Reads of every shard that can be reached (REDIS_UNAVAILABLE only when none can)."""
+
+    def depths(self) -> list[int | None]:
+        """Jobs waiting in each shard (None: it cannot be reached)."""
+        return self._per_shard(lambda keys: int(self.redis.llen(keys.queue)))
+
+    def depth(self) -> int:
+        """Number of jobs waiting in the queue, in every shard that can be reached."""
+        return sum(n for n in self.depths() if n is not None)
+
+    def dead_letter_counts(self) -> list[int | None]:
+        """Dead letters kept in each shard, at most DEAD_LETTER_MAX each (None: it cannot be reached)."""
+        return self._per_shard(lambda keys: int(self.redis.llen(keys.dead)))
+
+    def peek(self) -> bytes | None:
+        """A job at a shard's head exactly as stored, without claiming it; None if every shard is empty."""
+        return next((raw for raw in self._per_shard(lambda keys: self.redis.lindex(keys.queue, -1)) if raw), None)
+
+    def oldest_job_ages(self, now: float | None = None) -> list[float | None]:
+        """Seconds since the job at the head of each shard (the next to be claimed) was enqueued: 0 for an empty
+        shard, None for one that cannot be reached. Reads the job's JSON head only, never its image
+        (job_metadata); a job without a valid enqueued_at counts as new."""
+        now = time.time() if now is None else now
+        # Each shard's head in a list of its own, so that an empty shard ([None]) differs from one not reached (None).
+        heads = self._per_shard(lambda keys: [self.redis.lindex(keys.queue, -1)])
+        return [None if head is None else _age(head[0], now) for head in heads]
+
+    def worker_ids(self) -> set[str]:
+        """Ids of the workers registered in any shard that can be reached."""
+        members = self._per_shard(lambda keys: self.redis.smembers(keys.workers))
+        return {w.decode() for shard in members if shard for w in shard}
+
+    def live_worker_models(self) -> dict[str, dict]:
+        """Each live worker (heartbeat not expired, in any shard that can be reached) and the model it announces."""
+        shards = self._per_shard(self._heartbeats)
+        return {
+            worker: _model_of(beat) for shard in shards if shard for worker, beat in shard.items() if beat is not None
+        }
+
+    def dead_letters(self, limit: int = 100) -> list[dict]:
+        """The newest dead letters of every shard, parsed, newest first."""
+        raws = self._per_shard(lambda keys: self.redis.lrange(keys.dead, 0, limit - 1))
+        letters = [json.loads(raw.decode("utf-8", "replace")) for shard in raws if shard for raw in shard]
+        return sorted(letters, key=lambda letter: letter.get("at", 0), reverse=True)[:limit]
+
+
+def distinct_models(models: Iterable[dict]) -> list[dict]:
+    """Each model once, in a stable order."""
+    return [dict(model) for model in sorted({tuple(sorted(m.items())) for m in models})]
+
+
+def _model_of(heartbeat: bytes) -> dict[str, str]:
+    """The model a heartbeat announces, its values as strings. The key is untrusted input: one that is not a
+    JSON object (no worker writes one) still proves its worker alive, as the reaper sees it, with an unknown
+    model."""
+    try:
+        model = json.loads(heartbeat)
+    except (ValueError, RecursionError):
+        model = None
+    if not isinstance(model, dict):
+        return dict(UNKNOWN_MODEL)
+    return {str(k): str(v) for k, v in model.items()}
+
+
+def _age(head: bytes | None, now: float) -> float:
+    """Seconds since a queued job was enqueued (0 for no job, or one without a valid enqueued_at)."""
+    enqueued = job_metadata(head, len(head)).get("enqueued_at", now) if head else now
+    return max(0.0, now - enqueued)
