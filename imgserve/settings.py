@@ -339,8 +339,9 @@ class Settings:
         "zstd2",
         _choice("raw", "zstd", "zstd2", "jpeg", "webp"),
         (WEB,),  # image_codecs.CODECS
-        "how the web server packs an image into its job (`image_codecs.py`). Lossless: `zstd2` (green subtracted "
-        "from red and blue, rows delta-coded, then Zstandard: the castle photo's job is 111,250 bytes), `zstd` "
+        "how the web server packs an image into its job (`imgserve/imaging/codecs.py`). Lossless: `zstd2` "
+        "(green subtracted from red and blue, rows delta-coded, then Zstandard: the castle photo's job is "
+        "111,250 bytes), `zstd` "
         "(without the green step: 132,147), `raw` (plain uint8 pixels: 200,900; the least CPU for a GPU worker). "
         "Lossy, opt-in: `jpeg` or `webp` at `JOB_QUALITY` (the castle: 32,571 bytes as JPEG at 90, PSNR 37.3 dB "
         "against the lossless pixels; what that does to accuracy is not measured here: no real weights). An image "
@@ -508,8 +509,9 @@ class Settings:
         150_000_000,
         _int(1),
         (WEB,),
-        "images whose decoding would hold more memory get 400, judged from their header (`helpers.decode_cost`): "
-        "the pixels at the scale their format decodes at (a JPEG at down to 1/8, a JPEG 2000, where accepted, at a "
+        "images whose decoding would hold more memory get 400, judged from their header "
+        "(`imgserve.imaging.prepare.decode_cost`): the pixels at the scale their format decodes at (a JPEG at down to "
+        "1/8, a JPEG 2000, where accepted, at a "
         "lower resolution level, the others in full) plus any full-size copy on the way. A 48-megapixel phone JPEG "
         "counts 33 MB, a 4096×4096 RGBA PNG 142 MB, a 6300×6300 RGB PNG 167 MB (refused, though its file can be "
         "130 KB). A progressive JPEG also counts every DCT coefficient, which libjpeg holds at full size: 177 MB "
