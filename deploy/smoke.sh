@@ -44,6 +44,17 @@ install_tools() {
     say "$(podman --version); $(runc --version | head -1); $("$SMOKE_VENV/bin/podman-compose" --version 2>/dev/null | head -1)"
 }
 
+# The Debian mirror this machine's apt already uses (DEBIAN_MIRROR overrides it): the base image comes from the
+# same place as every other package here.
+debian_mirror() {
+    if [ -n "${DEBIAN_MIRROR:-}" ]; then echo "$DEBIAN_MIRROR"; return; fi
+    local uri
+    uri=$(grep -hsE '^(URIs:|deb )' /etc/apt/sources.list.d/debian.sources /etc/apt/sources.list \
+        | grep -v security | head -1 | sed -E 's/^URIs: *//; s/^deb +(\[[^]]*\] +)?//; s/ .*//')
+    [ -n "$uri" ] || { echo "no Debian mirror in /etc/apt; set DEBIAN_MIRROR" >&2; return 1; }
+    echo "$uri"
+}
+
 build_base() {
     if podman image exists "$BASE_IMAGE"; then
         say "base image $BASE_IMAGE is there"
@@ -52,7 +63,7 @@ build_base() {
     local rootfs
     rootfs=$(mktemp -d /tmp/imgserve-rootfs.XXXXXX)
     say "debootstrap --variant=minbase bookworm into $rootfs"
-    timeout 900 debootstrap --variant=minbase bookworm "$rootfs" http://deb.debian.org/debian >/dev/null
+    timeout 900 debootstrap --variant=minbase bookworm "$rootfs" "$(debian_mirror)" >/dev/null
     rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
     timeout 300 bash -c "tar -C '$rootfs' -c . | podman import - '$BASE_IMAGE'" >/dev/null
     rm -rf "$rootfs"
