@@ -121,7 +121,7 @@ def _queue_name(name: str, raw: str) -> str:
     return value
 
 
-def _weights(name: str, raw: str) -> tuple[int, ...]:
+def _priority_weights(name: str, raw: str) -> tuple[int, ...]:
     """Three whole numbers from 1 to 1000, e.g. `8,4,1`: one per priority level, high first."""
     parts = [part.strip() for part in raw.split(",")]
     if len(parts) != 3:
@@ -329,7 +329,7 @@ class Settings:
     batch_size: int = setting(32, _int(1, 1024), (WORKER,), "most jobs a worker runs through the model at once")
     priority_weights: tuple[int, ...] = setting(
         (8, 4, 1),
-        _weights,
+        _priority_weights,
         (WORKER,),
         "the weighted fair share of the priority levels high, normal and low (`?priority=`): while several levels "
         "have jobs waiting, a worker takes each level's weight's share of them (8,4,1: low gets 1 job in 13, never "
