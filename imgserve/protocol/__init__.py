@@ -22,9 +22,10 @@ move between the queue and a processing list is one atomic server-side step (BLM
 within the shard's hash slot. A batch leaves its processing list only after its results are written, so a crash
 at any point loses nothing: the reaper of each shard returns the processing lists of a worker whose heartbeat
 there expired to the head of the shard's queue, each job to its own level's list. A result that cannot be
-written (for any reason but Redis being unavailable) dead-letters its job alone and the rest are published; a batch that still cannot be published
-goes back to the queue, and until it has, its slot is never claimed into (acknowledging a batch deletes the
-whole slot). The reaper takes each dead worker on its own, so one it cannot reap holds up none of the others.
+written (for any reason but Redis being unavailable) dead-letters its job alone and the rest are published; a
+batch that still cannot be published goes back to the queue, and until it has, its slot is never claimed into
+(acknowledging a batch deletes the whole slot). The reaper takes each dead worker on its own, so one it cannot
+reap holds up none of the others.
 An id or origin becomes part of a key only as the web mints it (job.py RULES; the Lua scripts check the same).
 
 Replays. A command whose reply is lost may have run. The client never resends by itself; each
