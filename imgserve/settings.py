@@ -121,6 +121,14 @@ def _queue_name(name: str, raw: str) -> str:
     return value
 
 
+def _priority_weights(name: str, raw: str) -> tuple[int, ...]:
+    """Three whole numbers from 1 to 1000, e.g. `8,4,1`: one per priority level, high first."""
+    parts = [part.strip() for part in raw.split(",")]
+    if len(parts) != 3:
+        raise SettingsError(f"{name} must be three weights (high,normal,low) separated by commas, got {raw!r}")
+    return tuple(_int(1, 1000)(name, part) for part in parts)
+
+
 def _shard_list(name: str, raw: str) -> tuple[int, ...]:
     """A comma-separated list of shard numbers, e.g. `0,2`."""
     parse = _int(0, 1023)
@@ -319,6 +327,15 @@ class Settings:
         example="0,2",
     )
     batch_size: int = setting(32, _int(1, 1024), (WORKER,), "most jobs a worker runs through the model at once")
+    priority_weights: tuple[int, ...] = setting(
+        (8, 4, 1),
+        _priority_weights,
+        (WORKER,),
+        "the weighted fair share of the priority levels high, normal and low (`?priority=`): while several levels "
+        "have jobs waiting, a worker takes each level's weight's share of them (8,4,1: low gets 1 job in 13, never "
+        "none). See [Priorities](#priorities)",
+        example="1,1,1",
+    )
     batch_wait_ms: float = setting(
         0.0,
         _float(0.0),
@@ -465,8 +482,9 @@ class Settings:
         1000,
         _int(1),
         (WEB, WORKER),
-        "queue length at which `/predict` answers 503 with `Retry-After`; with several shards each holds at most "
-        "its share (`MAX_QUEUE / QUEUE_SHARDS`, rounded up), and a job goes to the next shard with room",
+        "queue length, per priority level, at which `/predict` and `/jobs` answer 503 with `Retry-After`; with "
+        "several shards each holds at most its share (`MAX_QUEUE / QUEUE_SHARDS`, rounded up) of each level, and a "
+        "job goes to the next shard with room",
     )
     max_queue_per_key: int | None = setting(  # None: auto (queue_share_per_key)
         None,

@@ -59,13 +59,14 @@ def settings_of(resources: dict) -> dict[str, str]:
     return next(doc["data"] for (kind, _), doc in resources.items() if kind == "ConfigMap")
 
 
-def test_keda_has_one_trigger_per_queue_shard_summed_by_the_formula(rendered):
+def test_keda_has_one_trigger_per_queue_shard_and_level_summed_by_the_formula(rendered):
     overlay, resources = rendered
     config = settings_of(resources)
     scaled = resources[("ScaledObject", "imgserve-worker")]["spec"]
     triggers = scaled["triggers"]
-    lists = [keys.queue for keys in shard_keys(config["IMAGE_QUEUE"], int(config["QUEUE_SHARDS"]), tagged=True)]
-    assert [t["metadata"]["listName"] for t in triggers] == lists
+    shards = shard_keys(config["IMAGE_QUEUE"], int(config["QUEUE_SHARDS"]), tagged=True)
+    lists = [name for keys in shards for name in keys.levels.values()]  # every priority level counts
+    assert sorted(t["metadata"]["listName"] for t in triggers) == sorted(lists)
     assert {t["type"] for t in triggers} == {"redis-cluster" if overlay == "cluster" else "redis"}
     formula = scaled["advanced"]["scalingModifiers"]["formula"]
     assert sorted(term.strip() for term in formula.split("+")) == sorted(t["name"] for t in triggers)

@@ -118,7 +118,8 @@ def command_calls(redis_client, command: str) -> int:
 
 
 def test_a_job_that_comes_alone_is_claimed_in_one_round_trip_and_a_backlog_in_two(queue, redis_client):
-    """BLMOVE learns, in the same round trip, how many more jobs wait (LLEN): none, no second trip."""
+    """BLMOVE learns, in the same round trip, how many more jobs wait at each level (LLEN): none, no second
+    trip. A backlog: the first trip reads the levels' lengths, the second moves one job each (LMOVE), no BLMOVE."""
     jobs = [make_job() for _ in range(3)]
     threading.Timer(0.2, lambda: queue.web.enqueue(jobs[0], 100)).start()
     moves_before = command_calls(redis_client, "lmove")
@@ -127,9 +128,11 @@ def test_a_job_that_comes_alone_is_claimed_in_one_round_trip_and_a_backlog_in_tw
     assert command_calls(redis_client, "lmove") == moves_before, "no LMOVE for a job that came alone"
     for job in jobs[1:]:
         queue.web.enqueue(job, 100)
+    blocks_before = command_calls(redis_client, "blmove")
     batch = queue.worker.claim_batch("w", size=8, wait=0, block=2)
     assert [Job.from_json(raw).id for raw in batch] == [job.id for job in jobs[1:]], "oldest first"
-    assert command_calls(redis_client, "lmove") == moves_before + 1, "one LMOVE per job waiting behind the first"
+    assert command_calls(redis_client, "lmove") == moves_before + 2, "one LMOVE per job waiting"
+    assert command_calls(redis_client, "blmove") == blocks_before, "no blocking with jobs waiting"
 
 
 def test_jobs_of_another_producer_are_claimed_as_a_batch(queue, redis_client):
@@ -396,7 +399,12 @@ def test_release_never_answers_or_keeps_a_foreign_id(queue, redis_client):
     prefix = queue.keys.result_prefix
     # Declared by hand, as a careless caller might: the script must still not write it.
     queue.worker._release(
-        keys=[queue.keys.processing("w"), queue.keys.queue, queue.keys.dead, f"{prefix}{foreign['origin']}:x:*"],
+        keys=[
+            queue.keys.processing("w"),
+            *queue.keys.levels.values(),
+            queue.keys.dead,
+            f"{prefix}{foreign['origin']}:x:*",
+        ],
         args=[*queue.worker._release_args(queue.keys), "w", 1, "test"],
     )
     assert queue.inspect.depth() == 0 and redis_client.keys(prefix + "*") == []

@@ -583,3 +583,16 @@ def test_a_failed_job_is_shown_as_failed_with_its_error():
     client, _ = client_for(FailedJobsQueue())
     body = client.get("/jobs/" + "0" * 32).get_json()
     assert body == {"id": "0" * 32, "status": "failed", "error": "job failed: out of attempts"}
+
+
+@pytest.mark.parametrize("path", ["/predict", "/jobs"])
+def test_priority_is_read_from_the_query_and_a_full_level_is_named(path):
+    queue = StandInQueue()
+    client, _ = client_for(queue)
+    client.post(path, **upload(png(40, 30)))
+    client.post(f"{path}?priority=low", **upload(png(40, 30)))
+    assert [job.priority for job in queue.enqueued] == ["normal", "low"]
+    for bad in ("urgent", "HIGH", ""):
+        assert_error(client.post(f"{path}?priority={bad}", **upload(png(40, 30))), 400, "priority must be one of")
+    client, _ = client_for(StandInQueue(accept=False))
+    assert_error(client.post(f"{path}?priority=high", **upload(png(40, 30))), 503, "queue full at priority high")

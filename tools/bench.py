@@ -22,6 +22,8 @@ weights, the same compute as the real ones) and prints, each against its goal:
     (`--cluster-only`: phases 8 and 11 alone, about a minute)
 12. the front door (tools/front_door.py): web CPU per request by step, the web server before issue 13 beside
     this one, every JOB_CODEC (bytes, CPU on each side, pixel error), JPEG decoders; cores per 1,000 requests/s
+13. priorities (tools/priority_mix.py): a mixed high/normal load over a low backlog, one stand-in worker; latency
+    and share per level with PRIORITY_WEIGHTS 8,4,1 beside 1,1,1 (`--priority-only`: this phase alone)
 
 Clients, web server, Redis and workers all share this machine's cores; the output says how much
 CPU each used, and how much other processes took meanwhile.
@@ -746,8 +748,21 @@ def run(args: argparse.Namespace) -> Report:
     report.results["gpu_feed"] = gpu_feed(report, plan, config.job_codec)
     report.results["decode_cost"] = decode_cost(report)
     report.results["front_door"] = front_door(report, plan)
+    report.results["priorities"] = priorities(report, plan)
     verdicts(report)
     return report
+
+
+def priorities(report: Report, plan: Plan) -> dict:
+    """Phase 13: latency and share per priority level, PRIORITY_WEIGHTS 8,4,1 beside 1,1,1 (tools/priority_mix.py)."""
+    from tools import priority_mix
+
+    report.section("13. Priorities: mixed load over a low backlog (tools/priority_mix.py)")
+    seconds = 4.0 if plan is QUICK else 8.0
+    results = {weights: priority_mix.measure(weights, seconds, 3000) for weights in ("8,4,1", "1,1,1")}
+    for line in priority_mix.report(results):
+        report.say(line)
+    return results
 
 
 def run_cluster_only(args: argparse.Namespace) -> Report:
@@ -966,6 +981,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--cluster-only", action="store_true", help="only phases 8 and 11: one Redis against a Redis Cluster"
     )
+    parser.add_argument("--priority-only", action="store_true", help="only phase 13: latency per priority level")
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     parser.add_argument("--markdown", type=Path, help="also write the goals table and the output to this file")
     parser.add_argument(
@@ -980,7 +996,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        report = run_cluster_only(args) if args.cluster_only else run(args)
+        if args.priority_only:
+            report = Report()
+            report.results["priorities"] = priorities(report, QUICK if args.quick else FULL)
+        else:
+            report = run_cluster_only(args) if args.cluster_only else run(args)
     except settings.SettingsError as exc:
         print(f"tools.bench: configuration error: {exc}", file=sys.stderr)
         return 2

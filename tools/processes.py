@@ -56,7 +56,7 @@ def _env_value(default: object) -> str:
     decides: PREFETCH_BATCHES auto, WORKER_SHARDS all) is empty, which load() reads as the default."""
     if default is None:
         return ""
-    return ",".join(default) if isinstance(default, tuple) else str(default)
+    return ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
 
 
 def env_queue(env: dict[str, str]) -> Queues:

@@ -11,19 +11,21 @@ The servers call this package and never spell a Redis key. One concern per modul
     worker_queue.py   WorkerQueue: what a worker does (heartbeat, claim, publish and acknowledge, release, reap)
     inspector.py      QueueInspector: read-only views (depths, live workers and their models, dead letters)
     claim.py          Claimer: how a worker takes batches from its shards in turn
+    priority.py       the priority levels (high, normal, low) and FairShare, the weighted fair share of a claim
     notifications.py  keyspace notifications for result keys: turned on per server, probed, their channels
     listener.py       ResultListener: how a waiting request learns that its result is there
     backoff.py        Backoff and retry: the delays between attempts while Redis is unavailable
 
-The rule that loses nothing, in each shard: a job is in the shard's queue, in one batch slot (processing
-list) of one worker in that shard, or in the shard's dead letters. Every move between the queue and a
-processing list is one atomic server-side step (BLMOVE, LMOVE or a Lua script) within the shard's hash
-slot. A batch leaves its processing list only after its results are written, so a crash at any point
-loses nothing: the reaper of each shard returns the processing lists of a worker whose heartbeat there
-expired to the head of the shard's queue. A result that cannot be written (for any reason but Redis being
-unavailable) dead-letters its job alone and the rest are published; a batch that still cannot be published
-goes back to the queue, and until it has, its slot is never claimed into (acknowledging a batch deletes the
-whole slot). The reaper takes each dead worker on its own, so one it cannot reap holds up none of the others.
+The rule that loses nothing, in each shard: a job is in the shard's queue (the list of the priority level it
+names), in one batch slot (processing list) of one worker in that shard, or in the shard's dead letters. Every
+move between the queue and a processing list is one atomic server-side step (BLMOVE, LMOVE or a Lua script)
+within the shard's hash slot. A batch leaves its processing list only after its results are written, so a crash
+at any point loses nothing: the reaper of each shard returns the processing lists of a worker whose heartbeat
+there expired to the head of the shard's queue, each job to its own level's list. A result that cannot be
+written (for any reason but Redis being unavailable) dead-letters its job alone and the rest are published; a
+batch that still cannot be published goes back to the queue, and until it has, its slot is never claimed into
+(acknowledging a batch deletes the whole slot). The reaper takes each dead worker on its own, so one it cannot
+reap holds up none of the others.
 An id or origin becomes part of a key only as the web mints it (job.py RULES; the Lua scripts check the same).
 
 Replays. A command whose reply is lost may have run. The client never resends by itself; each
@@ -31,7 +33,7 @@ operation on the job path is either idempotent, and then retried once, or recove
 
     command                          idempotent   after a lost reply
     LPUSH job (enqueue)              no           pushed again in MULTI with an LREM of the first copy
-    BLMOVE + LLEN, LMOVE (claim)     no           not resent; the slot is released (RELEASE, no attempt
+    LLENs, LMOVE, BLMOVE (claim)     no           not resent; the slot is released (RELEASE, no attempt
                                                   counted) before anything is claimed into it again
     SET result EX (publish)          yes          resent: the same value again
     DEL slot, or the ACK script      yes          resent: deletes nothing more; ACK (a batch with dead

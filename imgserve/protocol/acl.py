@@ -46,7 +46,8 @@ def key_patterns(queue: str, role: str) -> list[str]:
         if role == "worker":
             patterns += [keys.queue, f"{keys.queue}:*"]
         else:  # the web reads the workers' set and heartbeats, and the dead letters' count; writes the rest
-            patterns += [keys.queue, keys.result_prefix + "*", keys.dead, keys.workers, keys.heartbeat_prefix + "*"]
+            patterns += [*keys.levels.values(), keys.result_prefix + "*", keys.dead, keys.workers]
+            patterns.append(keys.heartbeat_prefix + "*")
     if role == "web":  # tickets and owners carry the queue's name untagged, whatever the shards (keys.py)
         patterns += [ticket_key(queue, "*"), owner_key(queue, "*")]
     return patterns

@@ -1,11 +1,13 @@
 """How a worker claims batches from the shards it serves: fairly, blocking where it can, and going on
-with the other shards while one cannot be reached.
+with the other shards while one cannot be reached; and within a shard, from its priority levels by
+weighted fair share (priority.py, PRIORITY_WEIGHTS: one FairShare per shard).
 
-One shard: the claim blocks on it for up to a second, as a single queue always did. Several: each claim
-visits the shards in turn, starting after the one served last, without blocking (so a busy shard cannot
-starve the others); when all are empty it blocks on the next one for ROTATE_BLOCK seconds, then visits
-them all again. An idle worker thus sends (shards + 1) commands per ROTATE_BLOCK and otherwise waits in
-Redis, and a job that arrives on another shard waits at most ROTATE_BLOCK for it.
+One shard: the claim blocks on it for ROTATE_BLOCK seconds, on the level it took from last. Several: each
+claim visits the shards in turn, starting after the one served last, without blocking (so a busy shard
+cannot starve the others); when all are empty it blocks on the next one for ROTATE_BLOCK seconds, then
+visits them all again. BLMOVE waits on one list only, so the block is short: a job that arrives on another
+level or shard waits at most ROTATE_BLOCK for an idle worker. An idle worker thus sends (shards + 1) round
+trips of a few O(1) commands per ROTATE_BLOCK and otherwise waits in Redis.
 
 A claim whose reply was lost may have moved jobs into the slot's processing list: that list is released
 back to the head of its shard's queue (no attempt counted) before anything is claimed into it again, so
@@ -24,10 +26,10 @@ from imgserve import logger
 
 from .backoff import Backoff
 from .connection import REDIS_UNAVAILABLE
+from .priority import DEFAULT_WEIGHTS, FairShare
 from .worker_queue import WorkerQueue
 
-SINGLE_BLOCK = 1.0  # seconds a claim blocks on the only shard (then the caller checks whether to stop)
-ROTATE_BLOCK = 0.1  # seconds a claim blocks on one of several shards before visiting the others again
+ROTATE_BLOCK = 0.1  # seconds a claim blocks on one level of one shard before visiting the others again
 MIN_BACKOFF, MAX_BACKOFF = 0.5, 5.0
 
 log = logger.get(__name__)
@@ -36,13 +38,22 @@ log = logger.get(__name__)
 class Claimer:
     """Claims one worker's batches over its shards (one thread: the worker's feeder)."""
 
-    def __init__(self, queue: WorkerQueue, worker: str, shards: Iterable[int], size: int, wait: float) -> None:
+    def __init__(
+        self,
+        queue: WorkerQueue,
+        worker: str,
+        shards: Iterable[int],
+        size: int,
+        wait: float,
+        weights: tuple[int, ...] = DEFAULT_WEIGHTS,
+    ) -> None:
         self.queue = queue
         self.worker = worker
         self.shards = list(shards)
         self.size = size
         self.wait = wait
         self._next = 0  # index in `shards` of the one visited first
+        self.shares = {shard: FairShare(weights) for shard in self.shards}  # each shard's levels, shared fairly
         self._stranded: set[tuple[int, int]] = set()  # (shard, slot) whose last claim may have moved jobs
         self._backoff: dict[int, Backoff] = {}  # shard -> its backoff, while its claims fail
         self._retry_at: dict[int, float] = {}  # shard -> when to claim from it again
@@ -58,7 +69,7 @@ class Claimer:
         if not order:
             raise redis.ConnectionError("the worker is registered in none of its shards yet")
         if len(order) == 1:
-            return order[0], self._claim(order[0], slot, SINGLE_BLOCK)
+            return order[0], self._claim(order[0], slot, ROTATE_BLOCK)
         reachable, error = [], None
         for shard in order:
             try:
@@ -87,7 +98,7 @@ class Claimer:
                 self.queue.release(self.worker, "a claim failed", count_attempt=False, slot=slot, shard=shard)
                 self._stranded.discard((shard, slot))
             batch = self.queue.claim_batch(
-                self.worker, self.size, self.wait, block, slot=slot, shard=shard, only_into_empty=True
+                self.worker, self.size, self.wait, block, slot, shard, only_into_empty=True, share=self.shares[shard]
             )
         except REDIS_UNAVAILABLE as exc:
             self._stranded.add((shard, slot))

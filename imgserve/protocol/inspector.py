@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterable
 
 from .job import job_metadata
+from .keys import Keys
 from .queue import QueueBase
 
 UNKNOWN_MODEL = {"model": "unknown", "weights": "unknown"}
@@ -18,8 +19,18 @@ class QueueInspector(QueueBase):
     """Reads of every shard that can be reached (REDIS_UNAVAILABLE only when none can)."""
 
     def depths(self) -> list[int | None]:
-        """Jobs waiting in each shard (None: it cannot be reached)."""
-        return self._per_shard(lambda keys: int(self.redis.llen(keys.queue)))
+        """Jobs waiting in each shard, at every priority level (None: it cannot be reached)."""
+        return [None if levels is None else sum(levels.values()) for levels in self.level_depths()]
+
+    def level_depths(self) -> list[dict[str, int] | None]:
+        """Jobs waiting at each priority level of each shard (None: the shard cannot be reached)."""
+        return self._per_shard(self._levels_of)
+
+    def _levels_of(self, keys: Keys) -> dict[str, int]:
+        with self.redis.pipeline(transaction=False) as pipe:
+            for name in keys.levels.values():
+                pipe.llen(name)
+            return {level: int(n) for level, n in zip(keys.levels, pipe.execute(), strict=True)}
 
     def depth(self) -> int:
         """Number of jobs waiting in the queue, in every shard that can be reached."""
@@ -30,17 +41,24 @@ class QueueInspector(QueueBase):
         return self._per_shard(lambda keys: int(self.redis.llen(keys.dead)))
 
     def peek(self) -> bytes | None:
-        """A job at a shard's head exactly as stored, without claiming it; None if every shard is empty."""
-        return next((raw for raw in self._per_shard(lambda keys: self.redis.lindex(keys.queue, -1)) if raw), None)
+        """A job at the head of a level of a shard exactly as stored, without claiming it; None if all are empty."""
+        heads = self._per_shard(self._heads)
+        return next((raw for shard in heads if shard for raw in shard if raw), None)
+
+    def _heads(self, keys: Keys) -> list[bytes | None]:
+        """The job at the head of each level of one shard (None for an empty level)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for name in keys.levels.values():
+                pipe.lindex(name, -1)
+            return pipe.execute()
 
     def oldest_job_ages(self, now: float | None = None) -> list[float | None]:
-        """Seconds since the job at the head of each shard (the next to be claimed) was enqueued: 0 for an empty
-        shard, None for one that cannot be reached. Reads the job's JSON head only, never its image
-        (job_metadata); a job without a valid enqueued_at counts as new."""
+        """Seconds since the oldest job at the head of a level of each shard was enqueued: 0 for an empty shard,
+        None for one that cannot be reached. Reads the job's JSON head only, never its image (job_metadata); a
+        job without a valid enqueued_at counts as new."""
         now = time.time() if now is None else now
-        # Each shard's head in a list of its own, so that an empty shard ([None]) differs from one not reached (None).
-        heads = self._per_shard(lambda keys: [self.redis.lindex(keys.queue, -1)])
-        return [None if head is None else _age(head[0], now) for head in heads]
+        heads = self._per_shard(self._heads)
+        return [None if shard is None else max(_age(head, now) for head in shard) for shard in heads]
 
     def worker_ids(self) -> set[str]:
         """Ids of the workers registered in any shard that can be reached."""

@@ -21,6 +21,7 @@ from imgserve.imaging import IMAGE_DTYPE, IMAGE_SHAPE
 from imgserve.imaging.codecs import CODECS, DEFAULT_QUALITY, PayloadError, decode_image, encode_image
 
 from .keys import OPEN_OWNER, SUBMITTED
+from .priority import DEFAULT_PRIORITY, PRIORITIES
 
 DEFAULT_MAX_JOB_BYTES = 1_048_576  # a 224x224x3 job is about 200 KB raw, less with the other codecs
 
@@ -32,11 +33,13 @@ ORIGIN_PATTERN = re.compile(rf"[0-9a-f]{{12}}|{SUBMITTED}")  # a web process's u
 DTYPE_PATTERN = re.compile(r"[a-z]{1,8}[0-9]{0,3}")  # a numpy dtype name: uint8, float32, bool
 # A submitted job's owner goes into its ticket: security.owner_id's 16 hex digits, or OPEN_OWNER without keys.
 OWNER_PATTERN = re.compile(rf"[0-9a-f]{{16}}|{OPEN_OWNER}")
+PRIORITY_PATTERN = re.compile("|".join(PRIORITIES))  # its level names the queue list it returns to (scripts.py)
 RULES = {
     "id": (ID_PATTERN, "32 lowercase hex digits"),
     "origin": (ORIGIN_PATTERN, f"12 lowercase hex digits or {SUBMITTED!r}"),
     "dtype": (DTYPE_PATTERN, "a numpy dtype name"),
     "owner": (OWNER_PATTERN, f"16 lowercase hex digits or {OPEN_OWNER!r}"),
+    "priority": (PRIORITY_PATTERN, " or ".join(PRIORITIES)),
 }
 DEFAULT_TOP_K, MAX_TOP_K = 5, 20  # classes in an answer: what clients get unless they ask (?top_k=), and the most
 
@@ -60,6 +63,7 @@ class Job:
     codec: str = "raw"  # how `image` packs the pixels: image_codecs.encode_image
     top_k: int = DEFAULT_TOP_K  # how many classes the answer lists
     owner: str = ""  # a submitted job's owner (keys.py, the ticket), so the worker keeps it in the ticket
+    priority: str = DEFAULT_PRIORITY  # its level (priority.py): the queue list it waits in and returns to
     # True when `image` is base64 text made by Job.new: it needs no JSON escaping, so to_json can
     # splice it in instead of having json.dumps scan 200 KB of it.
     _image_is_base64: bool = field(default=False, init=False, repr=False, compare=False)
@@ -75,9 +79,10 @@ class Job:
         codec: str = "raw",
         quality: int = DEFAULT_QUALITY,
         top_k: int = DEFAULT_TOP_K,
+        priority: str = DEFAULT_PRIORITY,
     ) -> Job:
         """A job for `pixels`, packed with `codec` (JOB_CODEC; `quality` for a lossy one, JOB_QUALITY), due
-        `timeout` seconds from now, answered with the `top_k` most probable classes."""
+        `timeout` seconds from now, answered with the `top_k` most probable classes, queued at `priority`."""
         image, codec = encode_image(pixels, codec, quality)
         now = time.time()
         job = cls(
@@ -90,6 +95,7 @@ class Job:
             deadline=now + timeout,
             codec=codec,
             top_k=top_k,
+            priority=priority,
         )
         job._image_is_base64 = True
         return job
@@ -99,6 +105,8 @@ class Job:
         wire = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
         if not self.owner:  # only submitted jobs have one
             del wire["owner"]
+        if self.priority == DEFAULT_PRIORITY:  # a default job's wire stays as before levels existed
+            del wire["priority"]
         if not self._image_is_base64:
             return json.dumps(wire, separators=(",", ":")).encode()
         del wire["image"]
@@ -124,6 +132,7 @@ class Job:
             codec=_codec(data.get("codec", "raw")),
             top_k=_top_k(data.get("top_k", DEFAULT_TOP_K)),
             owner=_name(data, "owner") if "owner" in data else "",
+            priority=_name(data, "priority") if "priority" in data else DEFAULT_PRIORITY,
         )
 
     def pixels(self) -> np.ndarray:
@@ -193,7 +202,7 @@ def _typed(data: dict, name: str, kind: type) -> object:
 
 
 def _name(data: dict, name: str) -> str:
-    """An id, origin, dtype or owner: a string matching its rule (RULES); the value is not echoed, being anyone's."""
+    """An id, origin, dtype, owner or priority: a string matching its rule (RULES); the value is not echoed."""
     value = _typed(data, name, str)
     pattern, rule = RULES[name]
     if not pattern.fullmatch(value):
@@ -262,6 +271,8 @@ def job_metadata(raw: bytes | str, max_bytes: int = DEFAULT_MAX_JOB_BYTES) -> di
             meta[name] = data[name]
     if data.get("codec") in CODECS:
         meta["codec"] = data["codec"]
+    if valid_name("priority", data.get("priority")):
+        meta["priority"] = data["priority"]
     for name in ("enqueued_at", "deadline", "attempts"):
         value = data.get(name)
         if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):

@@ -5,8 +5,12 @@ with `{q}` as is; otherwise every key of shard N starts with the hash tag `{{q}:
 so that Redis Cluster puts all the keys of a shard in one slot and each Lua script touches one slot.
 `{s}` below is that prefix: `{q}`, or `{{q}:N}`.
 
-{s}                               LIST    pending jobs (JSON). The web server LPUSHes; workers take from
-                                          the right, so the list is FIFO and its right end is the head.
+{s}                               LIST    pending jobs (JSON) of priority `normal` (the default). The web
+                                          server LPUSHes; workers take from the right, so the list is FIFO and
+                                          its right end is the head.
+{s}:high, {s}:low                 LIST    the same for priorities `high` and `low` (priority.py: a worker takes
+                                          from the three by weighted fair share). A job names its level
+                                          (`priority`), and returns to that level's list when released or reaped.
 {s}:processing:{worker}:{slot}    LIST    one claimed batch of one worker, until it is acknowledged.
                                           A worker has SLOTS batch slots; a serial worker uses slot 0.
 {s}:heartbeat:{worker}            STRING  the worker's model, as JSON ({"model", "weights"}); TTL HEARTBEAT_TTL,
@@ -34,6 +38,8 @@ so that Redis Cluster puts all the keys of a shard in one slot and each Lua scri
 
 from __future__ import annotations
 
+from .priority import DEFAULT_PRIORITY, PRIORITIES
+
 # Batch slots per worker: each claimed batch has a processing list of its own, so acknowledging a batch
 # deletes exactly that batch's jobs while the worker holds others (one being decoded, PREFETCH_BATCHES
 # waiting, one in the model, some being published) in its other slots.
@@ -57,11 +63,19 @@ class Keys:
         """`shard` None: the untagged names of a single-shard queue on a plain Redis."""
         self.shard = shard or 0
         self.queue = queue if shard is None else f"{{{queue}:{shard}}}"
+        # Each priority level's queue list; `normal`'s is the queue list itself (the name deployments know).
+        self.levels = {
+            level: self.queue if level == DEFAULT_PRIORITY else f"{self.queue}:{level}" for level in PRIORITIES
+        }
         self.workers = f"{self.queue}:workers"
         self.dead = f"{self.queue}:dead"
         self.processing_prefix = f"{self.queue}:processing:"
         self.heartbeat_prefix = f"{self.queue}:heartbeat:"
         self.result_prefix = f"{self.queue}:result:"
+
+    def level(self, priority: str) -> str:
+        """The queue list of one priority level."""
+        return self.levels[priority]
 
     def processing(self, worker: str, slot: int = 0) -> str:
         """The processing list of one of a worker's batch slots."""

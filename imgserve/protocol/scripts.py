@@ -29,9 +29,10 @@ return 1
 """
 
 # The part shared by REAP and RELEASE: `release` moves a processing list back to the head of the
-# queue. A job out of attempts, too large, or unreadable goes to the dead letters instead (metadata
-# and reason, never the image), and its client gets an error result when the job names it and the
-# caller declared that result key (`answerable`, from KEYS).
+# queue list of each job's own priority level (its `priority`; `normal` when it names none it knows). A job
+# out of attempts, too large, or unreadable goes to the dead letters instead (metadata and reason, never the
+# image), and its client gets an error result when the job names it and the caller declared that result key
+# (`answerable`, from KEYS).
 # Both scripts take the same first seven ARGV:
 #   ARGV[1] result key prefix   ARGV[2] MAX_ATTEMPTS    ARGV[3] RESULT_TTL   ARGV[4] seconds a result
 #   outlives its job's deadline  ARGV[5] MAX_JOB_BYTES  ARGV[6] DEAD_LETTER_MAX  ARGV[7] now (Unix time)
@@ -63,12 +64,22 @@ local function valid_origin(origin)
   return origin == 'submitted' or valid(origin, VALID_ORIGIN)  -- keys.SUBMITTED
 end
 
+-- The queue lists of the three levels (priority.PRIORITIES), declared from KEYS[first] on in that order.
+local function level_lists(first)
+  return {high = KEYS[first], normal = KEYS[first + 1], low = KEYS[first + 2]}
+end
+local function level_of(job)
+  if job.priority == 'high' or job.priority == 'low' then return job.priority end
+  return 'normal'
+end
+
 local function metadata(raw, job)
   local meta = {bytes = #raw}
   if type(job) ~= 'table' then return meta end
   if valid(job.id, VALID_ID) then meta.id = job.id end
   if valid_origin(job.origin) then meta.origin = job.origin end
   if valid(job.codec, VALID_CODEC) and #job.codec <= 16 then meta.codec = job.codec end
+  if job.priority == 'high' or job.priority == 'normal' or job.priority == 'low' then meta.priority = job.priority end
   for _, k in ipairs({'enqueued_at', 'deadline', 'attempts'}) do
     if finite(job[k]) then meta[k] = job[k] end
   end
@@ -111,14 +122,14 @@ local function requeue(job, count_attempt, why)
   return nil, 'the job cannot be written back to the queue (' .. tostring(encoded) .. ')'
 end
 
-local function release(plist, queue, dead, worker, count_attempt, why)
+local function release(plist, queues, dead, worker, count_attempt, why)
   local requeued, dead_lettered = 0, 0
   for _, raw in ipairs(redis.call('LRANGE', plist, 0, -1)) do
     local job, reason = read(raw)
     local encoded
     if job and not reason then encoded, reason = requeue(job, count_attempt, why) end
     if encoded then
-      redis.call('RPUSH', queue, encoded)
+      redis.call('RPUSH', queues[level_of(job)], encoded)
       requeued = requeued + 1
     else
       redis.call('LPUSH', dead, cjson.encode({reason = reason, worker = worker, at = now, job = metadata(raw, job)}))
@@ -135,9 +146,10 @@ end
 # Takes back the jobs of one worker whose heartbeat expired in this shard, counting an attempt, and forgets
 # the worker there. Does nothing while its heartbeat lives (it came back since the caller looked).
 # Idempotent: a replay finds nothing left to take.
-#   KEYS[1]  the worker's heartbeat   KEYS[2]  the workers set   KEYS[3]  the queue   KEYS[4]  the dead letters
-#   KEYS[5 .. 4+ARGV[9]]  the worker's processing lists (one per batch slot)
-#   KEYS[5+ARGV[9] ..]    result keys of the jobs in them, which the script may answer
+#   KEYS[1]  the worker's heartbeat   KEYS[2]  the workers set
+#   KEYS[3], KEYS[4], KEYS[5]  the queue lists of levels high, normal, low   KEYS[6]  the dead letters
+#   KEYS[7 .. 6+ARGV[9]]  the worker's processing lists (one per batch slot)
+#   KEYS[7+ARGV[9] ..]    result keys of the jobs in them, which the script may answer
 #   ARGV[1..7] as for release (above)   ARGV[8]  the worker's id   ARGV[9]  batch slots per worker
 # Returns {workers reaped (0 or 1), jobs requeued, jobs dead-lettered}.
 REAP = (
@@ -145,10 +157,10 @@ REAP = (
     + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return {0, 0, 0} end
 local slots = tonumber(ARGV[9])
-declare_results(5 + slots)
+declare_results(7 + slots)
 local requeued, dead_lettered = 0, 0
-for i = 5, 4 + slots do
-  local r = release(KEYS[i], KEYS[3], KEYS[4], ARGV[8], 1, 'worker ' .. ARGV[8] .. ' stopped sending heartbeats')
+for i = 7, 6 + slots do
+  local r = release(KEYS[i], level_lists(3), KEYS[6], ARGV[8], 1, 'worker ' .. ARGV[8] .. ' stopped sending heartbeats')
   requeued, dead_lettered = requeued + r[1], dead_lettered + r[2]
 end
 redis.call('SREM', KEYS[2], ARGV[8])
@@ -156,9 +168,9 @@ return {1, requeued, dead_lettered}
 """
 )
 
-# Returns one processing list to the head of the queue. Idempotent: a replay finds the list gone.
-#   KEYS[1]  the processing list   KEYS[2]  the queue   KEYS[3]  the dead-letter list
-#   KEYS[4..]  result keys of the jobs in the list, which the script may answer
+# Returns one processing list to the heads of its jobs' levels. Idempotent: a replay finds the list gone.
+#   KEYS[1]  the processing list   KEYS[2], KEYS[3], KEYS[4]  the queue lists of levels high, normal, low
+#   KEYS[5]  the dead-letter list   KEYS[6..]  result keys of the jobs in the list, which the script may answer
 #   ARGV[1..7] as for release (above)
 #   ARGV[8]  the worker's id (for the dead letters)
 #   ARGV[9]  1 to count a delivery attempt (the batch failed), 0 not to (a clean shutdown)
@@ -167,8 +179,8 @@ return {1, requeued, dead_lettered}
 RELEASE = (
     _RELEASE
     + """
-declare_results(4)
-return release(KEYS[1], KEYS[2], KEYS[3], ARGV[8], tonumber(ARGV[9]), ARGV[10])
+declare_results(6)
+return release(KEYS[1], level_lists(2), KEYS[5], ARGV[8], tonumber(ARGV[9]), ARGV[10])
 """
 )
 

@@ -15,6 +15,7 @@ from . import scripts
 from .connection import REPLY_LOST, Client, retry_once
 from .job import Job
 from .keys import OPEN_OWNER, SUBMITTED, Keys, owner_key, ticket_key
+from .priority import DEFAULT_PRIORITY
 from .queue import QueueBase, read_result
 
 TICKET_STATUSES = ("queued", "running")
@@ -40,9 +41,10 @@ class WebQueue(QueueBase):
         return self.enqueue_many([job], max_queue)
 
     def enqueue_many(self, jobs: list[Job], max_queue: int) -> bool:
-        """Push jobs in one command to one shard, first job first in line, so that a worker can run them in
-        one batch: the next shard in turn, or the next that has room for them; False (and nothing queued)
-        when none has, each holding its share of `max_queue`. Sets each job's `shard`.
+        """Push jobs (all of one priority level) in one command to their level's list in one shard, first job
+        first in line, so that a worker can run them in one batch: the next shard in turn, or the next that has
+        room for them; False (and nothing queued) when none has, each shard's level holding its share of
+        `max_queue`. Sets each job's `shard`.
 
         A shard that cannot be reached raises REDIS_UNAVAILABLE: its jobs may be queued there, so they are
         not pushed to another shard as well.
@@ -51,31 +53,32 @@ class WebQueue(QueueBase):
         limit = math.ceil(max_queue / count)
         first = next(self._turn)
         for shard in ((first + i) % count for i in range(count)):
-            if self._push(self.shards[shard], raws, limit):
+            if self._push(self.shards[shard], raws, limit, jobs[0].priority):
                 for job in jobs:
                     job.shard = shard
                 return True
         return False
 
-    def _push(self, keys: Keys, raws: list[bytes], limit: int) -> bool:
-        """LPUSH to one shard; False (and nothing left queued) when that took it past `limit` jobs.
+    def _push(self, keys: Keys, raws: list[bytes], limit: int, priority: str = DEFAULT_PRIORITY) -> bool:
+        """LPUSH to one level of one shard; False (and nothing left queued) when that took it past `limit` jobs.
 
         LPUSH is not idempotent, so after a lost reply the jobs are pushed again in a transaction that
         first removes the copies the lost LPUSH may have queued.
         """
+        queue = keys.level(priority)
         try:
-            depth = self.redis.lpush(keys.queue, *raws)
+            depth = self.redis.lpush(queue, *raws)
         except REPLY_LOST:
             with self.redis.pipeline(transaction=True) as pipe:
                 for raw in raws:
-                    pipe.lrem(keys.queue, 1, raw)
-                pipe.lpush(keys.queue, *raws)
+                    pipe.lrem(queue, 1, raw)
+                pipe.lpush(queue, *raws)
                 depth = pipe.execute()[-1]
         if depth <= limit:
             return True
         # Over the limit: take them back. One a worker claimed meanwhile runs (a lone job is then accepted
         # after all; among several, its result expires unread).
-        withdrawn = [self._withdraw(keys, raw) for raw in raws]
+        withdrawn = [self._withdraw(keys, raw, priority) for raw in raws]
         return len(raws) == 1 and not withdrawn[0]
 
     def submit(self, job: Job, max_queue: int) -> bool:
@@ -86,22 +89,22 @@ class WebQueue(QueueBase):
         """
         ticket, ttl = ticket_key(self.name, job.id), self._result_ttl(job.deadline, time.time())
         limit = math.ceil(max_queue / len(self.shards))
-        shard = self._next_with_room(limit)
+        shard = self._next_with_room(limit, job.priority)
         if shard is None:
             return False
         retry_once(lambda: self.redis.set(ticket, f"queued {shard} {job.owner or OPEN_OWNER}", ex=ttl))
-        if self._push(self.shards[shard], [job.to_json()], limit):
+        if self._push(self.shards[shard], [job.to_json()], limit, job.priority):
             job.shard = shard
             return True
         retry_once(lambda: self.redis.delete(ticket))
         return False
 
-    def _next_with_room(self, limit: int) -> int | None:
-        """The next shard in turn whose queue holds fewer than `limit` jobs; None when every one is full."""
+    def _next_with_room(self, limit: int, priority: str) -> int | None:
+        """The next shard in turn whose `priority` level holds fewer than `limit` jobs; None when all are full."""
         count = len(self.shards)
         first = next(self._turn)
         for shard in ((first + i) % count for i in range(count)):
-            if retry_once(lambda shard=shard: self.redis.llen(self.shards[shard].queue)) < limit:
+            if retry_once(lambda shard=shard: self.redis.llen(self.shards[shard].level(priority))) < limit:
                 return shard
         return None
 
@@ -152,10 +155,10 @@ class WebQueue(QueueBase):
         Idempotent. A job already claimed cannot be taken back: once its deadline has passed, the
         worker drops it instead of running it.
         """
-        return self._withdraw(self.shards[job.shard], job.to_json())
+        return self._withdraw(self.shards[job.shard], job.to_json(), job.priority)
 
-    def _withdraw(self, keys: Keys, raw: bytes) -> bool:
-        return retry_once(lambda: self.redis.lrem(keys.queue, 1, raw)) == 1
+    def _withdraw(self, keys: Keys, raw: bytes, priority: str = DEFAULT_PRIORITY) -> bool:
+        return retry_once(lambda: self.redis.lrem(keys.level(priority), 1, raw)) == 1
 
     def take_result(self, origin: str, job_id: str, shard: int = 0) -> dict | None:
         """A job's result, or None if it is not there yet. The key then expires within seconds.

@@ -14,6 +14,7 @@ from . import scripts
 from .connection import REDIS_UNAVAILABLE, Client, retry_once
 from .job import DeadLetter, Job, job_metadata, unanswerable
 from .keys import OPEN_OWNER, SLOTS, SUBMITTED, Keys, ticket_key
+from .priority import PRIORITIES, FairShare
 from .queue import RESULT_GRACE, QueueBase
 
 log = logger.get(__name__)
@@ -64,59 +65,81 @@ class WorkerQueue(QueueBase):
         slot: int = 0,
         shard: int = 0,
         only_into_empty: bool = False,
+        share: FairShare | None = None,
     ) -> list[bytes]:
-        """Move up to `size` jobs from a shard's head into one of this worker's batch slots in that shard.
+        """Move up to `size` jobs from a shard's heads into one of this worker's batch slots in that shard.
 
-        Blocks up to `block` seconds for the first job (not at all when `block` is 0), learning in the
-        same round trip how many more are waiting, and takes those (LMOVE, one per job: each moves one
-        job atomically, so concurrent workers never share a job, and no job is copied through Lua). If
-        the batch is not full, sleeps until `wait` seconds after the first job and takes what arrived
-        meanwhile.
+        Reads how many jobs wait at each priority level and takes them from the levels `share` chooses (the
+        weighted fair share, priority.py; a batch may mix levels), one LMOVE per job: each moves one job
+        atomically, so concurrent workers never share a job, and no job is copied through Lua. When every level
+        is empty, blocks up to `block` seconds (not at all when 0) on the level `share` took from last, learning
+        in the same round trip how many wait at each level, and takes those. If the batch is not full, sleeps
+        until `wait` seconds after the first job and takes what arrived meanwhile.
 
         The moves are not idempotent, so nothing resends them: after a failed claim the caller releases
-        the slot (its jobs back to the queue's head) before claiming into it again.
+        the slot (its jobs back to their levels' heads) before claiming into it again.
 
         `only_into_empty` (a worker's claims): acknowledging a batch deletes its whole slot, so a batch must
-        never join jobs left in the slot by one that was not acknowledged. The same round trip reads the
-        slot's length first; if it held jobs, the slot is released (with the job just moved) and nothing
-        is claimed this time.
+        never join jobs left in the slot by one that was not acknowledged. The first round trip reads the
+        slot's length too; if it held jobs, the slot is released and nothing is claimed this time.
         """
-        keys = self.shards[shard]
+        keys, share = self.shards[shard], share or FairShare()
         plist = keys.processing(worker, slot)
         with self.redis.pipeline(transaction=False) as pipe:
             if only_into_empty:
                 pipe.llen(plist)
-            if block > 0:
-                pipe.blmove(keys.queue, plist, block, "RIGHT", "RIGHT")
-            else:
-                pipe.lmove(keys.queue, plist, "RIGHT", "RIGHT")
-            pipe.llen(keys.queue)
-            *held, first, waiting = pipe.execute()
+            *held, waiting = self._waiting(keys, pipe)
         if held and held[0]:
             log.error(
                 "batch slot %d of shard %d still held %d job(s) when claimed into; releasing it", slot, shard, held[0]
             )
             self.release(worker, "left in a batch slot that was claimed into again", slot=slot, shard=shard)
             return []
-        if first is None:
-            return []
         until = time.monotonic() + wait
-        batch = [first, *self._move(keys, plist, min(size - 1, waiting))]
+        batch = self._move(keys, plist, share.plan(waiting, size))
+        if not batch:
+            batch = self._block(keys, plist, share, block, size)
+            until = time.monotonic() + wait
+        if not batch:
+            return []
         remaining = until - time.monotonic()
         if len(batch) < size and remaining > 0:
             # The wait is client-side: Redis times a blocking command out only on its clock tick
             # (100 ms at the default hz 10), and Redis 6 blocks forever on a timeout under 1 ms.
             time.sleep(remaining)
-            batch += self._move(keys, plist, min(size - len(batch), self.redis.llen(keys.queue)))
+            with self.redis.pipeline(transaction=False) as pipe:
+                [waiting] = self._waiting(keys, pipe)
+            batch += self._move(keys, plist, share.plan(waiting, size - len(batch)))
         return batch
 
-    def _move(self, keys: Keys, plist: str, count: int) -> list[bytes]:
-        """Move up to `count` jobs from the shard's head to the end of `plist`, in one round trip."""
-        if count <= 0:
+    @staticmethod
+    def _waiting(keys: Keys, pipe) -> list:
+        """Execute `pipe` with the LLEN of every level appended; its replies, the last one {level: jobs waiting}."""
+        for name in keys.levels.values():
+            pipe.llen(name)
+        replies = pipe.execute()
+        counts = replies[-len(PRIORITIES) :]
+        return [*replies[: -len(PRIORITIES)], dict(zip(keys.levels, counts, strict=True))]
+
+    def _block(self, keys: Keys, plist: str, share: FairShare, block: float, size: int) -> list[bytes]:
+        """Block up to `block` s for a job on the level `share` took from last; that job and the next ones."""
+        if block <= 0:
             return []
         with self.redis.pipeline(transaction=False) as pipe:
-            for _ in range(count):
-                pipe.lmove(keys.queue, plist, "RIGHT", "RIGHT")
+            pipe.blmove(keys.level(share.last), plist, block, "RIGHT", "RIGHT")
+            first, waiting = self._waiting(keys, pipe)
+        if first is None:
+            return []
+        share.took(share.last)
+        return [first, *self._move(keys, plist, share.plan(waiting, size - 1))]
+
+    def _move(self, keys: Keys, plist: str, levels: list[str]) -> list[bytes]:
+        """Move one job from the head of each level in `levels` to the end of `plist`, in one round trip."""
+        if not levels:
+            return []
+        with self.redis.pipeline(transaction=False) as pipe:
+            for level in levels:
+                pipe.lmove(keys.level(level), plist, "RIGHT", "RIGHT")
             return [raw for raw in pipe.execute() if raw is not None]
 
     def finish_batch(
@@ -203,7 +226,7 @@ class WorkerQueue(QueueBase):
         raws = retry_once(lambda: self.redis.lrange(plist, 0, -1))
         if not raws:
             return 0, 0
-        declared = [plist, keys.queue, keys.dead, *self._result_keys(keys, raws)]
+        declared = [plist, *keys.levels.values(), keys.dead, *self._result_keys(keys, raws)]
         args = [*self._release_args(keys), worker, int(count_attempt), reason]
         requeued, dead_lettered = retry_once(lambda: self._release(keys=declared, args=args))
         return int(requeued), int(dead_lettered)
@@ -237,7 +260,8 @@ class WorkerQueue(QueueBase):
     def _reap_worker(self, keys: Keys, worker: str) -> list[int]:
         """Run REAP for one worker of a shard, declaring its slots and the result keys of the jobs in them."""
         answerable = self._result_keys(keys, self.claimed(worker, keys.shard))
-        declared = [keys.heartbeat(worker), keys.workers, keys.queue, keys.dead, *keys.processing_lists(worker)]
+        declared = [keys.heartbeat(worker), keys.workers, *keys.levels.values(), keys.dead]
+        declared += keys.processing_lists(worker)
         declared += answerable
         args = [*self._release_args(keys), worker, SLOTS]
         return [int(n) for n in retry_once(lambda: self._reap(keys=declared, args=args))]

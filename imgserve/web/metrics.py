@@ -4,7 +4,9 @@
                                                   method = an HTTP method, or "other")
     web_requests_in_progress                      requests being handled right now
     web_predict_seconds                           histogram of /predict latency, all outcomes
-    web_queue_depth                               jobs waiting in the Redis queue, read at scrape time
+    web_queue_depth                               jobs waiting in the Redis queue (every priority level), read
+                                                  at scrape time
+    web_priority_queue_depth{priority}            the same per priority level (high, normal, low), all shards
     web_dead_letters                              dead letters kept in Redis, read at scrape time
     web_shard_queue_depth{shard}                  the same two, per queue shard (QUEUE_SHARDS)
     web_shard_dead_letters{shard}
@@ -32,6 +34,7 @@ from prometheus_client.registry import Collector
 
 from imgserve import logger
 from imgserve.protocol import REDIS_UNAVAILABLE, QueueInspector
+from imgserve.protocol.priority import PRIORITIES
 
 log = logger.get(__name__)
 
@@ -64,13 +67,20 @@ class QueueDepthCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         try:
-            depths = self.queue.depths()
+            levels = self.queue.level_depths()
             dead_letters = self.queue.dead_letter_counts()
         except REDIS_UNAVAILABLE as exc:
             log.debug("queue depth not available for /metrics: %s", exc)
             return
         # A shard whose primary is down is left out (None): the others' figures still count.
+        depths = [None if shard is None else sum(shard.values()) for shard in levels]
         yield GaugeMetricFamily("web_queue_depth", "Jobs waiting in the Redis queue", value=_total(depths))
+        by_level = GaugeMetricFamily(
+            "web_priority_queue_depth", "Jobs waiting at each priority level", labels=["priority"]
+        )
+        for level in PRIORITIES:
+            by_level.add_metric([level], _total([shard and shard[level] for shard in levels]))
+        yield by_level
         yield GaugeMetricFamily(
             "web_dead_letters", "Dead letters kept in Redis (at most DEAD_LETTER_MAX)", value=_total(dead_letters)
         )

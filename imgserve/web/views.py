@@ -22,6 +22,7 @@ from imgserve.imaging.prepare import UPLOAD_COPIES, DecodeBusy, ImageError, prep
 from imgserve.protocol import REDIS_UNAVAILABLE, SUBMITTED, Job, ResultTimeout, WebQueue
 from imgserve.protocol.inspector import distinct_models
 from imgserve.protocol.job import DEFAULT_TOP_K, MAX_TOP_K
+from imgserve.protocol.priority import DEFAULT_PRIORITY, PRIORITIES, parse_priority
 from imgserve.web import security
 from imgserve.web.errors import Refused, error
 
@@ -43,9 +44,9 @@ def predict():
     """POST /predict with one or more multipart file fields `image`: wait for the answers."""
     service = _service()
     config = service.config
-    top_k = _top_k()
+    top_k, priority = _top_k(), _priority()
     jobs = [
-        Job.new(pixels, service.origin, config.request_timeout, config.job_codec, config.job_quality, top_k)
+        Job.new(pixels, service.origin, config.request_timeout, config.job_codec, config.job_quality, top_k, priority)
         for pixels in _prepared_uploads(service, config.max_images_per_request)
     ]
     results = _answers(service, jobs)
@@ -69,6 +70,19 @@ def _top_k() -> int:
     if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= MAX_TOP_K):
         raise Refused(400, f"top_k must be a whole number from 1 to {MAX_TOP_K}")
     return int(raw)
+
+
+def _priority() -> str:
+    """The `priority` query argument: the level the jobs wait at (high, normal or low)."""
+    raw = request.args.get("priority", DEFAULT_PRIORITY)
+    if parse_priority(raw) is None:
+        raise Refused(400, f"priority must be one of {', '.join(PRIORITIES)}")
+    return raw
+
+
+def _queue_full(priority: str) -> Refused:
+    """The 503 of a full queue: MAX_QUEUE applies to each priority level on its own."""
+    return Refused(503, f"the server is busy (queue full at priority {priority}); try again shortly", retry_after=1)
 
 
 def _prepared_uploads(service: Service, limit: int, limit_source: str = "MAX_IMAGES_PER_REQUEST") -> list:
@@ -126,7 +140,7 @@ def _answers(service: Service, jobs: list[Job]) -> list[dict]:
             expecting.enter_context(service.listener.expect(job.id))
         try:
             if not service.queue.enqueue_many(jobs, config.max_queue):
-                raise Refused(503, "the server is busy (queue full); try again shortly", retry_after=1)
+                raise _queue_full(jobs[0].priority)
             return [service.listener.wait(job.id, job.deadline, job.shard) for job in jobs]
         except ResultTimeout:
             for job in jobs:
@@ -188,14 +202,14 @@ def submit_job():
     """POST /jobs with a multipart file field `image`: queue it and answer at once where to collect it."""
     service = _service()
     config = service.config
-    top_k = _top_k()
+    top_k, priority = _top_k(), _priority()
     [pixels] = _prepared_uploads(service, 1, "a job is one image; /predict takes several")
     # A submitted job may wait in the queue, and its result be collected, until RESULT_TTL after now.
-    job = Job.new(pixels, SUBMITTED, config.result_ttl, config.job_codec, config.job_quality, top_k)
+    job = Job.new(pixels, SUBMITTED, config.result_ttl, config.job_codec, config.job_quality, top_k, priority)
     job.owner = _owner()
     with _held(service, [job], keep=True):
         if not service.queue.submit(job, config.max_queue):
-            raise Refused(503, "the server is busy (queue full); try again shortly", retry_after=1)
+            raise _queue_full(priority)
     log.info("job %s submitted", job.id)
     response = jsonify(success=True, id=job.id, status_url=f"/jobs/{job.id}")
     response.status_code = 202

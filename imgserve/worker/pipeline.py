@@ -21,6 +21,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from imgserve import logger, settings
 from imgserve.protocol import REDIS_UNAVAILABLE, SLOTS, SUBMITTED, Claimer, DeadLetter, Job, JobError, WorkerQueue
 from imgserve.protocol.backoff import Backoff, retry
+from imgserve.protocol.priority import PRIORITIES
 
 # Outcomes: done (result published), expired (deadline passed before inference, dropped), cancelled (a
 # submitted job its client cancelled before a worker took it, skipped), failed (inference raised; the job goes
@@ -31,6 +32,9 @@ JOBS = Counter("worker_jobs_total", "Jobs handled by this worker, by outcome", [
 for _outcome in JOB_OUTCOMES:
     JOBS.labels(_outcome)  # every outcome is exported from the start, at 0
 SHARD_JOBS = Counter("worker_shard_jobs_total", "Jobs claimed by this worker, by queue shard", ["shard"])
+PRIORITY_JOBS = Counter("worker_priority_jobs_total", "Readable jobs claimed by this worker, by priority", ["priority"])
+for _level in PRIORITIES:
+    PRIORITY_JOBS.labels(_level)
 BATCH_SIZE = Histogram("worker_batch_size", "Jobs per claimed batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 INFERENCE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)  # big CPU batches take > 10 s
 INFERENCE = Histogram("worker_inference_seconds", "Model time per batch", buckets=INFERENCE_BUCKETS)
@@ -84,7 +88,9 @@ class Worker:
         self.stopping = threading.Event()
         self._finished = threading.Event()  # the heartbeat outlives `stopping` until the last batch is done
         self.shards = list(config.worker_shards or range(config.queue_shards))
-        self.claimer = Claimer(queue, self.id, self.shards, config.batch_size, config.batch_wait_ms / 1000)
+        self.claimer = Claimer(
+            queue, self.id, self.shards, config.batch_size, config.batch_wait_ms / 1000, config.priority_weights
+        )
         self.failed = False  # a stage died of an error no retry could mend; run() then raises
         self._free_slots: Queue[int] = Queue()
         for slot in range(SLOTS):
@@ -194,6 +200,7 @@ class Worker:
             except JobError as exc:
                 batch.dead.append(DeadLetter(raw, str(exc), self.config.max_job_bytes))
                 continue
+            PRIORITY_JOBS.labels(job.priority).inc()
             if job.deadline < now:
                 JOBS.labels("expired").inc()
                 log.info(

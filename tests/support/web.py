@@ -58,6 +58,9 @@ class StandInQueue:
     def depths(self) -> list[int]:
         return [self.depth()]
 
+    def level_depths(self) -> list[dict[str, int]]:
+        return [{"high": 0, "normal": self.depth(), "low": 0}]
+
     def dead_letter_count(self) -> int:
         return 0
 
