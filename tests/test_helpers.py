@@ -209,6 +209,30 @@ def test_holds_nest_within_a_thread_a_body_and_then_its_decoding():
     assert budget.in_use == 0
 
 
+def test_two_requests_holding_bodies_do_not_refuse_each_others_decoding():
+    """Both bodies fit, neither decode fits beside the other body: the older request decodes (a bounded
+    overshoot of one image), the younger waits for it instead of both timing out."""
+    budget = DecodeBudget(capacity=100, wait=2)
+    held, release, decoded = threading.Event(), threading.Event(), []
+
+    def older() -> None:
+        with budget.hold(45):  # its body
+            held.set()
+            release.wait(5)
+            with budget.hold(30):  # its image: 45 + 45 + 30 > 100, and it is the oldest holder
+                decoded.append("older")
+
+    first = threading.Thread(target=older)
+    first.start()
+    held.wait(5)
+    with budget.hold(45):  # the younger request's body
+        release.set()
+        first.join(5)
+        with budget.hold(30):  # decodes once the older one is done
+            decoded.append("younger")
+    assert decoded == ["older", "younger"] and budget.in_use == 0
+
+
 def _hold_until(budget: DecodeBudget, cost: int, held: threading.Event, release: threading.Event) -> None:
     with budget.hold(cost):
         held.set()

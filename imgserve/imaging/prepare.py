@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import struct
 import threading
@@ -56,20 +57,25 @@ class DecodeBudget:
         self.wait = wait
         self.in_use = 0
         self._changed = threading.Condition()
-        self._mine = threading.local()  # what this thread holds already: a request's body, while it decodes
+        self._mine = threading.local()  # what this thread holds already (a request's body, while it decodes)
+        self._tickets = itertools.count()
+        self._holders: set[int] = set()  # the ticket of each thread's outermost hold, in the order granted
 
     @contextmanager
     def hold(self, cost: int) -> Iterator[None]:
         """Reserve `cost` bytes for the block; DecodeBusy if they are not free within `wait` seconds.
 
-        Holds nest: a thread holding its upload's body may then hold its image's decoding."""
-        mine = getattr(self._mine, "held", 0)
+        Holds nest: a thread holding its upload's body may then hold its image's decoding. Alone, a hold may
+        always go (the per-image limit is checked against the budget at start-up); so may the nested hold of
+        the oldest holder, or two requests each holding a body would refuse each other's decoding."""
+        mine, ticket = getattr(self._mine, "held", 0), getattr(self._mine, "ticket", None)
         with self._changed:
-            # Alone, an upload may always go: the per-image limit is checked against the budget at start-up.
-            fits = lambda: self.in_use == mine or self.in_use + cost <= self.capacity  # noqa: E731
-            if not self._changed.wait_for(fits, timeout=self.wait):
+            if not self._changed.wait_for(lambda: self._fits(cost, mine, ticket), timeout=self.wait):
                 raise DecodeBusy(f"{self.in_use:,} of {self.capacity:,} bytes (DECODE_BUDGET_BYTES) are in use")
             self.in_use += cost
+            if ticket is None:
+                self._mine.ticket = next(self._tickets)
+                self._holders.add(self._mine.ticket)
         self._mine.held = mine + cost
         try:
             yield
@@ -77,7 +83,14 @@ class DecodeBudget:
             self._mine.held = mine
             with self._changed:
                 self.in_use -= cost
+                if ticket is None:
+                    self._holders.discard(self._mine.ticket)
+                    self._mine.ticket = None
                 self._changed.notify_all()
+
+    def _fits(self, cost: int, mine: int, ticket: int | None) -> bool:
+        oldest = ticket is not None and ticket == min(self._holders)
+        return self.in_use == mine or self.in_use + cost <= self.capacity or oldest
 
 
 def prepare_image(
