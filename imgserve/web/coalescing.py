@@ -93,6 +93,11 @@ def _lead(cache: ResultCache, digest: str, deadline: float, run: Callable[[], di
             return followed
         return _own_job(deadline, run)
     try:
+        # A request that missed the cache just before an identical one's result was written takes the lease
+        # that one released: the result is there now.
+        if (hit := cache.get(digest)) is not None:
+            RESULT_CACHE.labels("hit").inc()
+            return hit
         result = _own_job(deadline, run)
         _keep(cache, digest, result)
         return result
