@@ -3,8 +3,8 @@
 Identical means the same prepared pixels (their bytes, shape and dtype), for the same model, with the same
 top_k: `request_digest` hashes all of them, so a different image, model or top_k is a different key and one
 model's answer is never served for another's request. Keys (keys.py): `{q}:cache:{digest}` holds a successful
-result for RESULT_CACHE_TTL s; `{q}:lease:{digest}` names the job one web process queued for a digest while
-it runs, so that identical requests in other web processes wait for its result (`follow`, polling with
+result for RESULT_CACHE_TTL s; `{q}:lease:{digest}` names the request that queued a job for a digest while
+that job runs, so that identical requests in other web processes wait for its result (`follow`, polling with
 backoff) instead of queueing their own. Failed results are never cached: a follower that finds the lease
 gone and no result queues its own job.
 """
@@ -62,17 +62,17 @@ class ResultCache:
         value = json.dumps({k: v for k, v in result.items() if k != "id"}, separators=(",", ":"))
         retry_once(lambda: self.redis.set(cache_key(self.queue, digest), value, ex=self.ttl))
 
-    def lease(self, digest: str, job_id: str, seconds: float) -> bool:
-        """Take the lease on `digest` for `job_id`, for `seconds` at most; False when another job holds it."""
+    def lease(self, digest: str, token: str, seconds: float) -> bool:
+        """Take the lease on `digest` for the request `token`, for `seconds` at most; False when another holds it."""
         key, ttl_ms = lease_key(self.queue, digest), max(1, int(seconds * 1000))
         try:
-            return bool(self.redis.set(key, job_id, nx=True, px=ttl_ms))
+            return bool(self.redis.set(key, token, nx=True, px=ttl_ms))
         except REPLY_LOST:  # SET NX is not idempotent: ask whose the lease is now
-            return retry_once(lambda: self.redis.get(key)) == job_id.encode()
+            return retry_once(lambda: self.redis.get(key)) == token.encode()
 
-    def release(self, digest: str, job_id: str) -> None:
-        """Give the lease up if it is still `job_id`'s (LEASE_RELEASE); once lost, it expires with its job."""
-        retry_once(lambda: self._release(keys=[lease_key(self.queue, digest)], args=[job_id]))
+    def release(self, digest: str, token: str) -> None:
+        """Give the lease up if it is still `token`'s (LEASE_RELEASE); once lost, it expires with its job."""
+        retry_once(lambda: self._release(keys=[lease_key(self.queue, digest)], args=[token]))
 
     def follow(self, digest: str, deadline: float) -> dict | None:
         """Wait for the result of the job that holds the lease on `digest`: the cached result; None when the

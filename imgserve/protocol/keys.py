@@ -34,7 +34,7 @@ so that Redis Cluster puts all the keys of a shard in one slot and each Lua scri
                                           identical request: `digest` is cache.request_digest of the prepared
                                           pixels, the model and top_k. TTL RESULT_CACHE_TTL; only written when
                                           RESULT_CACHE_TTL > 0. Not in a shard.
-{q}:lease:{digest}                STRING  the id of the job one web process queued for `digest`, while it
+{q}:lease:{digest}                STRING  a token of the web request that queued a job for `digest`, while it
                                           waits for it: identical requests elsewhere wait for {q}:cache:{digest}
                                           instead of queueing their own. SET NX; TTL the job's timeout; deleted
                                           (LEASE_RELEASE, only by its holder) once the result is in. Not in a shard.
@@ -115,5 +115,5 @@ def cache_key(queue: str, digest: str) -> str:
 
 
 def lease_key(queue: str, digest: str) -> str:
-    """The lease on a digest: which job, queued by one web process, will answer it."""
+    """The lease on a digest: which web request's job will answer it."""
     return f"{queue}:lease:{digest}"

@@ -206,8 +206,8 @@ return 1
 """
 
 # LEASE_RELEASE: give up a lease on a cached result ({q}:lease:{digest}), only if it is still the caller's: a
-# lease that expired and was taken by another web process's job stays that one's.
-#   KEYS[1]  the lease   ARGV[1]  the caller's job id
+# lease that expired and was taken by another web request stays that one's.
+#   KEYS[1]  the lease   ARGV[1]  the caller's token
 # Returns 1 when the lease was deleted, 0 when it was not the caller's (or gone).
 LEASE_RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
