@@ -378,6 +378,15 @@ class Settings:
     request_timeout: float = setting(
         30.0, _float(0.0, strict=True), (WEB, LAUNCH), "seconds a client waits for its result before a 504"
     )
+    result_cache_ttl: int = setting(
+        0,
+        _int(0, 86400),
+        (WEB,),
+        "seconds a successful single-image `/predict` answer is kept and shared by identical requests (same "
+        "pixels, model and `top_k`), which also share one job while it runs; 0: off (no hashing). See "
+        "[Result cache](#result-cache)",
+        example="60",
+    )
     model_weights: str = setting(
         "imagenet",
         _weights,

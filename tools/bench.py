@@ -24,6 +24,8 @@ weights, the same compute as the real ones) and prints, each against its goal:
     this one, every JOB_CODEC (bytes, CPU on each side, pixel error), JPEG decoders; cores per 1,000 requests/s
 13. priorities (tools/priority_mix.py): a mixed high/normal load over a low backlog, one stand-in worker; latency
     and share per level with PRIORITY_WEIGHTS 8,4,1 beside 1,1,1 (`--priority-only`: this phase alone)
+14. repeated images: the same upload from many clients, RESULT_CACHE_TTL=0 beside 60, one real model worker
+    (`--cache-only`: this phase alone, about a minute)
 
 Clients, web server, Redis and workers all share this machine's cores; the output says how much
 CPU each used, and how much other processes took meanwhile.
@@ -749,6 +751,10 @@ def run(args: argparse.Namespace) -> Report:
     report.results["decode_cost"] = decode_cost(report)
     report.results["front_door"] = front_door(report, plan)
     report.results["priorities"] = priorities(report, plan)
+    with LocalRedis() as server:
+        env = server_env(server.url, "bench", BATCH_SIZE=config.batch_size, JOB_CODEC=config.job_codec,
+                         PYTHONPATH=str(PROJECT))  # fmt: skip
+        report.results["repeated_images"] = repeated_images(report, plan, client, env, connect(server.url))
     verdicts(report)
     return report
 
@@ -898,6 +904,50 @@ def front_door(report: Report, plan: Plan) -> dict:
     return out
 
 
+CACHE_CLIENTS = 16
+
+
+def repeated_images(report: Report, plan: Plan, client: Client, env: dict[str, str], counter: redis.Redis) -> dict:
+    """(14) The castle from CACHE_CLIENTS clients at once, the result cache off and on, one real worker."""
+    report.section(f"14. Repeated images: the same upload from {CACHE_CLIENTS} clients, RESULT_CACHE_TTL=0 and 60")
+    out = {}
+    with running(start_worker(env)) as worker:
+        for ttl in ("0", "60"):
+            with running(Web(dict(env, RESULT_CACHE_TTL=ttl)).wait_ready()) as web:
+                meter = CpuMeter({"web (gunicorn)": with_children(web.process.pid), "worker": [worker.process.pid]})
+                jobs_before = _worker_done(worker)
+                load = closed_loop(client, web.url, CACHE_CLIENTS, plan.warmup / 3, plan.window / 3, counter, meter)
+                jobs = _worker_done(worker) - jobs_before
+            out[ttl] = {"requests_per_s": round(load.rate, 1), "p50_ms": round(median_ms(load.latencies), 1),
+                        "errors": load.errors, "inferences": jobs, "cpu": load.cpu}  # fmt: skip
+            report.say(
+                f"   RESULT_CACHE_TTL={ttl:>2}: {load.rate:7.1f} requests/s, p50 {median_ms(load.latencies):6.1f} ms, "
+                f"{load.errors} errors; the worker ran {jobs:.0f} inferences (warm-up and window)"
+            )
+    report.say(f"   cache on / off: {out['60']['requests_per_s'] / out['0']['requests_per_s']:.1f}x the requests/s")
+    return out
+
+
+def _worker_done(worker: WorkerProcess) -> float:
+    """The worker's worker_jobs_total{outcome="done"}, from its metrics."""
+    text = requests.get(f"http://127.0.0.1:{worker.metrics_port}/metrics", timeout=10).text
+    line = next((line for line in text.splitlines() if line.startswith('worker_jobs_total{outcome="done"}')), "x 0")
+    return float(line.split()[-1])
+
+
+def run_cache_only(args: argparse.Namespace) -> Report:
+    """Phase 13 alone."""
+    plan, config, report = QUICK if args.quick else FULL, settings.load(role=settings.ALL), Report()
+    report.say(f"imgserve benchmark, phase 14 only, {time.strftime('%Y-%m-%d %H:%M:%S')}; {os.cpu_count()} cores")
+    with LocalRedis() as server:
+        env = server_env(server.url, "bench", BATCH_SIZE=config.batch_size, JOB_CODEC=config.job_codec,
+                         LOG_LEVEL="INFO", PYTHONPATH=str(PROJECT))  # fmt: skip
+        report.results["repeated_images"] = repeated_images(
+            report, plan, Client(sample_image_bytes()), env, connect(server.url)
+        )
+    return report
+
+
 def verdicts(report: Report) -> None:
     """Every figure against its goal."""
     r = report.results
@@ -982,6 +1032,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--cluster-only", action="store_true", help="only phases 8 and 11: one Redis against a Redis Cluster"
     )
     parser.add_argument("--priority-only", action="store_true", help="only phase 13: latency per priority level")
+    parser.add_argument("--cache-only", action="store_true", help="only phase 14: the result cache off and on")
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     parser.add_argument("--markdown", type=Path, help="also write the goals table and the output to this file")
     parser.add_argument(
@@ -1000,7 +1051,8 @@ def main(argv: list[str] | None = None) -> int:
             report = Report()
             report.results["priorities"] = priorities(report, QUICK if args.quick else FULL)
         else:
-            report = run_cluster_only(args) if args.cluster_only else run(args)
+            runner = run_cluster_only if args.cluster_only else run_cache_only if args.cache_only else run
+            report = runner(args)
     except settings.SettingsError as exc:
         print(f"tools.bench: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -47,6 +47,7 @@ class StandInModel:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from imgserve.worker.cli import serve_metrics
     from imgserve.worker.pipeline import Worker
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.setup("model-standin", config.log_level)
     logger.get("standin").warning("stand-in model (%g s per image): results are meaningless", args.seconds_per_image)
     model = StandInModel(args.seconds_per_image)
+    serve_metrics(config)  # the worker's own metrics, as run_model_server.py serves them (METRICS_PORT)
     worker = Worker(config, WorkerQueue.from_settings(config), model)
     signal.signal(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, worker.stop)

@@ -34,6 +34,14 @@ so that Redis Cluster puts all the keys of a shard in one slot and each Lua scri
                                           cancelled (/jobs); entries past their deadline are dropped before
                                           each count, so a crashed web process leaks nothing for good. Not in a
                                           shard, and touched alone (the HOLD script). Only with API keys set.
+{q}:cache:{digest}                STRING  a successful result JSON (without its job's id), shared by every
+                                          identical request: `digest` is cache.request_digest of the prepared
+                                          pixels, the model and top_k. TTL RESULT_CACHE_TTL; only written when
+                                          RESULT_CACHE_TTL > 0. Not in a shard.
+{q}:lease:{digest}                STRING  a token of the web request that queued a job for `digest`, while it
+                                          waits for it: identical requests elsewhere wait for {q}:cache:{digest}
+                                          instead of queueing their own. SET NX; TTL the job's timeout; deleted
+                                          (LEASE_RELEASE, only by its holder) once the result is in. Not in a shard.
 """
 
 from __future__ import annotations
@@ -113,3 +121,13 @@ def ticket_key(queue: str, job_id: str) -> str:
 def owner_key(queue: str, owner: str) -> str:
     """The jobs of one owner (API key) that count against MAX_QUEUE_PER_KEY."""
     return f"{queue}:owner:{owner}"
+
+
+def cache_key(queue: str, digest: str) -> str:
+    """A cached result: the answer every request with this digest shares (cache.request_digest)."""
+    return f"{queue}:cache:{digest}"
+
+
+def lease_key(queue: str, digest: str) -> str:
+    """The lease on a digest: which web request's job will answer it."""
+    return f"{queue}:lease:{digest}"

@@ -216,3 +216,12 @@ local newest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')[2]
 redis.call('EXPIREAT', KEYS[1], math.ceil(tonumber(newest)) + 1)
 return 1
 """
+
+# LEASE_RELEASE: give up a lease on a cached result ({q}:lease:{digest}), only if it is still the caller's: a
+# lease that expired and was taken by another web request stays that one's.
+#   KEYS[1]  the lease   ARGV[1]  the caller's token
+# Returns 1 when the lease was deleted, 0 when it was not the caller's (or gone).
+LEASE_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""

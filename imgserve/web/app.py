@@ -18,7 +18,9 @@ from flask import Flask
 from imgserve import logger, settings
 from imgserve.imaging.prepare import DecodeBudget
 from imgserve.protocol import QueueInspector, ResultListener, WebQueue
+from imgserve.protocol.cache import ResultCache
 from imgserve.web import errors, metrics, security, views
+from imgserve.web.coalescing import InFlight
 from imgserve.web.uploads import UploadRequest
 
 log = logger.get("web")
@@ -26,7 +28,8 @@ log = logger.get("web")
 
 class Service:
     """What the views need: settings, the queue (its web side, and read-only views for /readyz and
-    /metrics) and this process's result listener."""
+    /metrics), this process's result listener, and the result cache with its flights (None when
+    RESULT_CACHE_TTL=0)."""
 
     def __init__(
         self, config: settings.Settings, queue: WebQueue | None = None, inspector: QueueInspector | None = None
@@ -37,6 +40,10 @@ class Service:
         self.inspector = inspector or QueueInspector.sharing(self.queue)
         self.decode_budget = DecodeBudget(config.decode_budget_bytes, config.decode_wait)
         self.listener = ResultListener(self.queue, self.origin, config.notifications != "off")
+        self.result_cache = None
+        if config.result_cache_ttl:
+            self.result_cache = ResultCache(self.queue.redis, self.queue.name, config.result_cache_ttl)
+        self.in_flight = InFlight()
 
 
 def create_app(

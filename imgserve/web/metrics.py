@@ -13,6 +13,9 @@
     web_shard_oldest_job_age_seconds{shard}       age of the job at the head of each shard (the next to be
                                                   claimed), from its enqueued_at, read at scrape time; 0 when empty
     web_oldest_job_age_seconds                    the largest of them: how late the queue is running
+    web_result_cache_total{outcome}               single-image /predict requests with RESULT_CACHE_TTL > 0: hit
+                                                  (answered from the cache), coalesced (shared an identical
+                                                  request's job), miss (ran a job of its own)
 
 Under gunicorn (several processes) set PROMETHEUS_MULTIPROC_DIR to an empty directory: every
 process then writes its values there and /metrics, whichever process answers, sums them all
@@ -57,6 +60,15 @@ IN_PROGRESS = Gauge(
 PREDICT_SECONDS = Histogram(
     "web_predict_seconds", "Latency of POST /predict, all outcomes", buckets=LATENCY_BUCKETS, registry=None
 )
+
+RESULT_CACHE = Counter(
+    "web_result_cache_total",
+    "Single-image /predict requests by how the result cache answered: hit, coalesced or miss",
+    ["outcome"],
+    registry=None,
+)
+for _outcome in ("hit", "coalesced", "miss"):  # shown as 0 before the first of each
+    RESULT_CACHE.labels(_outcome)
 
 
 class QueueDepthCollector(Collector):
@@ -118,7 +130,7 @@ def scrape_registry(queue: QueueInspector) -> CollectorRegistry:
     if multiprocess_dir():
         MultiProcessCollector(registry)
     else:
-        for metric in (REQUESTS, IN_PROGRESS, PREDICT_SECONDS):
+        for metric in (REQUESTS, IN_PROGRESS, PREDICT_SECONDS, RESULT_CACHE):
             registry.register(metric)
     registry.register(QueueDepthCollector(queue))
     return registry

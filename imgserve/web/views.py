@@ -20,10 +20,13 @@ from flask import Blueprint, Response, current_app, jsonify, request, send_from_
 from imgserve import logger
 from imgserve.imaging.prepare import UPLOAD_COPIES, DecodeBusy, ImageError, prepare_image
 from imgserve.protocol import REDIS_UNAVAILABLE, SUBMITTED, Job, ResultTimeout, WebQueue
+from imgserve.protocol.cache import DEFAULT_MODEL, request_digest
 from imgserve.protocol.inspector import distinct_models
 from imgserve.protocol.job import DEFAULT_TOP_K, MAX_TOP_K
 from imgserve.protocol.priority import DEFAULT_PRIORITY, PRIORITIES, parse_priority
 from imgserve.web import security
+from imgserve.web.coalescing import cached_answer
+from imgserve.web.deadlines import Timeout, effective_timeout
 from imgserve.web.errors import Refused, error
 
 if TYPE_CHECKING:
@@ -45,21 +48,50 @@ def predict():
     service = _service()
     config = service.config
     top_k, priority = _top_k(), _priority()
+    timeout = effective_timeout(request.headers, config.request_timeout, "REQUEST_TIMEOUT")
+    started = time.time()
+    prepared = _prepared_uploads(service, config.max_images_per_request)
+    if service.result_cache is not None and len(prepared) == 1:
+        answer = _cached(service, prepared[0], top_k, timeout, priority)
+        return _single_answer(answer, "cached or shared answer", started)
     jobs = [
-        Job.new(pixels, service.origin, config.request_timeout, config.job_codec, config.job_quality, top_k, priority)
-        for pixels in _prepared_uploads(service, config.max_images_per_request)
+        Job.new(pixels, service.origin, timeout.seconds, config.job_codec, config.job_quality, top_k, priority)
+        for pixels in prepared
     ]
-    results = _answers(service, jobs)
-    elapsed_ms = (time.time() - jobs[0].enqueued_at) * 1000
+    results = _answers(service, jobs, timeout)
     if len(jobs) > 1:
-        log.info("%d jobs answered in %.0f ms", len(jobs), elapsed_ms)
+        log.info("%d jobs answered in %.0f ms", len(jobs), (time.time() - started) * 1000)
         return jsonify(success=True, results=[_entry(result) for result in results])
-    [(job, result)] = zip(jobs, results, strict=True)
+    return _single_answer(results[0], f"job {jobs[0].id}", started)
+
+
+def _single_answer(result: dict, what: str, started: float):
+    """The answer to a one-image request: its result, or the error its job failed with."""
+    elapsed_ms = (time.time() - started) * 1000
     if not result.get("success"):
-        log.warning("job %s failed after %.0f ms: %s", job.id, elapsed_ms, logger.untrusted(result.get("error")))
+        log.warning("%s failed after %.0f ms: %s", what, elapsed_ms, logger.untrusted(result.get("error")))
         return error(int(result.get("status", 500)), result.get("error", "the job failed"))
-    log.info("job %s answered in %.0f ms", job.id, elapsed_ms)
+    log.info("%s answered in %.0f ms", what, elapsed_ms)
     return jsonify(result)
+
+
+def _cached(
+    service: Service, pixels, top_k: int, timeout: Timeout, priority: str = DEFAULT_PRIORITY, model: str = DEFAULT_MODEL
+) -> dict:
+    """One image's answer through the result cache (coalescing.py): from the cache, shared with an identical
+    request in flight, or its own job's."""
+    config, deadline = service.config, time.time() + timeout.seconds
+
+    def run() -> dict:
+        seconds = deadline - time.time()
+        job = Job.new(pixels, service.origin, seconds, config.job_codec, config.job_quality, top_k, priority)
+        return _answers(service, [job], timeout)[0]
+
+    digest = request_digest(pixels, top_k, model)
+    try:
+        return cached_answer(service.result_cache, service.in_flight, digest, deadline, run)
+    except ResultTimeout:
+        raise Refused(504, f"no result within {timeout.describe()}") from None
 
 
 def _top_k() -> int:
@@ -131,8 +163,8 @@ def _prepared(service: Service, uploads: list, limit: int, limit_source: str) ->
     return prepared
 
 
-def _answers(service: Service, jobs: list[Job]) -> list[dict]:
-    """Queue the jobs in one round trip and wait for each result, in order."""
+def _answers(service: Service, jobs: list[Job], timeout: Timeout) -> list[dict]:
+    """Queue the jobs in one round trip and wait for each result, in order; a 504 naming `timeout` after it."""
     config = service.config
     with ExitStack() as expecting:
         expecting.enter_context(_held(service, jobs))
@@ -145,7 +177,7 @@ def _answers(service: Service, jobs: list[Job]) -> list[dict]:
         except ResultTimeout:
             for job in jobs:
                 _give_up(service.queue, job)
-            raise Refused(504, f"no result within {config.request_timeout:g} s (REQUEST_TIMEOUT)") from None
+            raise Refused(504, f"no result within {timeout.describe()}") from None
 
 
 @contextmanager
@@ -203,9 +235,11 @@ def submit_job():
     service = _service()
     config = service.config
     top_k, priority = _top_k(), _priority()
+    # A submitted job may wait in the queue until RESULT_TTL after now, or the client's timeout if shorter;
+    # its result can be collected until a few seconds after that (RESULT_GRACE).
+    timeout = effective_timeout(request.headers, config.result_ttl, "RESULT_TTL")
     [pixels] = _prepared_uploads(service, 1, "a job is one image; /predict takes several")
-    # A submitted job may wait in the queue, and its result be collected, until RESULT_TTL after now.
-    job = Job.new(pixels, SUBMITTED, config.result_ttl, config.job_codec, config.job_quality, top_k, priority)
+    job = Job.new(pixels, SUBMITTED, timeout.seconds, config.job_codec, config.job_quality, top_k, priority)
     job.owner = _owner()
     with _held(service, [job], keep=True):
         if not service.queue.submit(job, config.max_queue):
