@@ -126,6 +126,19 @@ def test_nginx_answers_malformed_requests_in_json_with_the_security_headers(ngin
     assert_json_with_security_headers(headers, body)
 
 
+# What gunicorn alone (PROXY=off) refuses itself, and with which status; without a Host it serves the request.
+GUNICORN_REFUSES = {name: MALFORMED[name][0] for name in MALFORMED if name != "no Host in HTTP/1.1"}
+
+
+@pytest.mark.parametrize("request_bytes", GUNICORN_REFUSES.values(), ids=GUNICORN_REFUSES.keys())
+def test_gunicorn_alone_answers_malformed_requests_in_json_with_the_security_headers(web, request_bytes):
+    """Without nginx, gunicorn refuses these itself (gunicorn.conf.py's post_worker_init makes its answers
+    JSON), with statuses of its own choosing; the body over MAX_UPLOAD_BYTES is the web app's 413."""
+    got, headers, body = raw(web.port, request_bytes)
+    assert 400 <= got < 600, (got, headers, body[:300])
+    assert_json_with_security_headers(headers, body)
+
+
 @pytest.mark.parametrize(
     "request_bytes, status",
     [

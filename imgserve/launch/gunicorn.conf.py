@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import json
 import os
 
 # Allocations from this size up get pages of their own, given back to the system when freed. glibc otherwise
@@ -38,6 +39,27 @@ def post_fork(server, worker) -> None:
         return  # the app factory loads the settings next and reports the bad one
     if nice:
         os.nice(nice)
+
+
+def post_worker_init(worker) -> None:
+    """Answer the requests gunicorn refuses by itself (a malformed request line or header, 414, 431, 501) as
+    the API answers: JSON with the security headers, as nginx does in front (nginx.conf.template). gunicorn
+    has no hook for those answers' body, so its writer of them is replaced, in this web process only."""
+    from gunicorn import util
+
+    util.write_error = _write_json_error
+
+
+def _write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
+    """gunicorn.util.write_error's signature, writing the API's JSON error and security.HEADERS."""
+    from gunicorn import util
+
+    from imgserve.web.security import HEADERS
+
+    body = json.dumps({"success": False, "error": mesg or reason}).encode()  # ASCII: the request's text escaped
+    head = [f"HTTP/1.1 {status_int} {reason}", "Connection: close", "Content-Type: application/json"]
+    head += [f"Content-Length: {len(body)}", *(f"{name}: {value}" for name, value in HEADERS.items())]
+    util.write_nonblock(sock, ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
 
 
 def _map_large_allocations() -> None:
