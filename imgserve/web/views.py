@@ -18,12 +18,14 @@ from typing import TYPE_CHECKING
 from flask import Blueprint, Response, current_app, jsonify, request, send_from_directory
 
 from imgserve import logger
+from imgserve.imaging import IMAGE_SIZE
 from imgserve.imaging.prepare import UPLOAD_COPIES, DecodeBusy, ImageError, prepare_image
 from imgserve.protocol import REDIS_UNAVAILABLE, SUBMITTED, Job, ResultTimeout, WebQueue
 from imgserve.protocol.inspector import distinct_models
 from imgserve.protocol.job import DEFAULT_TOP_K, MAX_TOP_K
 from imgserve.web import security
 from imgserve.web.errors import Refused, error
+from imgserve.web.registry import ModelState
 
 if TYPE_CHECKING:
     from imgserve.web.app import Service
@@ -43,12 +45,13 @@ def predict():
     """POST /predict with one or more multipart file fields `image`: wait for the answers."""
     service = _service()
     config = service.config
-    top_k = _top_k()
+    model = _model(service)
+    top_k = _top_k(model)
     jobs = [
         Job.new(pixels, service.origin, config.request_timeout, config.job_codec, config.job_quality, top_k)
-        for pixels in _prepared_uploads(service, config.max_images_per_request)
+        for pixels in _prepared_uploads(service, config.max_images_per_request, model=model)
     ]
-    results = _answers(service, jobs)
+    results = _answers(service, jobs, model.name)
     elapsed_ms = (time.time() - jobs[0].enqueued_at) * 1000
     if len(jobs) > 1:
         log.info("%d jobs answered in %.0f ms", len(jobs), elapsed_ms)
@@ -61,17 +64,33 @@ def predict():
     return jsonify(result)
 
 
-def _top_k() -> int:
-    """The `top_k` query argument: how many classes each answer lists."""
+def _model(service: Service) -> ModelState:
+    """The model the `model` query argument names (DEFAULT_MODEL without it): Refused 404 for an unknown one, 503
+    for one no live worker serves whose input size only a worker can tell."""
+    name = request.args.get("model") or service.models.default
+    if name not in service.models.file_models and name not in (known := service.models.known()):
+        raise Refused(404, f"no model {name!r}; the known models: {', '.join(known)}")
+    state = service.models.state(name)
+    if state.input_size is None:
+        raise Refused(503, f"no worker serves model {name} right now; try again shortly", retry_after=5)
+    return state
+
+
+def _top_k(model: ModelState | None = None) -> int:
+    """The `top_k` query argument: how many classes each answer lists, at most the model's number of labels."""
     raw = request.args.get("top_k")
+    most = min(MAX_TOP_K, model.labels) if model and model.labels else MAX_TOP_K
     if raw is None:
-        return DEFAULT_TOP_K
-    if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= MAX_TOP_K):
-        raise Refused(400, f"top_k must be a whole number from 1 to {MAX_TOP_K}")
+        return min(DEFAULT_TOP_K, most)
+    if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= most):
+        named = f" (model {model.name} has {model.labels} labels)" if most < MAX_TOP_K else ""
+        raise Refused(400, f"top_k must be a whole number from 1 to {most}{named}")
     return int(raw)
 
 
-def _prepared_uploads(service: Service, limit: int, limit_source: str = "MAX_IMAGES_PER_REQUEST") -> list:
+def _prepared_uploads(
+    service: Service, limit: int, limit_source: str = "MAX_IMAGES_PER_REQUEST", model: ModelState | None = None
+) -> list:
     """The uploaded `image` fields, each prepared for the model; Refused (and nothing queued) if any is bad.
 
     The body's memory is reserved in the decode budget before it is read, and freed once prepared: a
@@ -79,7 +98,8 @@ def _prepared_uploads(service: Service, limit: int, limit_source: str = "MAX_IMA
     with _body_reserved(service):
         files = request.files
         try:
-            return _prepared(service, files.getlist("image"), limit, limit_source)
+            size = model.input_size if model and model.input_size else IMAGE_SIZE[0]
+            return _prepared(service, files.getlist("image"), limit, limit_source, (size, size))
         finally:
             for _, upload in files.items(multi=True):
                 upload.close()  # the parsed copy; the request lives on while its jobs run
@@ -97,7 +117,7 @@ def _body_reserved(service: Service) -> Iterator[None]:
         raise Refused(503, "the server is busy reading other uploads; try again shortly", retry_after=1) from None
 
 
-def _prepared(service: Service, uploads: list, limit: int, limit_source: str) -> list:
+def _prepared(service: Service, uploads: list, limit: int, limit_source: str, size: tuple[int, int]) -> list:
     if not uploads:
         raise Refused(400, "send the image as a multipart form file field named 'image'")
     if len(uploads) > limit:
@@ -107,7 +127,7 @@ def _prepared(service: Service, uploads: list, limit: int, limit_source: str) ->
         try:
             prepared.append(
                 prepare_image(upload.read(), config.max_image_pixels, config.max_decode_bytes, service.decode_budget,
-                              formats=config.accepted_formats)
+                              formats=config.accepted_formats, size=size)
             )  # fmt: skip
         except ImageError as exc:
             named = f"image {number} ({upload.filename!r}): " if len(uploads) > 1 else ""
@@ -117,20 +137,20 @@ def _prepared(service: Service, uploads: list, limit: int, limit_source: str) ->
     return prepared
 
 
-def _answers(service: Service, jobs: list[Job]) -> list[dict]:
-    """Queue the jobs in one round trip and wait for each result, in order."""
-    config = service.config
+def _answers(service: Service, jobs: list[Job], model: str) -> list[dict]:
+    """Queue the jobs on `model`'s queue in one round trip and wait for each result, in order."""
+    config, queue, listener = service.config, service.models.queue(model), service.models.listener(model)
     with ExitStack() as expecting:
         expecting.enter_context(_held(service, jobs))
         for job in jobs:
-            expecting.enter_context(service.listener.expect(job.id))
+            expecting.enter_context(listener.expect(job.id))
         try:
-            if not service.queue.enqueue_many(jobs, config.max_queue):
+            if not queue.enqueue_many(jobs, config.max_queue):
                 raise Refused(503, "the server is busy (queue full); try again shortly", retry_after=1)
-            return [service.listener.wait(job.id, job.deadline, job.shard) for job in jobs]
+            return [listener.wait(job.id, job.deadline, job.shard) for job in jobs]
         except ResultTimeout:
             for job in jobs:
-                _give_up(service.queue, job)
+                _give_up(queue, job)
             raise Refused(504, f"no result within {config.request_timeout:g} s (REQUEST_TIMEOUT)") from None
 
 
@@ -188,16 +208,17 @@ def submit_job():
     """POST /jobs with a multipart file field `image`: queue it and answer at once where to collect it."""
     service = _service()
     config = service.config
-    top_k = _top_k()
-    [pixels] = _prepared_uploads(service, 1, "a job is one image; /predict takes several")
+    model = _model(service)
+    top_k = _top_k(model)
+    [pixels] = _prepared_uploads(service, 1, "a job is one image; /predict takes several", model)
     # A submitted job may wait in the queue, and its result be collected, until RESULT_TTL after now.
     job = Job.new(pixels, SUBMITTED, config.result_ttl, config.job_codec, config.job_quality, top_k)
     job.owner = _owner()
     with _held(service, [job], keep=True):
-        if not service.queue.submit(job, config.max_queue):
+        if not service.models.queue(model.name).submit(job, config.max_queue):
             raise Refused(503, "the server is busy (queue full); try again shortly", retry_after=1)
     log.info("job %s submitted", job.id)
-    response = jsonify(success=True, id=job.id, status_url=f"/jobs/{job.id}")
+    response = jsonify(success=True, id=job.id, status_url=f"/jobs/{job.id}", model=model.name)
     response.status_code = 202
     response.headers["Location"] = f"/jobs/{job.id}"
     return response
@@ -261,8 +282,11 @@ def readyz():
     """GET /readyz: Redis answers and at least one worker is alive."""
     service = _service()
     try:
-        depth = service.inspector.depth()
-        alive = service.inspector.live_worker_models()  # one read of the heartbeats: who is alive, running what
+        depth, alive = 0, {}
+        for name in service.models.file_models:  # the models this stack serves, as its models file says
+            inspector = service.models.inspector(name)
+            depth += inspector.depth()
+            alive |= inspector.live_worker_models()  # one read of the heartbeats: who is alive, running what
     except REDIS_UNAVAILABLE as exc:
         # The details (Redis's address among them) go to the log, not to whoever asks.
         log.warning("not ready: Redis unavailable: %s", exc)
@@ -274,6 +298,25 @@ def readyz():
     )
     body["api_keys_required"] = bool(service.config.accepted_api_keys)  # the page asks for a key first
     return jsonify(body), 200 if ready else 503
+
+
+@bp.get("/models")
+def models():
+    """GET /models: every known model with its card (null with no live worker), live workers and queue depth.
+
+    A model that only workers registered (not in this web's models file) and that none serves anymore is
+    dropped from the registry here, and so disappears."""
+    service, listed = _service(), []
+    for name in service.models.known():
+        state = service.models.state(name, fresh=True)
+        if not state.workers and name not in service.models.file_models:
+            service.models.forget_unserved(name)
+            continue
+        listed.append(
+            {"name": name, "card": state.card, "workers": state.workers, "queue_depth":
+             service.models.inspector(name).depth(), "in_models_file": name in service.models.file_models}
+        )  # fmt: skip
+    return jsonify(default=service.models.default, models=listed)
 
 
 @bp.route("/")

@@ -245,8 +245,9 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _build(build, weights: str, spec: ModelSpec):
+def _build(build, weights: str, spec: ModelSpec | None = None):
     """A keras.applications model with `weights`; WeightsError (saying what to set) when they cannot be had."""
+    spec = spec or ModelSpec(DEFAULT_NAME, weights=weights)
     extra: dict[str, object] = (
         {"include_preprocessing": False} if spec.preprocess != "none" and _has_own_preprocessing(build) else {}
     )
