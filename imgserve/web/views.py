@@ -282,11 +282,13 @@ def readyz():
     """GET /readyz: Redis answers and at least one worker is alive."""
     service = _service()
     try:
-        depth, alive = 0, {}
+        depth, alive, unserved = 0, {}, []
         for name in service.models.file_models:  # the models this stack serves, as its models file says
             inspector = service.models.inspector(name)
             depth += inspector.depth()
-            alive |= inspector.live_worker_models()  # one read of the heartbeats: who is alive, running what
+            workers = inspector.live_worker_models()  # one read of the heartbeats: who is alive, running what
+            alive |= workers
+            unserved += [] if workers else [name]
     except REDIS_UNAVAILABLE as exc:
         # The details (Redis's address among them) go to the log, not to whoever asks.
         log.warning("not ready: Redis unavailable: %s", exc)
@@ -297,6 +299,7 @@ def readyz():
         ready=ready, redis=True, workers=len(alive), models=models, queue_depth=depth, wait_mode=service.listener.mode
     )
     body["api_keys_required"] = bool(service.config.accepted_api_keys)  # the page asks for a key first
+    body["models_without_workers"] = unserved  # make run waits until this is empty
     return jsonify(body), 200 if ready else 503
 
 
