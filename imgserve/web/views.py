@@ -67,7 +67,7 @@ def predict():
 def _model(service: Service) -> ModelState:
     """The model the `model` query argument names (DEFAULT_MODEL without it): Refused 404 for an unknown one, 503
     for one no live worker serves whose input size only a worker can tell."""
-    name = request.args.get("model") or service.models.default
+    name = request.args.get("model", service.models.default)
     if name not in service.models.file_models and name not in (known := service.models.known()):
         raise Refused(404, f"no model {name!r}; the known models: {', '.join(known)}")
     state = service.models.state(name)
