@@ -16,7 +16,7 @@ import sys
 from prometheus_client import start_http_server
 
 from imgserve import logger, settings
-from imgserve.models import ModelSpec
+from imgserve.models import DEFAULT_NAME, ModelSpec
 from imgserve.protocol import WorkerQueue
 from imgserve.worker.pipeline import Worker
 
@@ -85,12 +85,12 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return 3
     log.info(
-        "model %s (%s, %d labels, input %d) on %s, weights %s, batch size %d, batch wait %g ms, Redis %s",
-        spec.name,
+        "model %s on %s (%s, %d labels, input %d), weights %s, batch size %d, batch wait %g ms, Redis %s",
+        spec.keras_class if spec.name == DEFAULT_NAME else spec.name,  # "ResNet50", as before there were several
+        classifier.device,
         classifier.card["source"],
         classifier.card["labels"],
         classifier.card["input_size"],
-        classifier.device,
         classifier.card["weights"],
         config.batch_size,
         config.batch_wait_ms,

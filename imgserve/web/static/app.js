@@ -195,7 +195,9 @@
     data.append("image", file, file.name);
     try {
       const headers = apiKey() ? { Authorization: "Bearer " + apiKey() } : {};
-      const target = modelSelect.value ? "predict?model=" + encodeURIComponent(modelSelect.value) : "predict";
+      // One model: no picker, and the request is as it always was.
+      const picked = !modelBox.hidden && modelSelect.value;
+      const target = picked ? "predict?model=" + encodeURIComponent(modelSelect.value) : "predict";
       const response = await fetch(target, { method: "POST", body: data, headers: headers, signal: controller.signal });
       const body = await readJson(response);
       if (response.status === 401) askForKey();
