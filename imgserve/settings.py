@@ -20,6 +20,8 @@ from urllib.parse import urlsplit
 
 from dotenv import load_dotenv
 
+from imgserve.models import ModelsError, ModelSpec, load_models
+
 # The project's folder (where `.env` is read from): the one that holds the imgserve package.
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -116,8 +118,11 @@ def _redis_url(name: str, raw: str) -> str:
 def _queue_name(name: str, raw: str) -> str:
     value = raw.strip()
     # Braces are left out because the shards' hash tags are made of them: `{image_queue:0}`.
-    if not value or any(c.isspace() for c in value) or any(c in value for c in "*?[]{}"):
-        raise SettingsError(f"{name} must be a non-empty name without spaces, braces or glob characters, got {raw!r}")
+    # '@' is left out too: it separates the queue's name from a model's (keys.model_queue).
+    if not value or any(c.isspace() for c in value) or any(c in value for c in "*?[]{}@"):
+        raise SettingsError(
+            f"{name} must be a non-empty name without spaces, braces, '@' or glob characters, got {raw!r}"
+        )
     return value
 
 
@@ -145,6 +150,20 @@ def _weights(name: str, raw: str) -> str:
     if not Path(value).expanduser().is_file():
         raise SettingsError(f"{name} must be 'imagenet', 'none' or the path of a weights file; no file at {value!r}")
     return str(Path(value).expanduser())
+
+
+def _path(name: str, raw: str) -> Path:
+    """A path, relative to the project's folder unless absolute (whether it exists is the reader's concern)."""
+    if not raw.strip():
+        raise SettingsError(f"{name} must be a path, got {raw!r}")
+    return PROJECT_DIR / Path(raw.strip()).expanduser()
+
+
+def _model_name(name: str, raw: str) -> str:
+    value = raw.strip()
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value):
+        raise SettingsError(f"{name} must be a model name (letters, digits, '-', '_'), got {raw!r}")
+    return value
 
 
 def _host(name: str, raw: str) -> str:
@@ -396,6 +415,24 @@ class Settings:
         "smoke tests only (predictions are meaningless)",
         example="/path/to/resnet50_weights_tf_dim_ordering_tf_kernels.h5",
     )
+    models_file: Path = setting(
+        PROJECT_DIR / "models.toml",
+        _path,
+        (WEB, WORKER, LAUNCH),
+        "the models to serve, one TOML table each (README 'Serve your own model'; models.example.toml); relative "
+        "to the project's folder. No such file: the one model `resnet50` (ResNet50 with MODEL_WEIGHTS)",
+        shown="models.toml",
+        example="models.example.toml",
+    )
+    default_model: str | None = setting(
+        None,
+        _model_name,
+        (WEB, WORKER, LAUNCH),
+        "the model of requests without `?model=`, and of a worker started without `--model`; unset: the first "
+        "table of MODELS_FILE",
+        shown="",
+        example="resnet50",
+    )
     web_host: str = setting(
         "127.0.0.1",
         _host,
@@ -624,6 +661,17 @@ class Settings:
             return None
         return self.max_queue_per_key or max(1, self.max_queue // len(set(keys)))
 
+    def models(self) -> dict[str, ModelSpec]:
+        """The models MODELS_FILE names, first the default one (models.py); SettingsError naming what is wrong."""
+        try:
+            return load_models(self.models_file, self.model_weights)
+        except ModelsError as exc:
+            raise SettingsError(f"MODELS_FILE: {exc}") from None
+
+    def default_model_name(self) -> str:
+        """DEFAULT_MODEL, or the first model of MODELS_FILE."""
+        return self.default_model or next(iter(self.models()))
+
     @property
     def redis_url_safe(self) -> str:
         """REDIS_URL with any password replaced by ***, for logs."""
@@ -691,11 +739,27 @@ def _debug_on_loopback_only(settings: Settings) -> None:
         )
 
 
+def _models_valid(settings: Settings) -> None:
+    """MODELS_FILE can be read and names DEFAULT_MODEL (the checks that need no model loaded)."""
+    models = settings.models()
+    if settings.default_model is not None and settings.default_model not in models:
+        raise SettingsError(
+            f"DEFAULT_MODEL={settings.default_model} names no model of {shown_path(settings.models_file)} "
+            f"(its models: {', '.join(models)})"
+        )
+
+
+def shown_path(path: Path) -> str:
+    """A path as messages show it: relative to the project's folder when inside it."""
+    return str(path.relative_to(PROJECT_DIR)) if path.is_relative_to(PROJECT_DIR) else str(path)
+
+
 # Rules between settings, each checked where a role reads all the settings it names.
 _RULES: tuple[tuple[frozenset[str], Callable[[Settings], None]], ...] = (
     (frozenset({"max_decode_bytes", "decode_budget_bytes"}), _decode_fits_budget),
     (frozenset({"worker_shards", "queue_shards"}), _shards_exist),
     (frozenset({"flask_debug", "web_host"}), _debug_on_loopback_only),
+    (frozenset({"models_file", "default_model"}), _models_valid),
 )
 
 

@@ -36,14 +36,15 @@ schema = schemathesis.openapi.from_path(
         {
             "operations": [
                 # A schema-valid `image` is any bytes; most are not an image, and 400 is the right answer. A
-                # schema-valid Request-Timeout-Ms or grpc-timeout may be a millisecond: then 504 is.
+                # schema-valid Request-Timeout-Ms or grpc-timeout may be a millisecond: then 504 is. A schema-valid
+                # `model` is any name; almost none names a model, and 404 is the answer.
                 {
                     "include-operation-id": "predict",
-                    "checks": {"positive_data_acceptance": {"expected-statuses": [200, 400, 504]}},
+                    "checks": {"positive_data_acceptance": {"expected-statuses": [200, 400, 404, 504]}},
                 },
                 {
                     "include-operation-id": "submitJob",
-                    "checks": {"positive_data_acceptance": {"expected-statuses": [202, 400]}},
+                    "checks": {"positive_data_acceptance": {"expected-statuses": [202, 400, 404]}},
                 },
                 # A schema-valid job id is any string; almost none names a job.
                 {

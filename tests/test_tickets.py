@@ -68,7 +68,8 @@ def test_a_done_job_keeps_its_predictions_and_model(queue):
 @pytest.mark.parametrize(
     "ticket",
     [b"\xff\xfe queued", b"queued", b"queued 0", b"queued x " + ALICE.encode(), b"queued 7 " + ALICE.encode(),
-     b"done 0 " + ALICE.encode(), b"queued 0 " + ALICE.encode() + b" extra", b"\n"],
+     b"done 0 " + ALICE.encode(), b"queued 0 " + ALICE.encode() + b" a-model extra",
+     b"queued 0 " + ALICE.encode() + b" b{d}", b"\n"],
 )  # fmt: skip
 def test_an_unreadable_ticket_is_an_unknown_job_and_is_logged(queue, ticket, caplog):
     job_id = submitted().id

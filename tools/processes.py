@@ -22,6 +22,7 @@ import requests
 from imgserve.launch import stack
 from imgserve.launch.local_redis import free_port
 from imgserve.protocol import connect
+from imgserve.protocol.keys import BASE_MODEL
 from imgserve.protocol.notifications import channel_pattern, enable_everywhere, servers
 from imgserve.settings import PROJECT_DIR, Settings
 from tools.queues import Queues
@@ -59,9 +60,10 @@ def _env_value(default: object) -> str:
     return ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
 
 
-def env_queue(env: dict[str, str]) -> Queues:
-    """A client for the queue, and its shards, that a child's environment names."""
-    return Queues.on(connect(env["REDIS_URL"]), env["IMAGE_QUEUE"], shards=int(env.get("QUEUE_SHARDS") or 1))
+def env_queue(env: dict[str, str], model: str = BASE_MODEL) -> Queues:
+    """A client for `model`'s queue, and its shards, that a child's environment names."""
+    shards = int(env.get("QUEUE_SHARDS") or 1)
+    return Queues.on(connect(env["REDIS_URL"]), env["IMAGE_QUEUE"], shards=shards, model=model)
 
 
 class Child:
@@ -110,6 +112,8 @@ class Worker(Child):
 
     def __init__(self, env: dict[str, str], *args: str) -> None:
         self.id = ""
+        # The queue it serves: its --model's (the first model of MODELS_FILE without it, as in these tests).
+        self.model = args[args.index("--model") + 1] if "--model" in args else BASE_MODEL
         super().__init__(list(args), env)
 
     def _start(self, args: list[str], **output: object) -> subprocess.Popen:
@@ -117,7 +121,7 @@ class Worker(Child):
 
     def wait_registered(self, timeout: float = 120) -> Worker:
         """Wait until the worker is in the queue's workers sets (its model is loaded by then); learn its id."""
-        queue = env_queue(self.env)
+        queue = env_queue(self.env, self.model)
         mine = f"{socket.gethostname()}-{self.process.pid}-"  # Worker.id in run_model_server.py
         deadline = time.monotonic() + timeout
         try:

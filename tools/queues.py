@@ -21,8 +21,8 @@ class Queues:
     inspect: QueueInspector
 
     @classmethod
-    def on(cls, client: Client, queue: str, **limits: int) -> Queues:
-        """The roles of `queue` on `client`, with the limits of QueueBase (result_ttl, shards, ...)."""
+    def on(cls, client: Client, queue: str, **limits: int | str) -> Queues:
+        """The roles of `queue` on `client`, with the limits of QueueBase (result_ttl, shards, ..., model)."""
         return cls.of(WebQueue(client, queue, **limits))
 
     @classmethod

@@ -99,8 +99,10 @@ def prepare_image(
     max_decode_bytes: int = 150_000_000,
     budget: DecodeBudget | None = None,
     formats: tuple[str, ...] = DEFAULT_ACCEPTED_FORMATS,
+    size: tuple[int, int] = IMAGE_SIZE,
 ) -> np.ndarray:
-    """Decode an uploaded file into a (224, 224, 3) uint8 RGB array.
+    """Decode an uploaded file into a (height, width, 3) uint8 RGB array of `size` (width, height): the model's
+    input, (224, 224) for ResNet50.
 
     Reads the header first: refuses files in none of `formats` (Pillow's format names), images over
     `max_pixels`, and images whose decoding would hold more than `max_decode_bytes` (decode_cost) even
@@ -127,7 +129,7 @@ def prepare_image(
             image = _to_rgb(_reduce(image), peak)
             if orientation in _TRANSPOSE:
                 image = image.transpose(_TRANSPOSE[orientation])
-            image = image.resize(IMAGE_SIZE, Image.Resampling.BILINEAR)
+            image = image.resize(size, Image.Resampling.BILINEAR)
             return np.asarray(image, dtype=np.uint8)
 
 

@@ -66,9 +66,15 @@ def main() -> int:
         children: dict[str, subprocess.Popen] = {}
         cleanup.callback(_stop_all, children, config.request_timeout + 10)
         children.update(_start_web(config, env, metrics_dir, nginx, prefix))
-        children["the model worker"] = stack.start_worker(env, start_new_session=True)
+        models = list(config.models())
+        for name in models:  # one worker per model of MODELS_FILE, each with its own queue
+            title = "the model worker" if len(models) == 1 else f"the model worker of {name}"
+            children[title] = stack.start_worker(env, "--model", name, start_new_session=True)
         url = f"http://{config.web_host}:{config.web_port}"
-        log.info("starting the web server on %s; the worker is loading the model (a few seconds) ...", url)
+        loading = (
+            "the worker is loading the model" if len(models) == 1 else f"the workers are loading {', '.join(models)}"
+        )
+        log.info("starting the web server on %s; %s (a few seconds) ...", url, loading)
         return _supervise(children, stop, config)
 
 
@@ -125,12 +131,14 @@ def _can_bind(host: str, port: int) -> bool:
 
 
 def _ready(config: settings.Settings) -> bool:
-    """Whether the stack answers /readyz with 200 on WEB_PORT (through nginx when it is in front)."""
+    """Whether the stack answers /readyz with 200 on WEB_PORT (through nginx when it is in front), every model of
+    the models file with a live worker."""
     host = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(config.web_host, config.web_host)
     host = f"[{host}]" if ":" in host and not host.startswith("[") else host
     try:
-        return requests.get(f"http://{host}:{config.web_port}/readyz", timeout=2).status_code == 200
-    except requests.RequestException:
+        answer = requests.get(f"http://{host}:{config.web_port}/readyz", timeout=2)
+        return answer.status_code == 200 and not answer.json().get("models_without_workers")
+    except (requests.RequestException, ValueError):
         return False
 
 
@@ -154,7 +162,7 @@ def _supervise(children: dict[str, subprocess.Popen], stop: threading.Event, con
 def _say_ready(config: settings.Settings) -> None:
     url = f"http://{config.web_host}:{config.web_port}"
     key = ' -H "Authorization: Bearer $IMGSERVE_API_KEY"' if config.accepted_api_keys else ""
-    log.info("ready: a worker has loaded its model; the upload page is %s/", url)
+    log.info("ready: a worker has loaded its model, for each model; the upload page is %s/", url)
     log.info("try: curl%s -F image=@examples/sample.jpg %s/predict    (Ctrl-C stops everything)", key, url)
 
 

@@ -8,8 +8,9 @@ import json
 import time
 from collections.abc import Iterable
 
+from .connection import retry_once
 from .job import job_metadata
-from .keys import Keys
+from .keys import Keys, models_key
 from .queue import QueueBase
 
 UNKNOWN_MODEL = {"model": "unknown", "weights": "unknown"}
@@ -72,6 +73,14 @@ class QueueInspector(QueueBase):
             worker: _model_of(beat) for shard in shards if shard for worker, beat in shard.items() if beat is not None
         }
 
+    def registered_models(self) -> set[str]:
+        """The names in the registry of models (keys.py {q}:models): models whose workers heartbeat(ed)."""
+        return {name.decode() for name in retry_once(lambda: self.redis.smembers(models_key(self.base)))}
+
+    def forget_model(self, name: str) -> None:
+        """Take a model out of the registry (its workers are gone and no models file names it). Idempotent."""
+        retry_once(lambda: self.redis.srem(models_key(self.base), name))
+
     def dead_letters(self, limit: int = 100) -> list[dict]:
         """The newest dead letters of every shard, parsed, newest first."""
         raws = self._per_shard(lambda keys: self.redis.lrange(keys.dead, 0, limit - 1))
@@ -80,21 +89,22 @@ class QueueInspector(QueueBase):
 
 
 def distinct_models(models: Iterable[dict]) -> list[dict]:
-    """Each model once, in a stable order."""
-    return [dict(model) for model in sorted({tuple(sorted(m.items())) for m in models})]
+    """Each model once ({"model", "weights"} of each card), in a stable order."""
+    named = {(str(m.get("model", "unknown")), str(m.get("weights", "unknown"))) for m in models}
+    return [{"model": model, "weights": weights} for model, weights in sorted(named)]
 
 
-def _model_of(heartbeat: bytes) -> dict[str, str]:
-    """The model a heartbeat announces, its values as strings. The key is untrusted input: one that is not a
-    JSON object (no worker writes one) still proves its worker alive, as the reaper sees it, with an unknown
-    model."""
+def _model_of(heartbeat: bytes) -> dict[str, str | int]:
+    """The model card a heartbeat announces, its values as strings or whole numbers. The key is untrusted
+    input: one that is not a JSON object (no worker writes one) still proves its worker alive, as the reaper
+    sees it, with an unknown model."""
     try:
         model = json.loads(heartbeat)
     except (ValueError, RecursionError):
         model = None
     if not isinstance(model, dict):
         return dict(UNKNOWN_MODEL)
-    return {str(k): str(v) for k, v in model.items()}
+    return {str(k): v if isinstance(v, int) and not isinstance(v, bool) else str(v) for k, v in model.items()}
 
 
 def _age(head: bytes | None, now: float) -> float:

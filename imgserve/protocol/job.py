@@ -135,10 +135,11 @@ class Job:
             priority=_name(data, "priority") if "priority" in data else DEFAULT_PRIORITY,
         )
 
-    def pixels(self) -> np.ndarray:
-        """The decoded (224, 224, 3) uint8 image; raises JobError if it is anything else."""
-        if self.dtype != IMAGE_DTYPE or tuple(self.shape) != IMAGE_SHAPE:
-            raise JobError(f"image must be {IMAGE_DTYPE} {IMAGE_SHAPE}, got {self.dtype} {tuple(self.shape)}")
+    def pixels(self, shape: tuple[int, ...] = IMAGE_SHAPE) -> np.ndarray:
+        """The decoded uint8 image of `shape` (the model's input: (224, 224, 3) for ResNet50); raises JobError
+        if it is anything else."""
+        if self.dtype != IMAGE_DTYPE or tuple(self.shape) != tuple(shape):
+            raise JobError(f"image must be {IMAGE_DTYPE} {tuple(shape)}, got {self.dtype} {tuple(self.shape)}")
         try:
             return decode_image(self.image, self.codec, self.dtype, self.shape)
         except PayloadError as exc:

@@ -1,5 +1,9 @@
 """Every Redis key name of the protocol, declared once (`{q}` is IMAGE_QUEUE, default `image_queue`).
 
+Each model has a queue of its own (model_queue): the model `resnet50` (the stack's default) has IMAGE_QUEUE
+itself, any other model NAME the queue `{q}@NAME`. The keys of a model's queue are laid out below with that
+queue's name as `{q}`, except the tickets, owner sets and the registry of models, which stay on IMAGE_QUEUE.
+
 The queue is split into QUEUE_SHARDS shards. With one shard on a plain Redis the keys are named as below
 with `{q}` as is; otherwise every key of shard N starts with the hash tag `{{q}:N}` (e.g. `{image_queue:2}`),
 so that Redis Cluster puts all the keys of a shard in one slot and each Lua script touches one slot.
@@ -13,8 +17,9 @@ so that Redis Cluster puts all the keys of a shard in one slot and each Lua scri
                                           (`priority`), and returns to that level's list when released or reaped.
 {s}:processing:{worker}:{slot}    LIST    one claimed batch of one worker, until it is acknowledged.
                                           A worker has SLOTS batch slots; a serial worker uses slot 0.
-{s}:heartbeat:{worker}            STRING  the worker's model, as JSON ({"model", "weights"}); TTL HEARTBEAT_TTL,
-                                          renewed by a worker serving the shard.
+{s}:heartbeat:{worker}            STRING  the worker's model card, as JSON ({"model", "weights", "input_size",
+                                          "preprocess", "labels" (how many), "fingerprint", "source"}); TTL
+                                          HEARTBEAT_TTL, renewed by a worker serving the shard.
 {s}:workers                       SET     ids of workers that may own processing lists in the shard.
 {s}:dead                          LIST    dead letters, newest first, at most DEAD_LETTER_MAX:
                                           {"reason", "worker", "at", "job": metadata}, never the image.
@@ -25,7 +30,9 @@ so that Redis Cluster puts all the keys of a shard in one slot and each Lua scri
 {q}:ticket:{id}                   STRING  a submitted job's status, shard and owner until it has a result:
                                           "queued N O", then "running N O" once a worker took it (N the shard,
                                           O the owner: security.owner_id of the API key that submitted it, or
-                                          OPEN_OWNER without API keys); deleted when it is cancelled. Not in a
+                                          OPEN_OWNER without API keys), and " M" after them for a job of a
+                                          model M other than `resnet50` (in M's queue, model_queue); deleted
+                                          when it is cancelled. On IMAGE_QUEUE whatever the model, not in a
                                           shard: any web process finds it by the id alone. TTL until its result
                                           would expire. Only its owner sees or cancels the job.
 {q}:owner:{owner}                 ZSET    the ids of one API key's jobs that count against MAX_QUEUE_PER_KEY,
@@ -42,6 +49,10 @@ so that Redis Cluster puts all the keys of a shard in one slot and each Lua scri
                                           waits for it: identical requests elsewhere wait for {q}:cache:{digest}
                                           instead of queueing their own. SET NX; TTL the job's timeout; deleted
                                           (LEASE_RELEASE, only by its holder) once the result is in. Not in a shard.
+{q}:models                        SET     names of the models whose workers heartbeat: each worker adds its
+                                          model with every heartbeat; GET /models lists them (with the web's
+                                          models file) and removes a name whose queue has no live worker and
+                                          that the file does not name. On IMAGE_QUEUE, not in a shard.
 """
 
 from __future__ import annotations
@@ -62,6 +73,23 @@ SUBMITTED = "submitted"
 
 # The owner of every job when no API keys are set: everyone is one client. Owner ids of keys are hex digits.
 OPEN_OWNER = "anyone"
+
+
+# Between IMAGE_QUEUE and a model's name in that model's queue: no key suffix starts with it, and IMAGE_QUEUE
+# may not hold it (settings.py), so a model's keys never meet another queue's.
+MODEL_SEPARATOR = "@"
+# The model whose queue is IMAGE_QUEUE itself, as before there were several.
+BASE_MODEL = "resnet50"
+
+
+def model_queue(queue: str, model: str) -> str:
+    """The queue of `model`'s jobs: IMAGE_QUEUE (`queue`) for BASE_MODEL, `{queue}@{model}` for any other."""
+    return queue if model == BASE_MODEL else f"{queue}{MODEL_SEPARATOR}{model}"
+
+
+def models_key(queue: str) -> str:
+    """The registry of models whose workers heartbeat (a SET of names, on IMAGE_QUEUE)."""
+    return f"{queue}:models"
 
 
 class Keys:
@@ -116,6 +144,12 @@ def result_channel_pattern(queue: str, tagged: bool, db: int, origin: str) -> st
 def ticket_key(queue: str, job_id: str) -> str:
     """The ticket of a submitted job: its status and shard, found by the id alone."""
     return f"{queue}:ticket:{job_id}"
+
+
+def ticket_value(status: str, shard: int, owner: str, model: str) -> str:
+    """A ticket as keys.py spells it: "STATUS SHARD OWNER", and " MODEL" for a model other than BASE_MODEL."""
+    words = [status, str(shard), owner or OPEN_OWNER] + ([] if model == BASE_MODEL else [model])
+    return " ".join(words)
 
 
 def owner_key(queue: str, owner: str) -> str:

@@ -19,7 +19,7 @@ from imgserve import logger
 
 from .connection import REDIS_UNAVAILABLE, Client, T, connect, retry_once
 from .job import DEFAULT_MAX_JOB_BYTES, error_result
-from .keys import Keys, shard_keys
+from .keys import BASE_MODEL, Keys, model_queue, shard_keys
 
 if TYPE_CHECKING:
     from imgserve.settings import Settings
@@ -46,9 +46,14 @@ class QueueBase:
         max_job_bytes: int = DEFAULT_MAX_JOB_BYTES,
         dead_letter_max: int = 1000,
         shards: int = 1,
+        model: str = BASE_MODEL,
     ) -> None:
+        """`queue` is IMAGE_QUEUE; the queue itself is `model`'s (keys.model_queue: IMAGE_QUEUE for resnet50)."""
         self.redis = client
-        self.name = queue
+        self.base = queue  # where tickets, owner sets and the registry of models live, whatever the model
+        self.model = model
+        self.name = model_queue(queue, model)
+        queue = self.name
         self.cluster = isinstance(client, RedisCluster)
         self.shards = shard_keys(queue, shards, tagged=self.cluster)
         self.keys = self.shards[0]  # shard 0's keys: with QUEUE_SHARDS=1, the queue's
@@ -58,8 +63,8 @@ class QueueBase:
         self.dead_letter_max = dead_letter_max
 
     @classmethod
-    def from_settings(cls, config: Settings) -> Self:
-        """The queue that REDIS_URL, IMAGE_QUEUE and the limits in `config` describe."""
+    def from_settings(cls, config: Settings, model: str = BASE_MODEL) -> Self:
+        """`model`'s queue, as REDIS_URL, IMAGE_QUEUE and the limits in `config` describe it."""
         return cls(
             connect(config.redis_url),
             config.image_queue,
@@ -68,20 +73,29 @@ class QueueBase:
             config.max_job_bytes,
             config.dead_letter_max,
             config.queue_shards,
+            model=model,
         )
 
     @classmethod
-    def sharing(cls, other: QueueBase) -> Self:
-        """This role on the same client, queue and limits as `other` (another role of the same process)."""
+    def sharing(cls, other: QueueBase, model: str | None = None) -> Self:
+        """This role on the same client and limits as `other` (another role of the same process), for the queue
+        of `model` (default: `other`'s)."""
         return cls(
             other.redis,
-            other.name,
+            other.base,
             other.result_ttl,
             other.max_attempts,
             other.max_job_bytes,
             other.dead_letter_max,
             len(other.shards),
+            model=other.model if model is None else model,
         )
+
+    def shards_of(self, model: str) -> list[Keys]:
+        """The shards of `model`'s queue (on the same IMAGE_QUEUE, with as many shards)."""
+        if model == self.model:
+            return self.shards
+        return shard_keys(model_queue(self.base, model), len(self.shards), tagged=self.cluster)
 
     def _shards(self, shards: Iterable[int] | None) -> list[Keys]:
         return self.shards if shards is None else [self.shards[shard] for shard in shards]

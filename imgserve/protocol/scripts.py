@@ -186,7 +186,8 @@ return release(KEYS[1], level_lists(2), KEYS[5], ARGV[8], tonumber(ARGV[9]), ARG
 
 
 # CANCEL: cancel a submitted job that no worker has taken yet, for its owner only.
-#   KEYS[1]  the job's ticket ({q}:ticket:{id}: "queued N O" or "running N O", N its shard, O its owner)
+#   KEYS[1]  the job's ticket ({q}:ticket:{id}: "queued N O" or "running N O", N its shard, O its owner,
+#            and " M" after them for a job of a model M other than resnet50)
 #   ARGV[1]  the caller's owner id
 # Returns 1 when the job was queued (its ticket is now deleted, so the worker that claims it skips it),
 # 0 when a worker already took it, -1 when there is no ticket (unknown, expired or cancelled before), it is
@@ -195,6 +196,7 @@ CANCEL = """
 local ticket = redis.call('GET', KEYS[1])
 if not ticket then return -1 end
 local status, shard, owner = string.match(ticket, '^(%a+) (%d+) (%S+)$')
+if not status then status, shard, owner = string.match(ticket, '^(%a+) (%d+) (%S+) [%w_-]+$') end
 if owner ~= ARGV[1] or (status ~= 'queued' and status ~= 'running') then return -1 end
 if status == 'running' then return 0 end
 redis.call('DEL', KEYS[1])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import re
 import time
 
 from imgserve import logger
@@ -14,7 +15,7 @@ from imgserve import logger
 from . import scripts
 from .connection import REPLY_LOST, Client, retry_once
 from .job import Job
-from .keys import OPEN_OWNER, SUBMITTED, Keys, owner_key, ticket_key
+from .keys import BASE_MODEL, OPEN_OWNER, SUBMITTED, Keys, owner_key, ticket_key, ticket_value
 from .priority import DEFAULT_PRIORITY
 from .queue import QueueBase, read_result
 
@@ -24,6 +25,7 @@ TICKET_STATUSES = ("queued", "running")
 TAKEN_RESULT_TTL_MS = 2000
 
 log = logger.get(__name__)
+MODEL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # as models.py names them: safe inside a key
 
 
 class WebQueue(QueueBase):
@@ -87,12 +89,13 @@ class WebQueue(QueueBase):
         The ticket is written first, so that a worker which claims the job at once finds it; it names the
         shard the job goes to, so that any web process finds the result.
         """
-        ticket, ttl = ticket_key(self.name, job.id), self._result_ttl(job.deadline, time.time())
+        ticket, ttl = ticket_key(self.base, job.id), self._result_ttl(job.deadline, time.time())
         limit = math.ceil(max_queue / len(self.shards))
         shard = self._next_with_room(limit, job.priority)
         if shard is None:
             return False
-        retry_once(lambda: self.redis.set(ticket, f"queued {shard} {job.owner or OPEN_OWNER}", ex=ttl))
+        value = ticket_value("queued", shard, job.owner, self.model)
+        retry_once(lambda: self.redis.set(ticket, value, ex=ttl))
         if self._push(self.shards[shard], [job.to_json()], limit, job.priority):
             job.shard = shard
             return True
@@ -112,12 +115,12 @@ class WebQueue(QueueBase):
         """A submitted job's status as `owner` may see it: {"status": "done", ...its result} or {"status":
         "failed", "error"} once it has a result, else {"status": "queued" | "running"}; None when `owner` knows
         no such job (never, expired, cancelled, another owner's, or an unreadable ticket)."""
-        raw = retry_once(lambda: self.redis.get(ticket_key(self.name, job_id)))
+        raw = retry_once(lambda: self.redis.get(ticket_key(self.base, job_id)))
         ticket = None if raw is None else self._read_ticket(job_id, raw)
         if ticket is None or ticket[2] != owner:
             return None
-        status, shard, _ = ticket
-        result = retry_once(lambda: self.redis.get(self.shards[shard].result(SUBMITTED, job_id)))
+        status, shard, _, model = ticket
+        result = retry_once(lambda: self.redis.get(self.shards_of(model)[shard].result(SUBMITTED, job_id)))
         if result is None:
             return {"status": status}
         answer = read_result(result, job_id)
@@ -125,29 +128,31 @@ class WebQueue(QueueBase):
             return {"status": "failed", "error": answer["error"]}
         return {"status": "done", **{k: v for k, v in answer.items() if k not in ("success", "status", "id")}}
 
-    def _read_ticket(self, job_id: str, raw: bytes) -> tuple[str, int, str] | None:
-        """A ticket's (status, shard, owner); None (logged) for one no web process wrote."""
+    def _read_ticket(self, job_id: str, raw: bytes) -> tuple[str, int, str, str] | None:
+        """A ticket's (status, shard, owner, model); None (logged) for one no web process wrote."""
         words = raw.decode("utf-8", "replace").split(" ")
-        if len(words) == 3 and words[0] in TICKET_STATUSES and words[1].isascii() and words[1].isdigit():
-            if int(words[1]) < len(self.shards):
-                return words[0], int(words[1]), words[2]
+        if len(words) == 3:
+            words.append(BASE_MODEL)
+        if len(words) == 4 and words[0] in TICKET_STATUSES and words[1].isascii() and words[1].isdigit():
+            if int(words[1]) < len(self.shards) and MODEL_NAME.fullmatch(words[3]):
+                return words[0], int(words[1]), words[2], words[3]
         log.warning("job %s: unreadable ticket %s", logger.untrusted(job_id), logger.untrusted(raw))
         return None
 
     def cancel_submitted(self, job_id: str, owner: str = OPEN_OWNER) -> int:
         """Cancel `owner`'s submitted job that no worker has taken: 1 done, 0 a worker has it, -1 `owner` knows
         no such job (CANCEL)."""
-        return int(retry_once(lambda: self._cancel(keys=[ticket_key(self.name, job_id)], args=[owner])))
+        return int(retry_once(lambda: self._cancel(keys=[ticket_key(self.base, job_id)], args=[owner])))
 
     def hold(self, owner: str, jobs: list[Job], limit: int) -> bool:
         """Count `jobs` against `owner`'s share of the queue (HOLD); False (nothing counted) when they would
         take it past `limit`. Each is counted until `release_hold`, or its deadline at the latest."""
         args = [time.time(), limit, max(job.deadline for job in jobs), *(job.id for job in jobs)]
-        return bool(retry_once(lambda: self._hold(keys=[owner_key(self.name, owner)], args=args)))
+        return bool(retry_once(lambda: self._hold(keys=[owner_key(self.base, owner)], args=args)))
 
     def release_hold(self, owner: str, job_ids: list[str]) -> None:
         """Stop counting jobs against `owner`'s share: answered, collected, cancelled or refused. Idempotent."""
-        retry_once(lambda: self.redis.zrem(owner_key(self.name, owner), *job_ids))
+        retry_once(lambda: self.redis.zrem(owner_key(self.base, owner), *job_ids))
 
     def cancel(self, job: Job) -> bool:
         """Take a job out of its shard's queue if no worker has claimed it yet; True if it was still queued.

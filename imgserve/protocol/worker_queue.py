@@ -13,7 +13,7 @@ from imgserve import logger
 from . import scripts
 from .connection import REDIS_UNAVAILABLE, Client, retry_once
 from .job import DeadLetter, Job, job_metadata, unanswerable
-from .keys import OPEN_OWNER, SLOTS, SUBMITTED, Keys, ticket_key
+from .keys import SLOTS, SUBMITTED, Keys, models_key, ticket_key, ticket_value
 from .priority import PRIORITIES, FairShare
 from .queue import RESULT_GRACE, QueueBase
 
@@ -33,7 +33,8 @@ class WorkerQueue(QueueBase):
     def heartbeat(
         self, worker: str, ttl: float, shards: Iterable[int] | None = None, model: dict | None = None
     ) -> None:
-        """Renew the heartbeat, then (re)join the worker set, in one round trip per shard. Idempotent.
+        """Renew the heartbeat (its value: `model`, the model's card), then (re)join the worker set, in one round
+        trip per shard; then name the queue's model in the registry of models. Idempotent.
 
         Rejoining matters: a worker reaped while paused or cut off from Redis, or forgotten by a
         restarted Redis, would otherwise never be reaped again, and a later crash would lose its jobs.
@@ -47,6 +48,7 @@ class WorkerQueue(QueueBase):
                     pipe.execute()
 
             retry_once(beat)
+        retry_once(lambda: self.redis.sadd(models_key(self.base), self.model))
 
     def unregister(self, worker: str, shards: Iterable[int] | None = None) -> None:
         """Clean exit: return anything still claimed to the queue (no attempt counted), then leave."""
@@ -209,8 +211,8 @@ class WorkerQueue(QueueBase):
         def take() -> list[bytes | None]:
             with self.redis.pipeline(transaction=False) as pipe:
                 for job_id, owner in submitted:
-                    ticket = f"running {shard} {owner or OPEN_OWNER}"
-                    pipe.set(ticket_key(self.name, job_id), ticket, xx=True, get=True, keepttl=True)
+                    ticket = ticket_value("running", shard, owner, self.model)
+                    pipe.set(ticket_key(self.base, job_id), ticket, xx=True, get=True, keepttl=True)
                 return pipe.execute()
 
         return {job_id for (job_id, _), old in zip(submitted, retry_once(take), strict=True) if old is None}

@@ -21,22 +21,24 @@ from imgserve.protocol import QueueInspector, ResultListener, WebQueue
 from imgserve.protocol.cache import ResultCache
 from imgserve.web import errors, metrics, security, views
 from imgserve.web.coalescing import InFlight
+from imgserve.web.registry import ModelRegistry
 from imgserve.web.uploads import UploadRequest
 
 log = logger.get("web")
 
 
 class Service:
-    """What the views need: settings, the queue (its web side, and read-only views for /readyz and
-    /metrics), this process's result listener, and the result cache with its flights (None when
-    RESULT_CACHE_TTL=0)."""
+    """What the views need: settings, the default model's queue (its web side, and read-only views for /readyz
+    and /metrics), this process's result listener, and every model's (registry.py); the result cache with its
+    flights (None when RESULT_CACHE_TTL=0)."""
 
     def __init__(
         self, config: settings.Settings, queue: WebQueue | None = None, inspector: QueueInspector | None = None
     ) -> None:
         self.config = config
         self.origin = uuid.uuid4().hex[:12]
-        self.queue = queue or WebQueue.from_settings(config)
+        # The default model's queue (any model's serves GET and DELETE /jobs/<id>: tickets name their model).
+        self.queue = queue or WebQueue.from_settings(config, config.default_model_name())
         self.inspector = inspector or QueueInspector.sharing(self.queue)
         self.decode_budget = DecodeBudget(config.decode_budget_bytes, config.decode_wait)
         self.listener = ResultListener(self.queue, self.origin, config.notifications != "off")
@@ -44,6 +46,7 @@ class Service:
         if config.result_cache_ttl:
             self.result_cache = ResultCache(self.queue.redis, self.queue.name, config.result_cache_ttl)
         self.in_flight = InFlight()
+        self.models = ModelRegistry(config, self.queue, self.inspector, self.listener)
 
 
 def create_app(

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from flask import Blueprint, Response, current_app, jsonify, request, send_from_directory
 
 from imgserve import logger
+from imgserve.imaging import IMAGE_SIZE
 from imgserve.imaging.prepare import UPLOAD_COPIES, DecodeBusy, ImageError, prepare_image
 from imgserve.protocol import REDIS_UNAVAILABLE, SUBMITTED, Job, ResultTimeout, WebQueue
 from imgserve.protocol.cache import DEFAULT_MODEL, request_digest
@@ -28,6 +29,7 @@ from imgserve.web import security
 from imgserve.web.coalescing import cached_answer
 from imgserve.web.deadlines import Timeout, effective_timeout
 from imgserve.web.errors import Refused, error
+from imgserve.web.registry import ModelState
 
 if TYPE_CHECKING:
     from imgserve.web.app import Service
@@ -47,18 +49,19 @@ def predict():
     """POST /predict with one or more multipart file fields `image`: wait for the answers."""
     service = _service()
     config = service.config
-    top_k, priority = _top_k(), _priority()
+    model = _model(service)
+    top_k, priority = _top_k(model), _priority()
     timeout = effective_timeout(request.headers, config.request_timeout, "REQUEST_TIMEOUT")
     started = time.time()
-    prepared = _prepared_uploads(service, config.max_images_per_request)
+    prepared = _prepared_uploads(service, config.max_images_per_request, model=model)
     if service.result_cache is not None and len(prepared) == 1:
-        answer = _cached(service, prepared[0], top_k, timeout, priority)
+        answer = _cached(service, prepared[0], top_k, timeout, priority, model.name)
         return _single_answer(answer, "cached or shared answer", started)
     jobs = [
         Job.new(pixels, service.origin, timeout.seconds, config.job_codec, config.job_quality, top_k, priority)
         for pixels in prepared
     ]
-    results = _answers(service, jobs, timeout)
+    results = _answers(service, jobs, timeout, model.name)
     if len(jobs) > 1:
         log.info("%d jobs answered in %.0f ms", len(jobs), (time.time() - started) * 1000)
         return jsonify(success=True, results=[_entry(result) for result in results])
@@ -85,7 +88,7 @@ def _cached(
     def run() -> dict:
         seconds = deadline - time.time()
         job = Job.new(pixels, service.origin, seconds, config.job_codec, config.job_quality, top_k, priority)
-        return _answers(service, [job], timeout)[0]
+        return _answers(service, [job], timeout, model)[0]
 
     digest = request_digest(pixels, top_k, model)
     try:
@@ -94,13 +97,27 @@ def _cached(
         raise Refused(504, f"no result within {timeout.describe()}") from None
 
 
-def _top_k() -> int:
-    """The `top_k` query argument: how many classes each answer lists."""
+def _model(service: Service) -> ModelState:
+    """The model the `model` query argument names (DEFAULT_MODEL without it): Refused 404 for an unknown one, 503
+    for one no live worker serves whose input size only a worker can tell."""
+    name = request.args.get("model", service.models.default)
+    if name not in service.models.file_models and name not in (known := service.models.known()):
+        raise Refused(404, f"no model {name!r}; the known models: {', '.join(known)}")
+    state = service.models.state(name)
+    if state.input_size is None:
+        raise Refused(503, f"no worker serves model {name} right now; try again shortly", retry_after=5)
+    return state
+
+
+def _top_k(model: ModelState | None = None) -> int:
+    """The `top_k` query argument: how many classes each answer lists, at most the model's number of labels."""
     raw = request.args.get("top_k")
+    most = min(MAX_TOP_K, model.labels) if model and model.labels else MAX_TOP_K
     if raw is None:
-        return DEFAULT_TOP_K
-    if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= MAX_TOP_K):
-        raise Refused(400, f"top_k must be a whole number from 1 to {MAX_TOP_K}")
+        return min(DEFAULT_TOP_K, most)
+    if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= most):
+        named = f" (model {model.name} has {model.labels} labels)" if most < MAX_TOP_K else ""
+        raise Refused(400, f"top_k must be a whole number from 1 to {most}{named}")
     return int(raw)
 
 
@@ -117,7 +134,9 @@ def _queue_full(priority: str) -> Refused:
     return Refused(503, f"the server is busy (queue full at priority {priority}); try again shortly", retry_after=1)
 
 
-def _prepared_uploads(service: Service, limit: int, limit_source: str = "MAX_IMAGES_PER_REQUEST") -> list:
+def _prepared_uploads(
+    service: Service, limit: int, limit_source: str = "MAX_IMAGES_PER_REQUEST", model: ModelState | None = None
+) -> list:
     """The uploaded `image` fields, each prepared for the model; Refused (and nothing queued) if any is bad.
 
     The body's memory is reserved in the decode budget before it is read, and freed once prepared: a
@@ -125,7 +144,8 @@ def _prepared_uploads(service: Service, limit: int, limit_source: str = "MAX_IMA
     with _body_reserved(service):
         files = request.files
         try:
-            return _prepared(service, files.getlist("image"), limit, limit_source)
+            size = model.input_size if model and model.input_size else IMAGE_SIZE[0]
+            return _prepared(service, files.getlist("image"), limit, limit_source, (size, size))
         finally:
             for _, upload in files.items(multi=True):
                 upload.close()  # the parsed copy; the request lives on while its jobs run
@@ -143,7 +163,7 @@ def _body_reserved(service: Service) -> Iterator[None]:
         raise Refused(503, "the server is busy reading other uploads; try again shortly", retry_after=1) from None
 
 
-def _prepared(service: Service, uploads: list, limit: int, limit_source: str) -> list:
+def _prepared(service: Service, uploads: list, limit: int, limit_source: str, size: tuple[int, int]) -> list:
     if not uploads:
         raise Refused(400, "send the image as a multipart form file field named 'image'")
     if len(uploads) > limit:
@@ -153,7 +173,7 @@ def _prepared(service: Service, uploads: list, limit: int, limit_source: str) ->
         try:
             prepared.append(
                 prepare_image(upload.read(), config.max_image_pixels, config.max_decode_bytes, service.decode_budget,
-                              formats=config.accepted_formats)
+                              formats=config.accepted_formats, size=size)
             )  # fmt: skip
         except ImageError as exc:
             named = f"image {number} ({upload.filename!r}): " if len(uploads) > 1 else ""
@@ -163,20 +183,21 @@ def _prepared(service: Service, uploads: list, limit: int, limit_source: str) ->
     return prepared
 
 
-def _answers(service: Service, jobs: list[Job], timeout: Timeout) -> list[dict]:
-    """Queue the jobs in one round trip and wait for each result, in order; a 504 naming `timeout` after it."""
-    config = service.config
+def _answers(service: Service, jobs: list[Job], timeout: Timeout, model: str) -> list[dict]:
+    """Queue the jobs on `model`'s queue in one round trip and wait for each result, in order; a 504 naming
+    `timeout` after it."""
+    config, queue, listener = service.config, service.models.queue(model), service.models.listener(model)
     with ExitStack() as expecting:
         expecting.enter_context(_held(service, jobs))
         for job in jobs:
-            expecting.enter_context(service.listener.expect(job.id))
+            expecting.enter_context(listener.expect(job.id))
         try:
-            if not service.queue.enqueue_many(jobs, config.max_queue):
+            if not queue.enqueue_many(jobs, config.max_queue):
                 raise _queue_full(jobs[0].priority)
-            return [service.listener.wait(job.id, job.deadline, job.shard) for job in jobs]
+            return [listener.wait(job.id, job.deadline, job.shard) for job in jobs]
         except ResultTimeout:
             for job in jobs:
-                _give_up(service.queue, job)
+                _give_up(queue, job)
             raise Refused(504, f"no result within {timeout.describe()}") from None
 
 
@@ -234,18 +255,19 @@ def submit_job():
     """POST /jobs with a multipart file field `image`: queue it and answer at once where to collect it."""
     service = _service()
     config = service.config
-    top_k, priority = _top_k(), _priority()
+    model = _model(service)
+    top_k, priority = _top_k(model), _priority()
     # A submitted job may wait in the queue until RESULT_TTL after now, or the client's timeout if shorter;
     # its result can be collected until a few seconds after that (RESULT_GRACE).
     timeout = effective_timeout(request.headers, config.result_ttl, "RESULT_TTL")
-    [pixels] = _prepared_uploads(service, 1, "a job is one image; /predict takes several")
+    [pixels] = _prepared_uploads(service, 1, "a job is one image; /predict takes several", model)
     job = Job.new(pixels, SUBMITTED, timeout.seconds, config.job_codec, config.job_quality, top_k, priority)
     job.owner = _owner()
     with _held(service, [job], keep=True):
-        if not service.queue.submit(job, config.max_queue):
+        if not service.models.queue(model.name).submit(job, config.max_queue):
             raise _queue_full(priority)
     log.info("job %s submitted", job.id)
-    response = jsonify(success=True, id=job.id, status_url=f"/jobs/{job.id}")
+    response = jsonify(success=True, id=job.id, status_url=f"/jobs/{job.id}", model=model.name)
     response.status_code = 202
     response.headers["Location"] = f"/jobs/{job.id}"
     return response
@@ -309,8 +331,13 @@ def readyz():
     """GET /readyz: Redis answers and at least one worker is alive."""
     service = _service()
     try:
-        depth = service.inspector.depth()
-        alive = service.inspector.live_worker_models()  # one read of the heartbeats: who is alive, running what
+        depth, alive, unserved = 0, {}, []
+        for name in service.models.file_models:  # the models this stack serves, as its models file says
+            inspector = service.models.inspector(name)
+            depth += inspector.depth()
+            workers = inspector.live_worker_models()  # one read of the heartbeats: who is alive, running what
+            alive |= workers
+            unserved += [] if workers else [name]
     except REDIS_UNAVAILABLE as exc:
         # The details (Redis's address among them) go to the log, not to whoever asks.
         log.warning("not ready: Redis unavailable: %s", exc)
@@ -321,7 +348,27 @@ def readyz():
         ready=ready, redis=True, workers=len(alive), models=models, queue_depth=depth, wait_mode=service.listener.mode
     )
     body["api_keys_required"] = bool(service.config.accepted_api_keys)  # the page asks for a key first
+    body["models_without_workers"] = unserved  # make run waits until this is empty
     return jsonify(body), 200 if ready else 503
+
+
+@bp.get("/models")
+def models():
+    """GET /models: every known model with its card (null with no live worker), live workers and queue depth.
+
+    A model that only workers registered (not in this web's models file) and that none serves anymore is
+    dropped from the registry here, and so disappears."""
+    service, listed = _service(), []
+    for name in service.models.known():
+        state = service.models.state(name, fresh=True)
+        if not state.workers and name not in service.models.file_models:
+            service.models.forget_unserved(name)
+            continue
+        listed.append(
+            {"name": name, "card": state.card, "workers": state.workers, "queue_depth":
+             service.models.inspector(name).depth(), "in_models_file": name in service.models.file_models}
+        )  # fmt: skip
+    return jsonify(default=service.models.default, models=listed)
 
 
 @bp.route("/")

@@ -1,6 +1,6 @@
 """The model worker's command line: settings and flags, the model, the metrics endpoint, then the Worker.
 
-    python run_model_server.py [--batch-size N] [--batch-wait-ms MS] [--weights imagenet|none|PATH] ...
+    python run_model_server.py [--model NAME] [--batch-size N] [--batch-wait-ms MS] [--weights imagenet|none|PATH] ...
     python -m imgserve.worker ...            # the same
 
 Settings come from the environment / `.env` (see imgserve/settings.py); flags override them.
@@ -9,12 +9,14 @@ Settings come from the environment / `.env` (see imgserve/settings.py); flags ov
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
 
 from prometheus_client import start_http_server
 
 from imgserve import logger, settings
+from imgserve.models import DEFAULT_NAME, ModelSpec
 from imgserve.protocol import WorkerQueue
 from imgserve.worker.pipeline import Worker
 
@@ -37,6 +39,7 @@ def serve_metrics(config: settings.Settings) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="the model of MODELS_FILE to serve (default: DEFAULT_MODEL, or its first)")
     parser.add_argument("--redis-url", help="overrides REDIS_URL")
     parser.add_argument("--queue", dest="image_queue", help="overrides IMAGE_QUEUE")
     parser.add_argument("--shards", dest="worker_shards", help="overrides WORKER_SHARDS: shards to serve, e.g. 0,2")
@@ -48,10 +51,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def model_spec(config: settings.Settings, name: str | None, explicit_weights: str | None = None) -> ModelSpec:
+    """The table of MODELS_FILE this worker serves: `--model`, else the default model. `--weights` (given on the
+    command line) replaces a keras: table's weights."""
+    models = config.models()
+    name = name or config.default_model_name()
+    if name not in models:
+        raise settings.SettingsError(
+            f"--model {name}: {settings.shown_path(config.models_file)} names no such model (its models: "
+            f"{', '.join(models)})"
+        )
+    spec = models[name]
+    if explicit_weights is not None and spec.keras_class is not None:
+        spec = dataclasses.replace(spec, weights=config.model_weights)
+    return spec
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    flags = {name: value for name, value in vars(args).items() if name != "model"}
     try:
-        config = settings.load(role=settings.WORKER, **vars(args))
+        config = settings.load(role=settings.WORKER, **flags)
+        spec = model_spec(config, args.model, explicit_weights=args.model_weights)
     except settings.SettingsError as exc:
         print(f"run_model_server.py: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -59,20 +80,24 @@ def main(argv: list[str] | None = None) -> int:
     from imgserve.worker.model import Classifier, WeightsError
 
     try:
-        classifier = Classifier(config.model_weights)
-    except WeightsError as exc:
+        classifier = Classifier(spec)
+    except WeightsError as exc:  # ModelError too
         log.error("%s", exc)
         return 3
     log.info(
-        "model ResNet50 on %s, weights %s, batch size %d, batch wait %g ms, Redis %s",
+        "model %s on %s (%s, %d labels, input %d), weights %s, batch size %d, batch wait %g ms, Redis %s",
+        spec.keras_class if spec.name == DEFAULT_NAME else spec.name,  # "ResNet50", as before there were several
         classifier.device,
-        config.model_weights,
+        classifier.card["source"],
+        classifier.card["labels"],
+        classifier.card["input_size"],
+        classifier.card["weights"],
         config.batch_size,
         config.batch_wait_ms,
         config.redis_url_safe,
     )
     serve_metrics(config)
-    queue = WorkerQueue.from_settings(config)
+    queue = WorkerQueue.from_settings(config, spec.name)
     worker = Worker(config, queue, classifier)
     signal.signal(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, worker.stop)

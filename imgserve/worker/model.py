@@ -1,13 +1,18 @@
-"""ResNet50 loading, batched inference and offline top-k label decoding (k as each job asks, 5 by default)."""
+"""Loading a model of the models file (ResNet50 by default), batched inference behind a runner, and top-k label
+decoding (k as each job asks, 5 by default; ImageNet's labels offline, or the model's labels file)."""
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
 from imgserve import logger
+from imgserve.models import DEFAULT_NAME, ModelSpec, read_labels
 
 
 def _no_gpu_meant() -> bool:
@@ -67,33 +72,53 @@ def top_k(probabilities: np.ndarray, labels: np.ndarray, k: int = TOP_K) -> list
     ]
 
 
+class ModelError(WeightsError):
+    """A model of the models file cannot be served as written; the message names the model and the fix."""
+
+
+# Where each `preprocess` of the models file comes from: keras.applications' imagenet_utils modes (caffe: BGR
+# minus the ImageNet means, ResNet50's; tf: scaled to [-1, 1]; torch: ImageNet mean/std), or nothing.
+PREPROCESS_MODES = {"caffe": "caffe", "tf": "tf", "torch": "torch", "none": None}
+
+Runner = Callable[[object], object]  # a uint8 batch (N, H, W, 3), array or prepared tensor -> probabilities (N, L)
+
+
 class Classifier:
-    """ResNet50 behind a compiled inference function that takes any batch size."""
+    """One model of the models file behind a `runner`: a compiled function from a uint8 batch of any size to
+    class probabilities. The runner is the model's backend (TensorFlow here); `prepare` places a batch where the
+    runner reads it. `identity` ({"model", "weights"}) goes into every result, `card` into every heartbeat."""
 
-    def __init__(self, weights: str) -> None:
+    def __init__(self, spec: ModelSpec | str) -> None:
+        """`spec`: a table of the models file, or (as before there were several) ResNet50's MODEL_WEIGHTS."""
         import tensorflow as tf
-        from keras.applications.resnet50 import ResNet50, preprocess_input
 
+        spec = spec if isinstance(spec, ModelSpec) else ModelSpec(DEFAULT_NAME, weights=spec)
         gpus = tf.config.list_physical_devices("GPU")
         for gpu in gpus:
             tf.config.experimental.set_memory_growth(gpu, True)
         self.device = f"GPU ({', '.join(g.name for g in gpus)})" if gpus else "CPU"
         self._tf = tf
         self._device_name = "/GPU:0" if gpus else "/CPU:0"
-        self.model = _build(ResNet50, weights)
-        self.identity = {"model": "resnet50", "weights": weights_identity(weights)}
-
-        def infer(images):  # uint8 in, so that a GPU receives a quarter of the bytes float32 would take
-            return self.model(preprocess_input(tf.cast(images, tf.float32)), training=False)
-
-        # A traced function skips model.predict's per-call set-up.
-        spec = tf.TensorSpec([None, 224, 224, 3], tf.uint8)
-        self._infer = tf.function(infer, input_signature=[spec])
-        self.labels = keras_labels()
-        self.predict(np.zeros((1, 224, 224, 3), np.uint8))  # trace once now, not on the first request
+        self.spec = spec
+        self.model = _load(spec)
+        size = input_size(self.model, spec)
+        self.input_shape = (size, size, 3)
+        self.labels = model_labels(spec, int(self.model.output_shape[-1]))
+        self.runner: Runner = _tf_runner(tf, self.model, spec.preprocess, self.input_shape)
+        self.identity = {"model": spec.name, "weights": model_fingerprint(spec) if spec.keras_class is None
+                         else weights_identity(spec.weights)}  # fmt: skip
+        self.card = {
+            **self.identity,
+            "input_size": size,
+            "preprocess": spec.preprocess,
+            "labels": len(self.labels),
+            "fingerprint": model_fingerprint(spec),
+            "source": spec.source if spec.keras_class else Path(spec.source).name,  # never where it lives
+        }
+        self.predict(np.zeros((1, *self.input_shape), np.uint8))  # trace once now, not on the first request
 
     def prepare(self, images: np.ndarray):
-        """A uint8 batch (N, 224, 224, 3) as a tensor on the model's device.
+        """A uint8 batch (N, H, W, 3) as a tensor on the model's device.
 
         The worker calls this on its feeder thread, so a GPU's host-to-device copy of the next batch
         overlaps the current batch's compute.
@@ -102,14 +127,106 @@ class Classifier:
             return self._tf.identity(images)
 
     def predict(self, images) -> np.ndarray:
-        """Class probabilities (N, 1000) for a uint8 batch (N, 224, 224, 3), as an array or from prepare()."""
+        """Class probabilities (N, labels) for a uint8 batch (N, H, W, 3), as an array or from prepare()."""
         if isinstance(images, np.ndarray):
             images = self.prepare(images)
-        return self._infer(images).numpy()
+        return np.asarray(self.runner(images))
 
     def classify(self, images, k: int = TOP_K) -> list[list[dict]]:
         """The top-k {label, probability} lists for a uint8 batch, as an array or from prepare()."""
-        return top_k(self.predict(images), self.labels, k)
+        return top_k(self.predict(images), self.labels, min(k, len(self.labels)))
+
+
+def _tf_runner(tf, model, preprocess: str, shape: tuple[int, int, int]) -> Runner:
+    """The TensorFlow backend: preprocessing and the model in one traced function (which skips model.predict's
+    per-call set-up), uint8 in, so that a GPU receives a quarter of the bytes float32 would take."""
+    from keras.applications import imagenet_utils
+
+    mode = PREPROCESS_MODES[preprocess]
+
+    def infer(images):
+        floats = tf.cast(images, tf.float32)
+        if mode is not None:
+            floats = imagenet_utils.preprocess_input(floats, mode=mode)
+        return model(floats, training=False)
+
+    traced = tf.function(infer, input_signature=[tf.TensorSpec([None, *shape], tf.uint8)])
+    return lambda images: traced(images).numpy()
+
+
+def input_size(model, spec: ModelSpec) -> int:
+    """The side of the model's square input: read from the model, or `input_size` where the model leaves it free."""
+    shape = tuple(model.input_shape)
+    if len(shape) != 4 or shape[-1] != 3:
+        raise ModelError(f"model {spec.name}: takes inputs of shape {shape}, not a batch of RGB images (N, H, W, 3)")
+    height, width = shape[1], shape[2]
+    if height is None or width is None:
+        if spec.input_size is None:
+            raise ModelError(f"model {spec.name}: its input size is free; set input_size = N in its table")
+        return spec.input_size
+    if height != width:
+        raise ModelError(f"model {spec.name}: its input is {height}x{width}; only square inputs are served")
+    if spec.input_size is not None and spec.input_size != height:
+        raise ModelError(f"model {spec.name}: input_size = {spec.input_size}, but the model takes {height}x{height}")
+    return int(height)
+
+
+def model_labels(spec: ModelSpec, outputs: int) -> np.ndarray:
+    """The model's labels: ImageNet's, or its labels file's; ModelError unless there is one per output."""
+    labels = read_labels(spec)
+    labels = keras_labels() if labels is None else np.array(labels)
+    if len(labels) != outputs:
+        raise ModelError(
+            f"model {spec.name}: {len(labels)} labels ({spec.labels}) for {outputs} outputs; "
+            f"the labels file needs one line per class, in the model's output order"
+        )
+    return labels
+
+
+def model_fingerprint(spec: ModelSpec) -> str:
+    """What the card names the model's parameters by: the weights' identity for a keras: source, else "file:"
+    and 12 hex digits of the SHA-256 of the .keras file (or of a SavedModel folder's files)."""
+    if spec.keras_class is not None:
+        return weights_identity(spec.weights)
+    source = Path(spec.source)
+    files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(source) if source.is_dir() else "").encode())
+        digest.update(bytes.fromhex(_file_sha256(path)))
+    return f"file:{digest.hexdigest()[:12]}"
+
+
+def _load(spec: ModelSpec):
+    """The Keras model a table names: a keras.applications class (with its weights), a .keras file, a SavedModel."""
+    if spec.keras_class is not None:
+        import keras
+
+        build = getattr(keras.applications, spec.keras_class, None)
+        if not callable(build):
+            raise ModelError(f"model {spec.name}: unknown source keras:{spec.keras_class}: no such keras.applications "
+                             f"class (e.g. ResNet50, MobileNetV3Small, EfficientNetB0)")  # fmt: skip
+        return _build(build, spec.weights, spec)
+    try:
+        return _load_file(spec)
+    except Exception as exc:  # noqa: BLE001 - Keras raises many kinds for a file it cannot read
+        raise ModelError(f"model {spec.name}: cannot load {spec.source}: {type(exc).__name__}: {exc}") from None
+
+
+def _load_file(spec: ModelSpec):
+    import keras
+
+    if Path(spec.source).is_dir():
+        layer = keras.layers.TFSMLayer(spec.source, call_endpoint="serving_default")
+        size = spec.input_size
+        if size is None:
+            raise ModelError(f"model {spec.name}: a SavedModel's input size is not read; set input_size = N")
+        inputs = keras.Input((size, size, 3))
+        outputs = layer(inputs)
+        if isinstance(outputs, dict):
+            outputs = next(iter(outputs.values()))
+        return keras.Model(inputs, outputs)
+    return keras.models.load_model(spec.source, compile=False)
 
 
 def weights_identity(weights: str) -> str:
@@ -117,24 +234,38 @@ def weights_identity(weights: str) -> str:
     file's SHA-256 (which file it is, without telling strangers where it lives)."""
     if weights in ("imagenet", "none"):
         return weights
+    return f"file:{_file_sha256(Path(weights))[:12]}"
+
+
+def _file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(weights, "rb") as f:
+    with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
-    return f"file:{digest.hexdigest()[:12]}"
+    return digest.hexdigest()
 
 
-def _build(resnet50, weights: str):
+def _build(build, weights: str, spec: ModelSpec | None = None):
+    """A keras.applications model with `weights`; WeightsError (saying what to set) when they cannot be had."""
+    spec = spec or ModelSpec(DEFAULT_NAME, weights=weights)
+    extra: dict[str, object] = (
+        {"include_preprocessing": False} if spec.preprocess != "none" and _has_own_preprocessing(build) else {}
+    )
+    if spec.input_size is not None:
+        extra["input_shape"] = (spec.input_size, spec.input_size, 3)
     if weights == "none":
         log.warning("!" * 78)
-        log.warning("ResNet50 has RANDOM weights, as MODEL_WEIGHTS=none asks: every prediction is MEANINGLESS.")
-        log.warning(
-            "Fine for smoke tests. For real answers: %s, or MODEL_WEIGHTS=imagenet with internet.", REAL_WEIGHTS_HELP
-        )
+        asked = "MODEL_WEIGHTS=none" if spec.name == DEFAULT_NAME else f'weights = "none" in [{spec.name}]'
+        log.warning("%s has RANDOM weights, as %s asks: every prediction is MEANINGLESS.", spec.keras_class, asked)
+        if spec.name == DEFAULT_NAME:
+            log.warning("Fine for smoke tests. For real answers: %s, or MODEL_WEIGHTS=imagenet with internet.",
+                        REAL_WEIGHTS_HELP)  # fmt: skip
+        else:
+            log.warning("Fine for smoke tests. For real answers: weights = a weights file in its table (or imagenet).")
         log.warning("!" * 78)
-        return resnet50(weights=None)
+        return build(weights=None, **extra)
     try:
-        return resnet50(weights=weights)
+        return build(weights=weights, **extra)
     except Exception as exc:  # Keras raises a bare Exception for a failed download
         if weights == "imagenet":
             raise WeightsError(
@@ -143,3 +274,12 @@ def _build(resnet50, weights: str):
                 f"without network access that fails. {WEIGHTS_HELP}"
             ) from None
         raise WeightsError(f"could not load weights from {weights!r}: {exc}. {WEIGHTS_HELP}") from None
+
+
+def _has_own_preprocessing(build) -> bool:
+    """Whether a keras.applications class can preprocess inside the model (MobileNetV3, EfficientNet ...): then
+    the table's own `preprocess` replaces it, and `none` keeps it."""
+    try:
+        return "include_preprocessing" in inspect.signature(build).parameters
+    except (TypeError, ValueError):
+        return False

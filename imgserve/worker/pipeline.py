@@ -19,6 +19,7 @@ import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 
 from imgserve import logger, settings
+from imgserve.imaging import IMAGE_SHAPE
 from imgserve.protocol import REDIS_UNAVAILABLE, SLOTS, SUBMITTED, Claimer, DeadLetter, Job, JobError, WorkerQueue
 from imgserve.protocol.backoff import Backoff, retry
 from imgserve.protocol.priority import PRIORITIES
@@ -84,6 +85,9 @@ class Worker:
         self.classifier = classifier
         # Which model answers, in every result and heartbeat: {"model": ..., "weights": ...}
         self.model = dict(getattr(classifier, "identity", {"model": "unknown", "weights": "unknown"}))
+        # What its heartbeat announces: the model's card (the identity and how to feed it), and the jobs it takes.
+        self.card = dict(getattr(classifier, "card", self.model))
+        self.input_shape = tuple(getattr(classifier, "input_shape", IMAGE_SHAPE))
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.stopping = threading.Event()
         self._finished = threading.Event()  # the heartbeat outlives `stopping` until the last batch is done
@@ -248,7 +252,7 @@ class Worker:
         """
         try:
             job = Job.from_json(raw, self.config.max_job_bytes)
-            return job, job.pixels()
+            return job, job.pixels(self.input_shape)
         except JobError:
             raise
         except Exception as exc:  # noqa: BLE001 - see the docstring
@@ -334,7 +338,7 @@ class Worker:
     def _beat(self, shard: int) -> Exception | None:
         """Heartbeat in one shard; the error if it could not be reached."""
         try:
-            self.queue.heartbeat(self.id, self.config.heartbeat_ttl, [shard], self.model)
+            self.queue.heartbeat(self.id, self.config.heartbeat_ttl, [shard], self.card)
         except REDIS_UNAVAILABLE as exc:
             log.warning("heartbeat in shard %d failed (%s: %s); retrying", shard, type(exc).__name__, exc)
             return exc

@@ -16,6 +16,8 @@
   const weightsWarning = document.getElementById("weights-warning");
   const keyBox = document.getElementById("key-box");
   const keyInput = document.getElementById("api-key");
+  const modelBox = document.getElementById("model-box");
+  const modelSelect = document.getElementById("model-select");
   const KEY_STORAGE = "imgserve-api-key"; // sessionStorage: this tab only, gone when it closes
 
   let currentFile = null;
@@ -151,6 +153,27 @@
     } catch (err) {
       // Not ready or unreachable: the upload itself will say so.
     }
+    await listModels();
+  }
+
+  // The model picker, from GET models: shown when the stack serves more than one model.
+  async function listModels() {
+    try {
+      const headers = apiKey() ? { Authorization: "Bearer " + apiKey() } : {};
+      const body = await readJson(await fetch("models", { headers: headers }));
+      if (!body || !Array.isArray(body.models)) return;
+      modelSelect.replaceChildren();
+      for (const model of body.models) {
+        const option = document.createElement("option");
+        option.value = model.name;
+        option.textContent = model.name + (model.workers ? "" : " (no worker yet)");
+        option.selected = model.name === body.default;
+        modelSelect.appendChild(option);
+      }
+      modelBox.hidden = body.models.length < 2;
+    } catch (err) {
+      // The picker stays hidden: uploads go to the default model.
+    }
   }
 
   async function classify(file) {
@@ -172,7 +195,10 @@
     data.append("image", file, file.name);
     try {
       const headers = apiKey() ? { Authorization: "Bearer " + apiKey() } : {};
-      const response = await fetch("predict", { method: "POST", body: data, headers: headers, signal: controller.signal });
+      // One model: no picker, and the request is as it always was.
+      const picked = !modelBox.hidden && modelSelect.value;
+      const target = picked ? "predict?model=" + encodeURIComponent(modelSelect.value) : "predict";
+      const response = await fetch(target, { method: "POST", body: data, headers: headers, signal: controller.signal });
       const body = await readJson(response);
       if (response.status === 401) askForKey();
       if (response.ok && body && body.success && Array.isArray(body.predictions)) {
