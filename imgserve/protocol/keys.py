@@ -9,8 +9,8 @@ so that Redis Cluster puts all the keys of a shard in one slot and each Lua scri
                                           the right, so the list is FIFO and its right end is the head.
 {s}:processing:{worker}:{slot}    LIST    one claimed batch of one worker, until it is acknowledged.
                                           A worker has SLOTS batch slots; a serial worker uses slot 0.
-{s}:heartbeat:{worker}            STRING  the worker's model, as JSON ({"model", "weights"}); TTL HEARTBEAT_TTL,
-                                          renewed by a worker serving the shard.
+{s}:heartbeat:{worker}            STRING  the worker's model, as JSON ({"model", "weights", "backend",
+                                          "precision"}); TTL HEARTBEAT_TTL, renewed by a worker serving the shard.
 {s}:workers                       SET     ids of workers that may own processing lists in the shard.
 {s}:dead                          LIST    dead letters, newest first, at most DEAD_LETTER_MAX:
                                           {"reason", "worker", "at", "job": metadata}, never the image.

@@ -56,16 +56,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run_model_server.py: configuration error: {exc}", file=sys.stderr)
         return 2
     logger.setup("model", config.log_level)
+    from imgserve.worker.backends import BackendError
     from imgserve.worker.model import Classifier, WeightsError
 
     try:
-        classifier = Classifier(config.model_weights)
-    except WeightsError as exc:
+        classifier = Classifier(
+            config.model_weights,
+            config.model_backend,
+            config.model_precision,
+            config.model_threads,
+            config.model_calibration_dir,
+            config.model_cache_dir,
+        )
+    except (WeightsError, BackendError) as exc:
         log.error("%s", exc)
         return 3
     log.info(
-        "model ResNet50 on %s, weights %s, batch size %d, batch wait %g ms, Redis %s",
+        "model ResNet50 on %s (%s %s, %s threads), weights %s, batch size %d, batch wait %g ms, Redis %s",
         classifier.device,
+        config.model_backend,
+        config.model_precision,
+        config.model_threads or "all",
         config.model_weights,
         config.batch_size,
         config.batch_wait_ms,

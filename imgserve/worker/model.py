@@ -1,9 +1,11 @@
-"""ResNet50 loading, batched inference and offline top-k label decoding (k as each job asks, 5 by default)."""
+"""ResNet50 loading, batched inference (on the backend MODEL_BACKEND names, worker/backends) and offline top-k
+label decoding (k as each job asks, 5 by default)."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -68,44 +70,55 @@ def top_k(probabilities: np.ndarray, labels: np.ndarray, k: int = TOP_K) -> list
 
 
 class Classifier:
-    """ResNet50 behind a compiled inference function that takes any batch size."""
+    """ResNet50 behind a runner (worker/backends: TensorFlow, ONNX Runtime or OpenVINO) that takes any batch size."""
 
-    def __init__(self, weights: str) -> None:
+    def __init__(
+        self,
+        weights: str,
+        backend: str = "tensorflow",
+        precision: str = "fp32",
+        threads: int | None = None,
+        calibration_dir: Path | None = None,
+        cache_dir: Path | None = None,
+    ) -> None:
         import tensorflow as tf
         from keras.applications.resnet50 import ResNet50, preprocess_input
 
+        from imgserve.worker.backends import build_runner, cache
+        from imgserve.worker.backends.tensorflow import set_threads
+
+        set_threads(threads)  # before TensorFlow's first op
         gpus = tf.config.list_physical_devices("GPU")
         for gpu in gpus:
             tf.config.experimental.set_memory_growth(gpu, True)
-        self.device = f"GPU ({', '.join(g.name for g in gpus)})" if gpus else "CPU"
-        self._tf = tf
-        self._device_name = "/GPU:0" if gpus else "/CPU:0"
-        self.model = _build(ResNet50, weights)
-        self.identity = {"model": "resnet50", "weights": weights_identity(weights)}
-
-        def infer(images):  # uint8 in, so that a GPU receives a quarter of the bytes float32 would take
-            return self.model(preprocess_input(tf.cast(images, tf.float32)), training=False)
-
-        # A traced function skips model.predict's per-call set-up.
-        spec = tf.TensorSpec([None, 224, 224, 3], tf.uint8)
-        self._infer = tf.function(infer, input_signature=[spec])
+        self.device = f"GPU ({', '.join(g.name for g in gpus)})" if gpus and backend == "tensorflow" else "CPU"
+        fingerprint = weights_identity(weights)
+        self.runner = build_runner(
+            lambda: _build(ResNet50, weights),
+            name="resnet50",
+            fingerprint=fingerprint,
+            backend=backend,
+            precision=precision,
+            threads=threads,
+            cache_dir=cache_dir or cache.default_dir(weights),
+            calibration_dir=calibration_dir,
+            preprocess=preprocess_input,  # inside the runner's graph: it takes uint8 pixels
+        )
+        self.model = self.runner.model  # the Keras model, when the runner needed it
+        self.identity = {"model": "resnet50", "weights": fingerprint, "backend": backend, "precision": precision}
         self.labels = keras_labels()
-        self.predict(np.zeros((1, 224, 224, 3), np.uint8))  # trace once now, not on the first request
 
     def prepare(self, images: np.ndarray):
-        """A uint8 batch (N, 224, 224, 3) as a tensor on the model's device.
+        """A uint8 batch (N, 224, 224, 3) ready for the runner (with TensorFlow, a tensor on the model's device).
 
         The worker calls this on its feeder thread, so a GPU's host-to-device copy of the next batch
         overlaps the current batch's compute.
         """
-        with self._tf.device(self._device_name):
-            return self._tf.identity(images)
+        return self.runner.prepare(images)
 
     def predict(self, images) -> np.ndarray:
         """Class probabilities (N, 1000) for a uint8 batch (N, 224, 224, 3), as an array or from prepare()."""
-        if isinstance(images, np.ndarray):
-            images = self.prepare(images)
-        return self._infer(images).numpy()
+        return self.runner(images)
 
     def classify(self, images, k: int = TOP_K) -> list[list[dict]]:
         """The top-k {label, probability} lists for a uint8 batch, as an array or from prepare()."""
