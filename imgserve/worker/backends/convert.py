@@ -31,12 +31,15 @@ def serving_function(model, preprocess: Callable | None, input_size: tuple[int, 
 
 @contextmanager
 def saved_model(model, preprocess: Callable | None, input_size: tuple[int, int]) -> Iterator[Path]:
-    """A SavedModel of serving_function in a temporary folder, removed on exit."""
+    """A SavedModel of serving_function, written as Keras 3's model.export() writes one (keras.export.ExportArchive,
+    which names the variables so that converters find them), in a temporary folder removed on exit."""
+    import keras
     import tensorflow as tf
 
-    module = tf.Module()
-    module.model = model  # tracked, so that its variables are saved
-    module.serve = serving_function(model, preprocess, input_size)
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    spec = tf.TensorSpec([None, *input_size, 3], tf.uint8, name=INPUT)
+    archive.add_endpoint("serve", serving_function(model, preprocess, input_size), input_signature=[spec])
     with tempfile.TemporaryDirectory(prefix="imgserve-savedmodel-") as folder:
-        tf.saved_model.save(module, folder, signatures={"serving_default": module.serve})
+        archive.write_out(folder, verbose=False)
         yield Path(folder)
