@@ -746,7 +746,36 @@ def run(args: argparse.Namespace) -> Report:
     report.results["gpu_feed"] = gpu_feed(report, plan, config.job_codec)
     report.results["decode_cost"] = decode_cost(report)
     report.results["front_door"] = front_door(report, plan)
+    with LocalRedis() as server:
+        report.results["backends"] = backend_phase(report, plan, client, server.url, config.batch_size, image)
     verdicts(report)
+    return report
+
+
+def backend_phase(report: Report, plan: Plan, client: Client, url: str, batch_size: int, image: bytes) -> dict:
+    """(13) tools/bench_backends.py on its own Redis; adds its goals."""
+    from tools import bench_backends
+
+    env = server_env(url, "bench-backends", BATCH_SIZE=batch_size, LOG_LEVEL="DEBUG", PYTHONPATH=str(PROJECT))
+    results = bench_backends.backends(report, plan, client, env, connect(url), image, batch_size)
+    bench_backends.goals(report, results)
+    return results
+
+
+def run_backends_only(args: argparse.Namespace) -> Report:
+    """Phase 13 alone: each backend's raw rate and the stack's saturation on it."""
+    plan, config, report, image = (
+        QUICK if args.quick else FULL,
+        settings.load(role=settings.ALL),
+        Report(),
+        sample_image_bytes(),
+    )
+    when = time.strftime("%Y-%m-%d %H:%M:%S")
+    report.say(
+        f"imgserve benchmark, phase 13 only ({'quick' if args.quick else 'full'}), {when}; {os.cpu_count()} cores"
+    )
+    with LocalRedis() as server:
+        report.results["backends"] = backend_phase(report, plan, Client(image), server.url, config.batch_size, image)
     return report
 
 
@@ -966,6 +995,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--cluster-only", action="store_true", help="only phases 8 and 11: one Redis against a Redis Cluster"
     )
+    parser.add_argument(
+        "--backends-only", action="store_true", help="only phase 13: the model backends (MODEL_BACKEND) side by side"
+    )
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     parser.add_argument("--markdown", type=Path, help="also write the goals table and the output to this file")
     parser.add_argument(
@@ -980,7 +1012,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        report = run_cluster_only(args) if args.cluster_only else run(args)
+        report = (
+            run_cluster_only(args)
+            if args.cluster_only
+            else run_backends_only(args)
+            if args.backends_only
+            else run(args)
+        )
     except settings.SettingsError as exc:
         print(f"tools.bench: configuration error: {exc}", file=sys.stderr)
         return 2
