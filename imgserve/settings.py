@@ -402,7 +402,7 @@ class Settings:
         None,
         _folder,
         (WORKER,),
-        "a folder of your own images (a few hundred, like your uploads) that `MODEL_PRECISION=int8` calibrates on; "
+        "a folder of your own images (a few hundred, like your uploads) that int8 (`MODEL_PRECISION`) calibrates on; "
         "every fifth is held out to measure agreement with fp32",
         shown="",
         example="/path/to/calibration-images",
