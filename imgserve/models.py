@@ -6,6 +6,8 @@
     labels = "imagenet"         # imagenet | a text file, one label per line
     preprocess = "caffe"        # caffe | tf | torch | none (none: the model does its own)
     input_size = 224            # only for a model whose input size is free; otherwise read from the model
+    backend = "openvino"        # tensorflow | onnxruntime | openvino (optional; MODEL_BACKEND if left out)
+    precision = "int8"          # fp32 | int8 (optional; MODEL_PRECISION if left out; int8: not with tensorflow)
 
 No file: the one model `resnet50` (ImageNet ResNet50 with MODEL_WEIGHTS), as the stack always served. The first
 table is the default model. Paths are relative to the file's folder. What can be checked without loading a model
@@ -25,7 +27,9 @@ DEFAULT_NAME = "resnet50"  # the model of a stack without a models file; its que
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 PREPROCESSING = ("caffe", "tf", "torch", "none")
 KERAS_PREFIX = "keras:"
-KEYS = frozenset({"source", "weights", "labels", "preprocess", "input_size"})
+BACKENDS = ("tensorflow", "onnxruntime", "openvino")  # worker/backends runs them; its table keys and settings
+PRECISIONS = ("fp32", "int8")
+KEYS = frozenset({"source", "weights", "labels", "preprocess", "input_size", "backend", "precision"})
 
 
 class ModelsError(ValueError):
@@ -42,6 +46,8 @@ class ModelSpec:
     labels: str = "imagenet"
     preprocess: str = "caffe"
     input_size: int | None = None
+    backend: str | None = None  # None: MODEL_BACKEND
+    precision: str | None = None  # None: MODEL_PRECISION
     folder: Path = field(default=Path("."), compare=False)
 
     @property
@@ -74,7 +80,7 @@ def _spec(path: Path, name: str, table: object, weights: str) -> ModelSpec:
     if not NAME.fullmatch(name):
         raise ModelsError(f"{where}: a model name is 1 to 64 letters, digits, '-' or '_'")
     if not isinstance(table, dict):
-        raise ModelsError(f"{where}: must be a table of source, weights, labels, preprocess, input_size")
+        raise ModelsError(f"{where}: must be a table of {', '.join(sorted(KEYS))}")
     if unknown := sorted(set(table) - KEYS):
         raise ModelsError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(KEYS))}")
     text = {key: value for key, value in table.items() if key != "input_size"}
@@ -92,8 +98,12 @@ def _spec(path: Path, name: str, table: object, weights: str) -> ModelSpec:
         labels=_file_or(where, folder, "labels", table.get("labels", "imagenet"), ("imagenet",)),
         preprocess=_preprocess(where, table.get("preprocess", "caffe" if keras else "none")),
         input_size=_input_size(where, table.get("input_size")),
+        backend=_one_of(where, "backend", table.get("backend"), BACKENDS),
+        precision=_one_of(where, "precision", table.get("precision"), PRECISIONS),
         folder=folder,
     )
+    if spec.precision == "int8" and spec.backend == "tensorflow":
+        raise ModelsError(f"{where}: precision int8 needs backend onnxruntime or openvino (TensorFlow runs fp32)")
     return spec
 
 
@@ -126,6 +136,12 @@ def _file_or(where: str, folder: Path, key: str, value: str, words: tuple[str, .
 def _preprocess(where: str, value: str) -> str:
     if value not in PREPROCESSING:
         raise ModelsError(f"{where}: preprocess {value!r} is not one of {', '.join(PREPROCESSING)}")
+    return value
+
+
+def _one_of(where: str, key: str, value: str | None, choices: tuple[str, ...]) -> str | None:
+    if value is not None and value not in choices:
+        raise ModelsError(f"{where}: {key} {value!r} is not one of {', '.join(choices)}")
     return value
 
 

@@ -166,6 +166,13 @@ def _model_name(name: str, raw: str) -> str:
     return value
 
 
+def _folder(name: str, raw: str) -> Path:
+    path = _path(name, raw)
+    if not path.is_dir():
+        raise SettingsError(f"{name} must be a folder of images; no folder at {raw.strip()!r}")
+    return path
+
+
 def _host(name: str, raw: str) -> str:
     if not raw.strip():
         raise SettingsError(f"{name} must not be empty")
@@ -432,6 +439,47 @@ class Settings:
         "table of MODELS_FILE",
         shown="",
         example="resnet50",
+    )
+    model_backend: str = setting(
+        "tensorflow",
+        _choice("tensorflow", "onnxruntime", "openvino"),
+        (WORKER,),
+        "what runs the model: `tensorflow`; or `onnxruntime` / `openvino`, faster on a CPU: the model is converted "
+        "once and cached (`MODEL_CACHE_DIR`); README 'Faster on the CPU: backends'",
+        example="openvino",
+    )
+    model_precision: str = setting(
+        "fp32",
+        _choice("fp32", "int8"),
+        (WORKER,),
+        "`fp32`, or `int8` (`onnxruntime` and `openvino` only): quantized on the images of `MODEL_CALIBRATION_DIR`, "
+        "faster, answers close to fp32's (agreement logged at start-up)",
+    )
+    model_calibration_dir: Path | None = setting(
+        None,
+        _folder,
+        (WORKER,),
+        "a folder of your own images (a few hundred, like your uploads) that int8 (`MODEL_PRECISION`) calibrates on; "
+        "every fifth is held out to measure agreement with fp32",
+        shown="",
+        example="/path/to/calibration-images",
+    )
+    model_threads: int | None = setting(
+        None,
+        _auto_or(_int(1, 1024), "all"),
+        (WORKER,),
+        "threads one worker's model computes on (intra-op); `all`: every core. With several workers on one machine, "
+        "give each its share (cores / workers)",
+        shown="all",
+        example="2",
+    )
+    model_cache_dir: Path | None = setting(
+        None,
+        _auto_or(_path),
+        (WORKER,),
+        "where converted models are cached; `auto`: next to a weights file (`imgserve-cache/`), else "
+        "`~/.cache/imgserve`",
+        shown="auto",
     )
     web_host: str = setting(
         "127.0.0.1",
@@ -754,12 +802,29 @@ def shown_path(path: Path) -> str:
     return str(path.relative_to(PROJECT_DIR)) if path.is_relative_to(PROJECT_DIR) else str(path)
 
 
+def _int8_is_calibrated(settings: Settings) -> None:
+    """int8, asked by MODEL_PRECISION or by a table of MODELS_FILE, runs on a converted backend and has images."""
+    for spec in settings.models().values():
+        precision = spec.precision or settings.model_precision
+        if precision != "int8":
+            continue
+        asked = "MODEL_PRECISION=int8" if spec.precision is None else f'precision = "int8" in [{spec.name}]'
+        if (spec.backend or settings.model_backend) == "tensorflow":
+            raise SettingsError(f"{asked} needs MODEL_BACKEND=onnxruntime or openvino (TensorFlow runs fp32)")
+        if settings.model_calibration_dir is None:
+            raise SettingsError(
+                f"{asked} needs MODEL_CALIBRATION_DIR: a folder of your own images (a few hundred, like "
+                "your uploads) to calibrate the quantization on"
+            )
+
+
 # Rules between settings, each checked where a role reads all the settings it names.
 _RULES: tuple[tuple[frozenset[str], Callable[[Settings], None]], ...] = (
     (frozenset({"max_decode_bytes", "decode_budget_bytes"}), _decode_fits_budget),
     (frozenset({"worker_shards", "queue_shards"}), _shards_exist),
     (frozenset({"flask_debug", "web_host"}), _debug_on_loopback_only),
     (frozenset({"models_file", "default_model"}), _models_valid),
+    (frozenset({"model_precision", "model_backend", "model_calibration_dir", "models_file"}), _int8_is_calibrated),
 )
 
 

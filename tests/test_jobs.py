@@ -64,7 +64,7 @@ def test_a_cancelled_job_is_never_run_and_a_submitted_one_is_collected_through_a
         assert worker_counts(env)["cancelled"] == 1 and worker_counts(env)["done"] == 1
         assert requests.delete(status_url, timeout=10).status_code == 409  # done: too late to cancel
         assert requests.get(f"{first.url}/readyz", timeout=10).json()["models"] == [
-            {"model": "resnet50", "weights": "none"}
+            {"model": "resnet50", "weights": "none", "backend": "tensorflow", "precision": "fp32"}
         ]
     finally:
         worker.stop()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 
@@ -42,6 +43,9 @@ def tiny_keras_model(path: Path) -> None:
         ('[m]\npreprocess = "inception"\n', "preprocess 'inception' is not one of caffe, tf, torch, none"),
         ('[m]\ninput_size = "big"\n', "input_size must be a whole number"),
         ('[m]\ncolour = "red"\n', "unknown key(s) colour"),
+        ('[m]\nbackend = "tensorrt"\n', "backend 'tensorrt' is not one of tensorflow, onnxruntime, openvino"),
+        ('[m]\nprecision = "fp16"\n', "precision 'fp16' is not one of fp32, int8"),
+        ('[m]\nbackend = "tensorflow"\nprecision = "int8"\n', "precision int8 needs backend onnxruntime"),
         ("[m\n", "cannot read it as TOML"),
         ("", "names no model"),
     ],
@@ -86,6 +90,34 @@ input_size = 96
         Classifier(models["tiny"])
     mobile = Classifier(models["mobile"])
     assert mobile.card["input_size"] == 96 and mobile.card["labels"] == 1000 and mobile.card["preprocess"] == "none"
+
+
+@pytest.mark.unit
+def test_int8_in_a_table_needs_a_converted_backend_and_calibration_images(tmp_path):
+    path = write(tmp_path, "models.toml", '[m]\nprecision = "int8"\n')
+    with pytest.raises(settings.SettingsError, match=r'precision = "int8" in \[m\] needs MODEL_BACKEND=onnxruntime'):
+        settings.load(env={"MODELS_FILE": str(path)}, dotenv=False, role=settings.WORKER)
+    path.write_text('[m]\nprecision = "int8"\nbackend = "openvino"\n')
+    with pytest.raises(settings.SettingsError, match=r'precision = "int8" in \[m\] needs MODEL_CALIBRATION_DIR'):
+        settings.load(env={"MODELS_FILE": str(path)}, dotenv=False, role=settings.WORKER)
+
+
+@pytest.mark.unit
+def test_a_tables_backend_runs_its_model_with_its_preprocessing_in_the_graph(tmp_path):
+    """The table's backend replaces MODEL_BACKEND's; the converted model answers as TensorFlow does."""
+    from imgserve.models import load_models
+    from imgserve.worker.model import Classifier
+
+    tiny_keras_model(tmp_path / "tiny.keras")
+    write(tmp_path, "tiny-labels.txt", "\n".join(TINY_LABELS) + "\n")
+    text = '[tiny]\nsource = "tiny.keras"\nlabels = "tiny-labels.txt"\npreprocess = "tf"\n'
+    models = load_models(write(tmp_path, "models.toml", text + 'backend = "onnxruntime"\n'))
+    converted = Classifier(models["tiny"], "tensorflow", cache_dir=tmp_path / "cache")
+    reference = Classifier(load_models(write(tmp_path, "models.toml", text))["tiny"], "tensorflow")
+    assert converted.card["backend"] == "onnxruntime" and reference.card["backend"] == "tensorflow"
+    assert converted.card["precision"] == "fp32" and converted.runner.source == "converted"
+    images = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    np.testing.assert_allclose(converted.predict(images), reference.predict(images), atol=1e-4)
 
 
 @pytest.fixture(scope="module")

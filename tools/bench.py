@@ -26,6 +26,8 @@ weights, the same compute as the real ones) and prints, each against its goal:
     and share per level with PRIORITY_WEIGHTS 8,4,1 beside 1,1,1 (`--priority-only`: this phase alone)
 14. repeated images: the same upload from many clients, RESULT_CACHE_TTL=0 beside 60, one real model worker
     (`--cache-only`: this phase alone, about a minute)
+15. backends (tools/bench_backends.py): the model alone per backend and precision (TensorFlow, ONNX Runtime,
+    OpenVINO; fp32, int8), then the stack at saturation on each (`--backends-only`: this phase alone)
 
 Clients, web server, Redis and workers all share this machine's cores; the output says how much
 CPU each used, and how much other processes took meanwhile.
@@ -755,6 +757,7 @@ def run(args: argparse.Namespace) -> Report:
         env = server_env(server.url, "bench", BATCH_SIZE=config.batch_size, JOB_CODEC=config.job_codec,
                          PYTHONPATH=str(PROJECT))  # fmt: skip
         report.results["repeated_images"] = repeated_images(report, plan, client, env, connect(server.url))
+        report.results["backends"] = backend_phase(report, plan, client, server.url, config.batch_size, image)
     verdicts(report)
     return report
 
@@ -769,6 +772,33 @@ def priorities(report: Report, plan: Plan) -> dict:
     for line in priority_mix.report(results):
         report.say(line)
     return results
+
+
+def backend_phase(report: Report, plan: Plan, client: Client, url: str, batch_size: int, image: bytes) -> dict:
+    """Phase 15: tools/bench_backends.py on its own Redis; adds its goals."""
+    from tools import bench_backends
+
+    env = server_env(url, "bench-backends", BATCH_SIZE=batch_size, LOG_LEVEL="DEBUG", PYTHONPATH=str(PROJECT))
+    results = bench_backends.backends(report, plan, client, env, connect(url), image, batch_size)
+    bench_backends.goals(report, results)
+    return results
+
+
+def run_backends_only(args: argparse.Namespace) -> Report:
+    """Phase 15 alone: each backend's raw rate and the stack's saturation on it."""
+    plan, config, report, image = (
+        QUICK if args.quick else FULL,
+        settings.load(role=settings.ALL),
+        Report(),
+        sample_image_bytes(),
+    )
+    when = time.strftime("%Y-%m-%d %H:%M:%S")
+    report.say(
+        f"imgserve benchmark, phase 15 only ({'quick' if args.quick else 'full'}), {when}; {os.cpu_count()} cores"
+    )
+    with LocalRedis() as server:
+        report.results["backends"] = backend_phase(report, plan, Client(image), server.url, config.batch_size, image)
+    return report
 
 
 def run_cluster_only(args: argparse.Namespace) -> Report:
@@ -936,7 +966,7 @@ def _worker_done(worker: WorkerProcess) -> float:
 
 
 def run_cache_only(args: argparse.Namespace) -> Report:
-    """Phase 13 alone."""
+    """Phase 14 alone."""
     plan, config, report = QUICK if args.quick else FULL, settings.load(role=settings.ALL), Report()
     report.say(f"imgserve benchmark, phase 14 only, {time.strftime('%Y-%m-%d %H:%M:%S')}; {os.cpu_count()} cores")
     with LocalRedis() as server:
@@ -1033,6 +1063,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--priority-only", action="store_true", help="only phase 13: latency per priority level")
     parser.add_argument("--cache-only", action="store_true", help="only phase 14: the result cache off and on")
+    parser.add_argument(
+        "--backends-only", action="store_true", help="only phase 15: the model backends (MODEL_BACKEND) side by side"
+    )
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     parser.add_argument("--markdown", type=Path, help="also write the goals table and the output to this file")
     parser.add_argument(
@@ -1051,7 +1084,15 @@ def main(argv: list[str] | None = None) -> int:
             report = Report()
             report.results["priorities"] = priorities(report, QUICK if args.quick else FULL)
         else:
-            runner = run_cluster_only if args.cluster_only else run_cache_only if args.cache_only else run
+            runner = (
+                run_cluster_only
+                if args.cluster_only
+                else run_cache_only
+                if args.cache_only
+                else run_backends_only
+                if args.backends_only
+                else run
+            )
             report = runner(args)
     except settings.SettingsError as exc:
         print(f"tools.bench: configuration error: {exc}", file=sys.stderr)

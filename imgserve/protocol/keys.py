@@ -17,9 +17,10 @@ so that Redis Cluster puts all the keys of a shard in one slot and each Lua scri
                                           (`priority`), and returns to that level's list when released or reaped.
 {s}:processing:{worker}:{slot}    LIST    one claimed batch of one worker, until it is acknowledged.
                                           A worker has SLOTS batch slots; a serial worker uses slot 0.
-{s}:heartbeat:{worker}            STRING  the worker's model card, as JSON ({"model", "weights", "input_size",
-                                          "preprocess", "labels" (how many), "fingerprint", "source"}); TTL
-                                          HEARTBEAT_TTL, renewed by a worker serving the shard.
+{s}:heartbeat:{worker}            STRING  the worker's model card, as JSON ({"model", "weights", "backend",
+                                          "precision", "input_size", "preprocess", "labels" (how many),
+                                          "fingerprint", "source"}); TTL HEARTBEAT_TTL, renewed by a worker
+                                          serving the shard.
 {s}:workers                       SET     ids of workers that may own processing lists in the shard.
 {s}:dead                          LIST    dead letters, newest first, at most DEAD_LETTER_MAX:
                                           {"reason", "worker", "at", "job": metadata}, never the image.

@@ -77,20 +77,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run_model_server.py: configuration error: {exc}", file=sys.stderr)
         return 2
     logger.setup("model", config.log_level)
+    from imgserve.worker.backends import BackendError
     from imgserve.worker.model import Classifier, WeightsError
 
     try:
-        classifier = Classifier(spec)
-    except WeightsError as exc:  # ModelError too
+        classifier = Classifier(
+            spec,
+            config.model_backend,
+            config.model_precision,
+            config.model_threads,
+            config.model_calibration_dir,
+            config.model_cache_dir,
+        )
+    except (WeightsError, BackendError) as exc:  # ModelError too
         log.error("%s", exc)
         return 3
     log.info(
-        "model %s on %s (%s, %d labels, input %d), weights %s, batch size %d, batch wait %g ms, Redis %s",
+        "model %s on %s (%s, %d labels, input %d; %s %s, %s threads), weights %s, batch size %d, batch wait %g ms, "
+        "Redis %s",
         spec.keras_class if spec.name == DEFAULT_NAME else spec.name,  # "ResNet50", as before there were several
         classifier.device,
         classifier.card["source"],
         classifier.card["labels"],
         classifier.card["input_size"],
+        classifier.card["backend"],
+        classifier.card["precision"],
+        config.model_threads or "all",
         classifier.card["weights"],
         config.batch_size,
         config.batch_wait_ms,

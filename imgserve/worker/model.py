@@ -1,12 +1,12 @@
-"""Loading a model of the models file (ResNet50 by default), batched inference behind a runner, and top-k label
-decoding (k as each job asks, 5 by default; ImageNet's labels offline, or the model's labels file)."""
+"""Loading a model of the models file (ResNet50 by default), batched inference behind a runner (on the backend
+the model's table or MODEL_BACKEND names, worker/backends), and top-k label decoding (k as each job asks, 5 by
+default; ImageNet's labels offline, or the model's labels file)."""
 
 from __future__ import annotations
 
 import hashlib
 import inspect
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -80,56 +80,62 @@ class ModelError(WeightsError):
 # minus the ImageNet means, ResNet50's; tf: scaled to [-1, 1]; torch: ImageNet mean/std), or nothing.
 PREPROCESS_MODES = {"caffe": "caffe", "tf": "tf", "torch": "torch", "none": None}
 
-Runner = Callable[[object], object]  # a uint8 batch (N, H, W, 3), array or prepared tensor -> probabilities (N, L)
-
 
 class Classifier:
-    """One model of the models file behind a `runner`: a compiled function from a uint8 batch of any size to
-    class probabilities. The runner is the model's backend (TensorFlow here); `prepare` places a batch where the
-    runner reads it. `identity` ({"model", "weights"}) goes into every result, `card` into every heartbeat."""
+    """One model of the models file behind a `runner` (worker/backends: TensorFlow, ONNX Runtime or OpenVINO, fp32
+    or int8): uint8 pixels of any batch size in, class probabilities out, the model's preprocessing inside.
+    `identity` ({"model", "weights", "backend", "precision"}) goes into every result, `card` into every heartbeat."""
 
-    def __init__(self, spec: ModelSpec | str) -> None:
-        """`spec`: a table of the models file, or (as before there were several) ResNet50's MODEL_WEIGHTS."""
+    def __init__(
+        self,
+        spec: ModelSpec | str,
+        backend: str = "tensorflow",
+        precision: str = "fp32",
+        threads: int | None = None,
+        calibration_dir: Path | None = None,
+        cache_dir: Path | None = None,
+    ) -> None:
+        """`spec`: a table of the models file, or (as before there were several) ResNet50's MODEL_WEIGHTS.
+        `backend` and `precision` (MODEL_BACKEND, MODEL_PRECISION) apply unless the table names its own."""
         import tensorflow as tf
 
+        from imgserve.worker.backends.tensorflow import set_threads
+
         spec = spec if isinstance(spec, ModelSpec) else ModelSpec(DEFAULT_NAME, weights=spec)
+        backend, precision = spec.backend or backend, spec.precision or precision
+        set_threads(threads)  # before TensorFlow's first op
         gpus = tf.config.list_physical_devices("GPU")
         for gpu in gpus:
             tf.config.experimental.set_memory_growth(gpu, True)
-        self.device = f"GPU ({', '.join(g.name for g in gpus)})" if gpus else "CPU"
-        self._tf = tf
-        self._device_name = "/GPU:0" if gpus else "/CPU:0"
+        self.device = f"GPU ({', '.join(g.name for g in gpus)})" if gpus and backend == "tensorflow" else "CPU"
         self.spec = spec
-        self.model = _load(spec)
-        size = input_size(self.model, spec)
+        fingerprint = model_fingerprint(spec)
+        size, model = _size_and_model(spec)
         self.input_shape = (size, size, 3)
-        self.labels = model_labels(spec, int(self.model.output_shape[-1]))
-        self.runner: Runner = _tf_runner(tf, self.model, spec.preprocess, self.input_shape)
-        self.identity = {"model": spec.name, "weights": model_fingerprint(spec) if spec.keras_class is None
-                         else weights_identity(spec.weights)}  # fmt: skip
+        self.runner = _runner(spec, model, size, fingerprint, backend, precision, threads, calibration_dir, cache_dir)
+        self.model = self.runner.model  # the Keras model, when it was built
+        outputs = int(self.predict(np.zeros((1, *self.input_shape), np.uint8)).shape[-1])  # and warmed up
+        self.labels = model_labels(spec, outputs)
+        self.identity = {"model": spec.name, "weights": fingerprint, "backend": backend, "precision": precision}
         self.card = {
             **self.identity,
             "input_size": size,
             "preprocess": spec.preprocess,
             "labels": len(self.labels),
-            "fingerprint": model_fingerprint(spec),
+            "fingerprint": fingerprint,
             "source": spec.source if spec.keras_class else Path(spec.source).name,  # never where it lives
         }
-        self.predict(np.zeros((1, *self.input_shape), np.uint8))  # trace once now, not on the first request
 
     def prepare(self, images: np.ndarray):
-        """A uint8 batch (N, H, W, 3) as a tensor on the model's device.
+        """A uint8 batch (N, H, W, 3) ready for the runner (with TensorFlow, a tensor on the model's device).
 
         The worker calls this on its feeder thread, so a GPU's host-to-device copy of the next batch
         overlaps the current batch's compute.
         """
-        with self._tf.device(self._device_name):
-            return self._tf.identity(images)
+        return self.runner.prepare(images)
 
     def predict(self, images) -> np.ndarray:
         """Class probabilities (N, labels) for a uint8 batch (N, H, W, 3), as an array or from prepare()."""
-        if isinstance(images, np.ndarray):
-            images = self.prepare(images)
         return np.asarray(self.runner(images))
 
     def classify(self, images, k: int = TOP_K) -> list[list[dict]]:
@@ -137,21 +143,43 @@ class Classifier:
         return top_k(self.predict(images), self.labels, min(k, len(self.labels)))
 
 
-def _tf_runner(tf, model, preprocess: str, shape: tuple[int, int, int]) -> Runner:
-    """The TensorFlow backend: preprocessing and the model in one traced function (which skips model.predict's
-    per-call set-up), uint8 in, so that a GPU receives a quarter of the bytes float32 would take."""
+def _size_and_model(spec: ModelSpec) -> tuple[int, object]:
+    """The side of the model's input and the Keras model, when it had to be loaded to read it: a table with
+    `input_size` lets a converted backend start from its cache without loading the Keras model at all."""
+    if spec.input_size is not None and (spec.keras_class is not None or Path(spec.source).is_dir()):
+        return spec.input_size, lambda: _load(spec)  # built (or wrapped) at input_size: Keras checks it
+    model = _load(spec)
+    return input_size(model, spec), model
+
+
+def _runner(spec: ModelSpec, model, size: int, fingerprint: str, backend: str, precision: str, threads,
+            calibration_dir: Path | None, cache_dir: Path | None):  # fmt: skip
+    """The model's Runner from worker/backends.build_runner, its preprocessing traced in front of the model."""
+    from imgserve.worker.backends import build_runner, cache
+
+    beside = spec.weights if spec.keras_class is not None else spec.source  # the cache goes next to the file
+    return build_runner(
+        model,
+        name=spec.name,
+        fingerprint=fingerprint,
+        backend=backend,
+        precision=precision,
+        threads=threads,
+        cache_dir=cache_dir or cache.default_dir(beside),
+        calibration_dir=calibration_dir,
+        preprocess=_preprocessing(spec.preprocess),
+        input_size=(size, size),
+    )
+
+
+def _preprocessing(preprocess: str):
+    """The table's `preprocess` as a TensorFlow-traceable function of float32 pixels (None: `none`)."""
+    mode = PREPROCESS_MODES[preprocess]
+    if mode is None:
+        return None
     from keras.applications import imagenet_utils
 
-    mode = PREPROCESS_MODES[preprocess]
-
-    def infer(images):
-        floats = tf.cast(images, tf.float32)
-        if mode is not None:
-            floats = imagenet_utils.preprocess_input(floats, mode=mode)
-        return model(floats, training=False)
-
-    traced = tf.function(infer, input_signature=[tf.TensorSpec([None, *shape], tf.uint8)])
-    return lambda images: traced(images).numpy()
+    return lambda pixels: imagenet_utils.preprocess_input(pixels, mode=mode)
 
 
 def input_size(model, spec: ModelSpec) -> int:
