@@ -89,9 +89,14 @@ class QueueInspector(QueueBase):
 
 
 def distinct_models(models: Iterable[dict]) -> list[dict]:
-    """Each model once ({"model", "weights"} of each card), in a stable order."""
-    named = {(str(m.get("model", "unknown")), str(m.get("weights", "unknown"))) for m in models}
-    return [{"model": model, "weights": weights} for model, weights in sorted(named)]
+    """Each model once (the identity of each card: {"model", "weights"}, and "backend", "precision" when the
+    card names them), in a stable order."""
+    named = {
+        (str(m.get("model", "unknown")), str(m.get("weights", "unknown")))
+        + tuple((key, str(m[key])) for key in ("backend", "precision") if key in m)
+        for m in models
+    }
+    return [{"model": model, "weights": weights, **dict(rest)} for model, weights, *rest in sorted(named)]
 
 
 def _model_of(heartbeat: bytes) -> dict[str, str | int]:
