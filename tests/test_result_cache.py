@@ -149,6 +149,7 @@ class CachedQueue(StandInQueue):
     def __init__(self, client, answer: dict = ANSWER) -> None:
         super().__init__()
         self.redis, self.name, self.answer = client, f"cache-{uuid.uuid4().hex[:8]}", answer
+        self.base = self.name  # the queue the cache keys live under (IMAGE_QUEUE)
         self.release = threading.Event()
         self.release.set()
 

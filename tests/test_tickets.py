@@ -115,3 +115,12 @@ def test_each_owner_holds_at_most_its_share_until_it_releases_or_the_deadline_pa
     assert 0 < queue.redis.ttl(owner_key(queue.name, ALICE)) <= 62
     assert queue.redis.zscore(owner_key(queue.name, ALICE), gone.id) is None
     assert queue.redis.zcard(owner_key(queue.name, ALICE)) == 3
+
+
+def test_a_hold_replayed_after_a_lost_reply_and_refused_counts_nothing(queue):
+    """The first HOLD ran but its reply was lost; the replay finds its own ids counted and refuses: the refusal
+    must not leave them counted until their deadline."""
+    jobs = [submitted(), submitted()]
+    assert queue.web.hold(ALICE, jobs, 2)
+    assert not queue.web.hold(ALICE, jobs, 2)  # what retry_once's second run answers
+    assert queue.redis.zcard(owner_key(queue.name, ALICE)) == 0

@@ -12,16 +12,17 @@ queue with `python -m tools.redis_acl`.
 
 from __future__ import annotations
 
-from .keys import Keys, owner_key, ticket_key
+from .keys import Keys, cache_key, lease_key, model_queue, models_key, owner_key, ticket_key
 
 # Commands each role sends, by where: queue.py (both sides), listener.py and the scripts in scripts.py.
 WEB_COMMANDS = (
     "lpush", "lrem", "multi", "exec",  # enqueue (again in MULTI after a lost reply), cancel a waiting job
     "getex", "get",                    # take a result; a submitted job's ticket and result (GET /jobs/<id>)
-    "set", "del",                      # a submitted job's ticket; the probe for keyspace events without CONFIG
+    "set", "del", "exists",            # a ticket; the probe for keyspace events; the result cache and its leases
     "evalsha", "script|load",          # the CANCEL and HOLD scripts (DELETE /jobs/<id>, MAX_QUEUE_PER_KEY)
     "zremrangebyscore", "zcard", "zadd", "zrange", "expireat", "zrem",  # HOLD; releasing a key's jobs
     "llen", "smembers", "mget",        # queue depth and dead letters (/metrics), live workers and models (/readyz)
+    "srem",                            # GET /models forgets a model no worker serves and no models file names
     "psubscribe", "punsubscribe",      # the result listener
     "info", "ping", "select",          # is it a cluster (connection.is_cluster); health checks; a database but 0
 )  # fmt: skip
@@ -42,14 +43,17 @@ def key_patterns(queue: str, role: str) -> list[str]:
     `{queue:N}` (Redis Cluster), so that the same users serve either layout.
     """
     patterns = []
-    for keys in (Keys(queue), Keys(f"{{{queue}:*}}")):
+    # Every model's queue: IMAGE_QUEUE itself and IMAGE_QUEUE@NAME (keys.model_queue), each plain or sharded.
+    other_models = model_queue(queue, "*")
+    for keys in (Keys(queue), Keys(f"{{{queue}:*}}"), Keys(other_models), Keys(f"{{{other_models}:*}}")):
         if role == "worker":
             patterns += [keys.queue, f"{keys.queue}:*"]
         else:  # the web reads the workers' set and heartbeats, and the dead letters' count; writes the rest
             patterns += [*keys.levels.values(), keys.result_prefix + "*", keys.dead, keys.workers]
             patterns.append(keys.heartbeat_prefix + "*")
-    if role == "web":  # tickets and owners carry the queue's name untagged, whatever the shards (keys.py)
-        patterns += [ticket_key(queue, "*"), owner_key(queue, "*")]
+    if role == "web":  # tickets, owners, the cache and the models carry the queue's name untagged (keys.py)
+        patterns += [ticket_key(queue, "*"), owner_key(queue, "*"), cache_key(queue, "*"), lease_key(queue, "*")]
+        patterns.append(models_key(queue))
     return patterns
 
 

@@ -146,9 +146,17 @@ class WebQueue(QueueBase):
 
     def hold(self, owner: str, jobs: list[Job], limit: int) -> bool:
         """Count `jobs` against `owner`'s share of the queue (HOLD); False (nothing counted) when they would
-        take it past `limit`. Each is counted until `release_hold`, or its deadline at the latest."""
-        args = [time.time(), limit, max(job.deadline for job in jobs), *(job.id for job in jobs)]
-        return bool(retry_once(lambda: self._hold(keys=[owner_key(self.base, owner)], args=args)))
+        take it past `limit`. Each is counted until `release_hold`, or its deadline at the latest.
+
+        A refusal releases the ids: a HOLD replayed after a lost reply finds its own first run's ids counted
+        and refuses, and they would otherwise stay counted until their deadline (the ids are fresh, so none
+        is anyone else's)."""
+        ids = [job.id for job in jobs]
+        args = [time.time(), limit, max(job.deadline for job in jobs), *ids]
+        held = bool(retry_once(lambda: self._hold(keys=[owner_key(self.base, owner)], args=args)))
+        if not held:
+            self.release_hold(owner, ids)
+        return held
 
     def release_hold(self, owner: str, job_ids: list[str]) -> None:
         """Stop counting jobs against `owner`'s share: answered, collected, cancelled or refused. Idempotent."""

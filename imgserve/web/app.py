@@ -44,7 +44,7 @@ class Service:
         self.listener = ResultListener(self.queue, self.origin, config.notifications != "off")
         self.result_cache = None
         if config.result_cache_ttl:
-            self.result_cache = ResultCache(self.queue.redis, self.queue.name, config.result_cache_ttl)
+            self.result_cache = ResultCache(self.queue.redis, self.queue.base, config.result_cache_ttl)
         self.in_flight = InFlight()
         self.models = ModelRegistry(config, self.queue, self.inspector, self.listener)
 
