@@ -95,3 +95,19 @@ def test_only_the_gpu_overlay_asks_for_gpus(rendered):
     limits = container["resources"].get("limits", {})
     assert ("nvidia.com/gpu" in limits) == (overlay == "gpu")
     assert container["image"].endswith(":gpu") == (overlay == "gpu")
+
+
+def test_the_containers_take_an_api_keys_that_compose_passes_empty_as_not_set(monkeypatch, capsys):
+    """compose.yaml lists API_KEYS, so it arrives empty when .env leaves it out: the container must start
+    (open, as without it), while the settings still refuse an empty API_KEYS elsewhere."""
+    from imgserve import settings
+    from imgserve.launch import container
+    from imgserve.launch.local_redis import free_port
+
+    monkeypatch.setenv("API_KEYS", "")
+    monkeypatch.setenv("WEB_PORT", str(free_port()))
+    monkeypatch.setenv("METRICS_PORT", str(free_port()))  # whichever role an earlier run left in ROLE_FILE
+    with pytest.raises(settings.SettingsError, match="API_KEYS"):
+        settings.load(dotenv=False)
+    assert container.main(["healthcheck"]) == 1  # settings fine; nothing listens on that port
+    assert "configuration error" not in capsys.readouterr().err

@@ -72,8 +72,16 @@ def healthcheck(config: settings.Settings) -> int:
         return 1
 
 
+# compose passes every variable it lists, set or not: an API_KEYS left out of .env arrives empty, which the
+# settings refuse (an empty key list would leave the API open without a word). Here empty means not set.
+COMPOSE_OPTIONAL = ("API_KEYS", "API_KEYS_FILE")
+
+
 def main(argv: list[str]) -> int:
     role, args = (argv[0], argv[1:]) if argv else ("web", [])
+    for name in COMPOSE_OPTIONAL:  # before any role reads the settings, itself or in the process it execs
+        if os.environ.get(name) == "":
+            del os.environ[name]
     if role in ("redis", "redis-server"):
         ROLE_FILE.write_text("redis")
         redis(args)
