@@ -13,6 +13,7 @@ import numpy as np
 
 from imgserve import logger
 from imgserve.models import DEFAULT_NAME, ModelSpec, read_labels
+from imgserve.worker.backends.cache import digest as file_digest
 
 
 def _no_gpu_meant() -> bool:
@@ -221,7 +222,7 @@ def model_fingerprint(spec: ModelSpec) -> str:
     digest = hashlib.sha256()
     for path in files:
         digest.update(str(path.relative_to(source) if source.is_dir() else "").encode())
-        digest.update(bytes.fromhex(_file_sha256(path)))
+        digest.update(bytes.fromhex(file_digest(path)))
     return f"file:{digest.hexdigest()[:12]}"
 
 
@@ -262,15 +263,7 @@ def weights_identity(weights: str) -> str:
     file's SHA-256 (which file it is, without telling strangers where it lives)."""
     if weights in ("imagenet", "none"):
         return weights
-    return f"file:{_file_sha256(Path(weights))[:12]}"
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return f"file:{file_digest(Path(weights))[:12]}"
 
 
 def _build(build, weights: str, spec: ModelSpec | None = None):
