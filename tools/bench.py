@@ -784,18 +784,16 @@ def backend_phase(report: Report, plan: Plan, client: Client, url: str, batch_si
     return results
 
 
+def _alone(args: argparse.Namespace, phases: str) -> tuple[Plan, settings.Settings, Report, bytes]:
+    """What a run of some phases alone starts with: the plan, the settings, a report headed `phases`, the image."""
+    report = Report()
+    report.say(f"imgserve benchmark, {phases}, {time.strftime('%Y-%m-%d %H:%M:%S')}; {os.cpu_count()} cores")
+    return QUICK if args.quick else FULL, settings.load(role=settings.ALL), report, sample_image_bytes()
+
+
 def run_backends_only(args: argparse.Namespace) -> Report:
     """Phase 15 alone: each backend's raw rate and the stack's saturation on it."""
-    plan, config, report, image = (
-        QUICK if args.quick else FULL,
-        settings.load(role=settings.ALL),
-        Report(),
-        sample_image_bytes(),
-    )
-    when = time.strftime("%Y-%m-%d %H:%M:%S")
-    report.say(
-        f"imgserve benchmark, phase 15 only ({'quick' if args.quick else 'full'}), {when}; {os.cpu_count()} cores"
-    )
+    plan, config, report, image = _alone(args, f"phase 15 only ({'quick' if args.quick else 'full'})")
     with LocalRedis() as server:
         report.results["backends"] = backend_phase(report, plan, Client(image), server.url, config.batch_size, image)
     return report
@@ -803,14 +801,7 @@ def run_backends_only(args: argparse.Namespace) -> Report:
 
 def run_cluster_only(args: argparse.Namespace) -> Report:
     """Phases 8 and 11 alone: the single Redis and the cluster with the same mix, one after the other."""
-    plan, config, report, image = (
-        QUICK if args.quick else FULL,
-        settings.load(role=settings.ALL),
-        Report(),
-        sample_image_bytes(),
-    )
-    when = time.strftime("%Y-%m-%d %H:%M:%S")
-    report.say(f"imgserve benchmark, phases 8 and 11 only, {when}; {os.cpu_count()} cores")
+    plan, config, report, image = _alone(args, "phases 8 and 11 only")
     with LocalRedis() as server:
         single = redis_alone(report, plan.redis_window, image, server.url, config.job_codec)
     report.results["redis_alone"] = single
